@@ -1,0 +1,58 @@
+"""`crossdiff <stage>`: one subcommand per pipeline stage.
+
+Each stage module owns its command: it defines ``add_cli(subparsers)``, which adds a
+subparser and sets ``func`` to a callable taking the parsed arguments. This file only
+collects them, so stages stay independent and the CLI mirrors the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from crossdiff.errors import CrossdiffError
+
+# Modules that contribute subcommands, in the order `crossdiff --help` lists them.
+STAGE_MODULES = [
+    "crossdiff.train",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossdiff",
+        description="Model diffing with crosscoders: what did chat fine-tuning change?",
+    )
+    parser.add_argument("--version", action="version", version=f"crossdiff {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in STAGE_MODULES:
+        importlib.import_module(name).add_cli(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from crossdiff import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except CrossdiffError as err:
+        print(f"crossdiff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crossdiff: interrupted (completed work is saved; rerun the same command to resume)", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
