@@ -1,0 +1,347 @@
+"""The crosscoder: one joint sparse dictionary over the activations of several models.
+
+Shapes follow the ecosystem's convention (METHOD.md 2, DESIGN.md):
+
+    W_enc [n_models, d_in, d_sae]   b_enc [d_sae]
+    W_dec [d_sae, n_models, d_in]   b_dec [n_models, d_in]
+
+Model 0 is the base model, model 1 the chat model. The encoder is joint (no b_dec
+subtraction), the decoder is per model, and decoder norms are never constrained: the
+relative norm of a latent's per-model decoder vectors is the diffing signal.
+
+Two kinds of activation appear everywhere, and mixing them up silently breaks results:
+
+* raw activations ``f`` (what :meth:`CrossCoder.encode` returns) are used for decoding,
+  Latent Scaling and patching;
+* scaled activations ``f~ = f * code_norm`` (:meth:`CrossCoder.scale`) are used for the
+  sparsity penalty, BatchTopK selection and threshold, and every latent statistic.
+
+The crosscoder works in its own input space. If the activations were normalised for
+training, ``input_scale`` holds the per-model factor: ``normalize`` maps model
+activations into crosscoder space and ``denormalize`` maps reconstructions back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from crossdiff.config import from_dict, to_dict
+from crossdiff.errors import CrossdiffError
+
+Activation = Literal["relu", "batchtopk", "topk"]
+CodeNormalization = Literal["crosscoder", "sae", "mixed", "none"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_NAME = "crossdiff.crosscoder"
+
+# Default per-latent decoder norm at init (METHOD.md 2): small for L1, unit for top-k.
+DEFAULT_NORM_INIT_SCALE = {"relu": 0.005, "batchtopk": 1.0, "topk": 1.0}
+
+
+@dataclass
+class CrossCoderConfig:
+    """Everything needed to rebuild a crosscoder; saved as the checkpoint's config.json."""
+
+    d_in: int
+    d_sae: int
+    n_models: int = 2
+    activation: Activation = "batchtopk"
+    k: int | None = None
+    """Active latents per token: exact for `topk`, on average over a batch for `batchtopk`."""
+    norm_init_scale: float | None = None
+    """Norm of every per-model decoder vector at init; None picks the paper's default."""
+    code_normalization: CodeNormalization = "crosscoder"
+    """How decoder norms weight activations: `crosscoder` sum of per-model norms (paper),
+    `sae` norm of the concatenated decoder vector, `mixed` alpha_sae*sae + alpha_cc*crosscoder,
+    `none` no weighting."""
+    code_normalization_alpha_sae: float = 1.0
+    code_normalization_alpha_cc: float = 0.1
+    threshold: float = -1.0
+    """BatchTopK inference threshold in scaled units; negative until training sets it."""
+    input_scale: list[float] | None = None
+    """Per-model factor that maps model activations into crosscoder space (None = 1)."""
+    model_names: list[str] | None = None
+    """Hub ids or paths of the models, base first."""
+    layer: int | None = None
+    """Decoder block whose output residual stream the crosscoder reads."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Provenance: training config, importer source, anything a reader may want."""
+
+    def __post_init__(self) -> None:
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise CrossdiffError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.n_models < 2:
+            raise CrossdiffError(f"a crosscoder needs n_models >= 2, got {self.n_models}")
+        if self.activation not in DEFAULT_NORM_INIT_SCALE:
+            raise CrossdiffError(f"activation must be one of relu, batchtopk, topk; got {self.activation!r}")
+        if self.activation != "relu":
+            if self.k is None or self.k <= 0:
+                raise CrossdiffError(f"activation '{self.activation}' needs a positive k, got k={self.k}")
+            if self.k > self.d_sae:
+                raise CrossdiffError(f"k={self.k} exceeds the dictionary size d_sae={self.d_sae}")
+        if self.code_normalization not in ("crosscoder", "sae", "mixed", "none"):
+            raise CrossdiffError(
+                f"code_normalization must be crosscoder, sae, mixed or none; got {self.code_normalization!r}"
+            )
+        if self.input_scale is not None and len(self.input_scale) != self.n_models:
+            raise CrossdiffError(f"input_scale has {len(self.input_scale)} entries for {self.n_models} models")
+        if self.norm_init_scale is None:
+            self.norm_init_scale = DEFAULT_NORM_INIT_SCALE[self.activation]
+
+
+class CrossCoder(nn.Module):
+    """A crosscoder with L1 (`relu`), BatchTopK (`batchtopk`) or per-token TopK (`topk`) sparsity."""
+
+    def __init__(self, config: CrossCoderConfig, *, seed: int | None = None):
+        super().__init__()
+        self.config = config
+        n, d, D = config.n_models, config.d_in, config.d_sae
+        self.W_enc = nn.Parameter(torch.empty(n, d, D))
+        self.b_enc = nn.Parameter(torch.zeros(D))
+        self.W_dec = nn.Parameter(torch.empty(D, n, d))
+        self.b_dec = nn.Parameter(torch.zeros(n, d))
+        # Buffers travel with state_dict and .to(device), and are saved beside the weights.
+        self.register_buffer("threshold", torch.tensor(float(config.threshold)))
+        scale = config.input_scale or [1.0] * n
+        self.register_buffer("input_scale", torch.tensor(scale, dtype=torch.float32))
+        self.reset_parameters(seed)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """The paper's init: one random draw shared by all models, W_dec = W_enc^T, each
+        latent's per-model vector at norm `norm_init_scale`, zero biases."""
+        n, d, D = self.config.n_models, self.config.d_in, self.config.d_sae
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # kaiming-uniform bound for a [d, D] weight (fan_in = D in torch's convention); only the
+        # direction survives the renormalisation below, so the bound itself is immaterial.
+        bound = math.sqrt(6.0 / D)
+        shared = (torch.rand(d, D, generator=generator) * 2 - 1) * bound
+        shared = shared / shared.norm(dim=0, keepdim=True) * self.config.norm_init_scale
+        self.W_enc.copy_(shared.unsqueeze(0).expand(n, d, D))
+        self.W_dec.copy_(self.W_enc.permute(2, 0, 1))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ------------------------------------------------------------------ encoder
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Joint encoder pre-activations: [B, n_models, d_in] -> [B, d_sae]."""
+        self._check_input(x)
+        n, d, D = self.W_enc.shape
+        return x.reshape(x.shape[0], n * d) @ self.W_enc.reshape(n * d, D) + self.b_enc
+
+    def code_norm(self) -> Tensor:
+        """Per-latent weight [d_sae] that turns raw activations into scaled ones."""
+        mode = self.config.code_normalization
+        if mode == "none":
+            return torch.ones(self.config.d_sae, device=self.W_dec.device, dtype=self.W_dec.dtype)
+        per_model = self.W_dec.norm(dim=-1)  # [D, n]
+        if mode == "crosscoder":
+            return per_model.sum(dim=-1)
+        concat = per_model.square().sum(dim=-1).sqrt()  # norm of the concatenated decoder vector
+        if mode == "sae":
+            return concat
+        return self.config.code_normalization_alpha_sae * concat + self.config.code_normalization_alpha_cc * per_model.sum(-1)
+
+    def scale(self, f: Tensor) -> Tensor:
+        """Scaled activations f~ = f * code_norm (statistics, selection, sparsity penalty)."""
+        return f * self.code_norm()
+
+    def encode(self, x: Tensor, *, use_threshold: bool = True) -> Tensor:
+        """Raw latent activations [B, d_sae] after the sparsity nonlinearity.
+
+        For `batchtopk`, ``use_threshold=True`` (inference) keeps latents whose scaled
+        activation exceeds the learned threshold; ``False`` (training), or a threshold not
+        yet learned, keeps the k*B largest scaled activations of the whole batch.
+        """
+        f = torch.relu(self.pre_activations(x))
+        activation = self.config.activation
+        if activation == "relu":
+            return f
+        scaled = self.scale(f)
+        if activation == "topk":
+            return _keep_topk(f, scaled, self.config.k, dim=-1)
+        if use_threshold and self.threshold >= 0:
+            return f * (scaled > self.threshold)
+        return _keep_topk(f.reshape(-1), scaled.reshape(-1), self.config.k * x.shape[0], dim=-1).reshape(f.shape)
+
+    def get_activations(self, x: Tensor, *, use_threshold: bool = True) -> Tensor:
+        """Scaled inference activations f~ [B, d_sae], the units of every latent statistic."""
+        return self.scale(self.encode(x, use_threshold=use_threshold))
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, f: Tensor, *, add_bias: bool = True) -> Tensor:
+        """Reconstruction [B, n_models, d_in] from raw activations [B, d_sae]."""
+        D, n, d = self.W_dec.shape
+        x_hat = (f @ self.W_dec.reshape(D, n * d)).reshape(f.shape[0], n, d)
+        return x_hat + self.b_dec if add_bias else x_hat
+
+    def forward(self, x: Tensor, *, use_threshold: bool = True) -> Tensor:
+        return self.decode(self.encode(x, use_threshold=use_threshold))
+
+    # ------------------------------------------------------------------ input space
+    def normalize(self, x: Tensor) -> Tensor:
+        """Model activations [B, n_models, d_in] -> crosscoder space."""
+        return x * self.input_scale.to(x.dtype)[:, None]
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Crosscoder-space reconstructions -> model activation space."""
+        return x / self.input_scale.to(x.dtype)[:, None]
+
+    # ------------------------------------------------------------------ decoder geometry
+    def decoder_norms(self) -> Tensor:
+        """Per-model decoder norms [d_sae, n_models]."""
+        return self.W_dec.norm(dim=-1)
+
+    def relative_decoder_norm(self, base: int = 0, chat: int = 1) -> Tensor:
+        """Dnorm in the paper's orientation: 1 = only in `chat`, 0 = only in `base`, 0.5 = equal."""
+        norms = self.decoder_norms()
+        nb, nc = norms[:, base], norms[:, chat]
+        return 0.5 * ((nc - nb) / torch.maximum(nb, nc).clamp_min(1e-12) + 1)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.threshold = float(self.threshold)
+        self.config.input_scale = [float(v) for v in self.input_scale]
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        payload = {"format": FORMAT_NAME, **to_dict(self.config)}
+        (folder / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+    ) -> "CrossCoder":
+        """Load a crossdiff checkpoint or a dictionary_learning crosscoder (the paper's
+        published ones), from a local folder or a Hugging Face hub repository id."""
+        folder = Path(name_or_path)
+        if not folder.exists():
+            folder = _download_from_hub(str(name_or_path), revision)
+        if not folder.is_dir():
+            raise CrossdiffError(f"{folder} is not a checkpoint folder")
+        config_path = folder / CONFIG_NAME
+        config_data = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if config_data.get("format") == FORMAT_NAME:
+            model = cls._load_native(folder, config_data)
+        else:
+            from crossdiff.importers import load_dictionary_learning
+
+            model = load_dictionary_learning(folder, config_data)
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def _load_native(cls, folder: Path, config_data: dict[str, Any]) -> "CrossCoder":
+        weights_path = folder / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise CrossdiffError(f"checkpoint {folder} is missing {WEIGHTS_NAME}")
+        config_data = {k: v for k, v in config_data.items() if k != "format"}
+        config = from_dict(CrossCoderConfig, config_data, where=str(folder / CONFIG_NAME))
+        try:
+            state = load_file(str(weights_path))
+        except Exception as err:  # safetensors raises several types for truncated files
+            raise CrossdiffError(f"cannot read {weights_path}: {err}") from None
+        model = cls(config)
+        model.load_checked_state_dict(state, source=str(weights_path))
+        return model
+
+    def load_checked_state_dict(self, state: dict[str, Tensor], source: str) -> None:
+        """load_state_dict with one-line errors naming the missing or mis-shaped tensor."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CrossdiffError(f"{source} lacks tensors {missing}")
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise CrossdiffError(f"{source} has unexpected tensors {unexpected}")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CrossdiffError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
+                )
+        self.load_state_dict(state)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload crosscoder with crossdiff",
+        api: Any = None,
+    ) -> str:
+        """Publish the checkpoint folder (with a model card) to the Hugging Face hub."""
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            (Path(tmp) / "README.md").write_text(self.model_card())
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+        return repo_id
+
+    def model_card(self) -> str:
+        c = self.config
+        models = " / ".join(c.model_names or ["(unknown)"])
+        return (
+            "---\nlibrary_name: crossdiff\ntags: [crosscoder, model-diffing, interpretability]\n---\n"
+            f"# Crosscoder ({c.activation}, d_in={c.d_in}, d_sae={c.d_sae})\n\n"
+            f"Models (base first): {models}; layer {c.layer}.\n"
+            f"Sparsity: {c.activation}" + (f", k={c.k}" if c.k else "") + f"; code normalisation: {c.code_normalization}.\n\n"
+            "Load with `crossdiff.CrossCoder.from_pretrained(repo_id)`.\n"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _check_input(self, x: Tensor) -> None:
+        expected = (self.config.n_models, self.config.d_in)
+        if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+            raise CrossdiffError(
+                f"crosscoder input must have shape [batch, {expected[0]}, {expected[1]}], got {list(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"n_models={c.n_models}, d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation}, k={c.k}"
+
+
+def _keep_topk(values: Tensor, scores: Tensor, k: int, dim: int) -> Tensor:
+    """Zero all of ``values`` except where ``scores`` is among the k largest along ``dim``."""
+    k = min(k, scores.shape[dim])
+    idx = scores.topk(k, dim=dim, sorted=False).indices
+    return torch.zeros_like(values).scatter(dim, idx, values.gather(dim, idx))
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.pt", "*.pth", "*.bin"],
+            )
+        )
+    except Exception as err:  # offline, missing repo, auth: all one line for the user
+        raise CrossdiffError(f"'{repo_id}' is neither a local folder nor a loadable hub repository ({type(err).__name__}: {err})") from None
+
