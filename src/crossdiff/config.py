@@ -27,8 +27,17 @@ else:  # pragma: no cover
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise CrossdiffError."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", source: str | None = None) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise CrossdiffError.
+
+    ``where`` is the dotted path of ``data`` inside a larger config (for nested tables);
+    ``source`` names the file it came from, prefixed to any error message.
+    """
+    if source is not None:
+        try:
+            return from_dict(cls, data, where)
+        except CrossdiffError as err:
+            raise CrossdiffError(f"{source}: {err}") from None
     if not isinstance(data, dict):
         raise CrossdiffError(f"{where or cls.__name__}: expected a table of options, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

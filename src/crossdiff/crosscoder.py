@@ -254,7 +254,7 @@ class CrossCoder(nn.Module):
         if not weights_path.is_file():
             raise CrossdiffError(f"checkpoint {folder} is missing {WEIGHTS_NAME}")
         config_data = {k: v for k, v in config_data.items() if k != "format"}
-        config = from_dict(CrossCoderConfig, config_data, where=str(folder / CONFIG_NAME))
+        config = from_dict(CrossCoderConfig, config_data, source=str(folder / CONFIG_NAME))
         try:
             state = load_file(str(weights_path))
         except Exception as err:  # safetensors raises several types for truncated files
