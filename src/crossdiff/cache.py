@@ -1,0 +1,735 @@
+"""The paired activation cache: sharded .npy files described by one manifest.
+
+A cache is a folder (layout and guarantees in docs/cache.md)::
+
+    manifest.json              what the cache holds; lists only sealed shards
+    shard-00000/acts.npy       [n, 2, d] activations, base = 0, chat = 1
+    shard-00000/tokens.npy     [n] per-token record (TOKEN_DTYPE)
+
+A shard becomes part of the cache only when it is *sealed*: its files are complete,
+flushed to disk, and their checksums are in the manifest, which is replaced atomically.
+Anything else in the folder is an interrupted shard that the next writer discards. So a
+crash, a kill or a full disk never leaves a manifest that points at bad data, and a
+deterministic producer (crossdiff.collect) can resume from the last seal and write the
+very same bytes an uninterrupted run would have written.
+
+numpy has no bfloat16, so bf16 activations are stored as their raw uint16 bit patterns;
+:class:`PairedCache` turns them back into torch tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from crossdiff.errors import CrossdiffError
+
+MANIFEST = "manifest.json"
+FORMAT = "crossdiff-paired-cache"
+VERSION = 1
+ACTS_FILE = "acts.npy"
+TOKENS_FILE = "tokens.npy"
+MODELS = ("base", "chat")
+
+# One record per stored token. `norm` is the L2 norm of each model's stored activation,
+# kept so read-time norm filters never have to touch the (100x larger) activations.
+TOKEN_DTYPE = np.dtype(
+    [
+        ("token_id", "<i4"),
+        ("doc_id", "<i8"),
+        ("position", "<i4"),
+        ("source_id", "<i2"),
+        ("template", "?"),
+        ("norm", "<f4", (2,)),
+    ]
+)
+
+# storage dtype name -> (numpy dtype on disk, torch dtype of the stored values)
+STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "bfloat16": (np.dtype("<u2"), torch.bfloat16),
+    "float16": (np.dtype("<f2"), torch.float16),
+    "float32": (np.dtype("<f4"), torch.float32),
+}
+
+_SHARD_NAME = re.compile(r"^shard-\d{5}$")
+
+
+class CacheBatch(NamedTuple):
+    """A batch of paired activations with the token each one belongs to."""
+
+    acts: torch.Tensor
+    """[B, 2, d] activations, base = 0, chat = 1 (float32 unless asked otherwise)."""
+    token_ids: torch.Tensor
+    """[B] int64 token ids."""
+    doc_ids: torch.Tensor
+    """[B] int64 index of the document within its source."""
+    positions: torch.Tensor
+    """[B] int64 position within the document (0 = first token, the BOS if the tokenizer adds one)."""
+    source_ids: torch.Tensor
+    """[B] int64 index into ``PairedCache.sources``."""
+    template: torch.Tensor
+    """[B] bool, True on chat-template tokens."""
+
+
+@dataclasses.dataclass
+class ReadFilters:
+    """Tokens to leave out at read time; the cache itself always keeps every token."""
+
+    drop_bos: bool = False
+    """Drop the BOS token (position 0 holding the tokenizer's BOS id; position 0 if it has none)."""
+    drop_special: bool = False
+    """Drop tokens whose id is one of the tokenizer's special ids recorded at collection."""
+    max_norm_ratio: float | None = None
+    """Drop tokens where either model's norm exceeds this multiple of that model's median norm."""
+
+    def keep_mask(self, tokens: np.ndarray, cache: PairedCache) -> np.ndarray:
+        """Boolean mask over a slice of ``tokens.npy`` records: True for tokens to keep."""
+        keep = np.ones(len(tokens), dtype=bool)
+        if self.drop_bos:
+            bos = cache.manifest.get("bos_token_id")
+            is_bos = tokens["position"] == 0
+            if bos is not None:
+                is_bos &= tokens["token_id"] == bos
+            keep &= ~is_bos
+        if self.drop_special and cache.special_token_ids:
+            keep &= ~np.isin(tokens["token_id"], cache.special_token_ids)
+        if self.max_norm_ratio is not None:
+            limit = self.max_norm_ratio * cache.median_norms()
+            keep &= (tokens["norm"] <= limit.astype(np.float32)).all(axis=1)
+        return keep
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` by ``data`` so that readers see either the old or the new file, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, err) from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, err: OSError) -> CrossdiffError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CrossdiffError(f"disk full while writing {path}; free space and rerun the same command to resume")
+    return CrossdiffError(f"cannot write {path}: {err.strerror or err}")
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int | None = None) -> bytes:
+    """A .npy (version 1.0) header, padded to ``size`` bytes (default: the next multiple of 64).
+
+    Writing it ourselves lets a shard reserve its header up front and later rewrite it
+    with the final row count in exactly the same number of bytes.
+    """
+    descr = np.lib.format.dtype_to_descr(dtype)
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, tuple(shape))
+    unpadded = 10 + len(text) + 1  # magic + version + length field, text, newline
+    if size is None:
+        size = -(-unpadded // 64) * 64
+    if unpadded > size:
+        raise ValueError("npy header does not fit")
+    text += " " * (size - unpadded) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+class _AppendOnlyArray:
+    """A .npy file grown by appending rows; the checksum is computed while writing.
+
+    The header is written first for ``capacity`` rows and rewritten at :meth:`close`
+    with the real count (same byte length), so an unfinished file never loads as a
+    valid array. The sha256 covers the array payload; the header is checked separately
+    by :func:`_check_npy`, being a pure function of dtype and shape.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...], capacity: int):
+        self.path, self.dtype, self.row_shape = path, dtype, row_shape
+        self.rows = 0
+        self._hash = hashlib.sha256()
+        self._header_size = len(_npy_header(dtype, (capacity, *row_shape)))
+        self._file = open(path, "wb")
+        self._file.write(_npy_header(dtype, (capacity, *row_shape)))
+
+    def append(self, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        assert data.shape[1:] == self.row_shape, (data.shape, self.row_shape)
+        self._file.write(memoryview(data).cast("B"))
+        self._hash.update(memoryview(data).cast("B"))
+        self.rows += len(data)
+
+    def close(self) -> str:
+        """Finalise the header, flush to disk; returns the payload's sha256."""
+        self._file.seek(0)
+        self._file.write(_npy_header(self.dtype, (self.rows, *self.row_shape), self._header_size))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._hash.hexdigest()
+
+    def abandon(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+
+def _check_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str | None, name: str) -> None:
+    """Raise CrossdiffError unless ``path`` is exactly the .npy the manifest describes."""
+    if not path.is_file():
+        raise CrossdiffError(f"{name} is missing")
+    with open(path, "rb") as f:
+        try:
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+        except Exception:  # numpy parses the header as a Python literal: any failure means garbage
+            raise CrossdiffError(f"{name} is corrupt (bad header)") from None
+        header_size = f.tell()
+        f.seek(0)
+        if f.read(header_size) != _npy_header(dtype, shape, header_size):
+            raise CrossdiffError(f"{name} is corrupt (bad header)")
+        expected = header_size + int(np.prod(shape)) * dtype.itemsize
+        actual = os.fstat(f.fileno()).st_size
+        if actual != expected:
+            raise CrossdiffError(f"{name} is corrupt (size {actual} bytes, expected {expected})")
+        if sha256 is not None:
+            digest = hashlib.sha256()
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                raise CrossdiffError(f"{name} is corrupt (sha256 mismatch)")
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def _empty_stats(d_model: int) -> dict[str, np.ndarray | float | int]:
+    return {"count": 0, "sum": np.zeros(d_model, np.float64), "sum_norm": 0.0, "sum_sq_norm": 0.0}
+
+
+def _stats_to_json(stats: dict[str, dict]) -> dict[str, dict]:
+    return {m: {**s, "sum": [float(v) for v in s["sum"]]} for m, s in stats.items()}
+
+
+def _stats_from_json(data: dict[str, dict]) -> dict[str, dict]:
+    return {m: {**s, "sum": np.asarray(s["sum"], np.float64)} for m, s in data.items()}
+
+
+def _add_stats(total: dict[str, dict], part: dict[str, dict]) -> None:
+    for m in MODELS:
+        total[m]["count"] += part[m]["count"]
+        total[m]["sum"] = total[m]["sum"] + part[m]["sum"]
+        total[m]["sum_norm"] += part[m]["sum_norm"]
+        total[m]["sum_sq_norm"] += part[m]["sum_sq_norm"]
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class CacheWriter:
+    """Appends paired activations to a cache folder, one sealed shard at a time.
+
+    Opening a folder that already holds a manifest resumes it: the header must match
+    (same models, layer, config...), unsealed shard folders are deleted, and
+    :attr:`resume` tells the producer where the last sealed shard left off.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        models: tuple[str, str],
+        layer: int,
+        d_model: int,
+        sources: Sequence[str],
+        dtype: str = "bfloat16",
+        shard_tokens: int = 2**20,
+        config: dict[str, Any] | None = None,
+        bos_token_id: int | None = None,
+        special_token_ids: Sequence[int] = (),
+    ):
+        if dtype not in STORAGE_DTYPES:
+            raise CrossdiffError(f"storage dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+        if shard_tokens < 1:
+            raise CrossdiffError(f"shard_tokens must be positive, got {shard_tokens}")
+        self.path = Path(path)
+        self.d_model, self.shard_tokens, self.sources = d_model, shard_tokens, list(sources)
+        self._np_dtype, self._torch_dtype = STORAGE_DTYPES[dtype]
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "models": list(models),
+            "layer": layer,
+            "d_model": d_model,
+            "dtype": dtype,
+            "sources": self.sources,
+            "shard_tokens": shard_tokens,
+            "bos_token_id": bos_token_id,
+            "special_token_ids": sorted(set(int(i) for i in special_token_ids)),
+            "config": config or {},
+        }
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _write_error(self.path, err) from None
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            self.manifest = _read_manifest(manifest_path)
+            _check_same_header(self.manifest, header, self.path)
+            self._stats = _stats_from_json(self.manifest["stats"])
+        else:
+            self.manifest = {**header, "complete": False, "n_tokens": 0, "shards": [], "stats": {}}
+            self._stats = {m: _empty_stats(d_model) for m in MODELS}
+        self._discard_unsealed_shards()
+        if not manifest_path.exists():
+            self._write_manifest()
+        self._files: tuple[_AppendOnlyArray, _AppendOnlyArray] | None = None
+        self._shard_stats = {m: _empty_stats(d_model) for m in MODELS}
+        self._shard_source: int | None = None
+
+    # -- state a producer needs to resume
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in sealed shards plus the open one."""
+        return self.manifest["n_tokens"] + self.open_tokens
+
+    @property
+    def open_tokens(self) -> int:
+        return self._files[0].rows if self._files else 0
+
+    @property
+    def room(self) -> int:
+        """Tokens the open shard can still take."""
+        return self.shard_tokens - self.open_tokens
+
+    @property
+    def resume(self) -> dict[str, Any] | None:
+        """The ``resume`` record given when sealing the last shard (None for a fresh cache)."""
+        shards = self.manifest["shards"]
+        return shards[-1]["resume"] if shards else None
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [s["name"] for s in self.manifest["shards"]]
+
+    # -- writing
+    def append(
+        self,
+        acts: torch.Tensor,
+        token_ids: Sequence[int] | np.ndarray | torch.Tensor,
+        doc_ids: Sequence[int] | np.ndarray | torch.Tensor,
+        positions: Sequence[int] | np.ndarray | torch.Tensor,
+        source_id: int,
+        template: Sequence[bool] | np.ndarray | torch.Tensor,
+    ) -> None:
+        """Add ``n`` tokens ([n, 2, d] activations, any float dtype, any device) to the open shard.
+
+        A shard holds one source only and never more than ``shard_tokens`` tokens; the
+        caller seals before either would be violated (see :attr:`room`).
+        """
+        if self.complete:
+            raise RuntimeError("cache is already complete")
+        n = acts.shape[0]
+        if acts.shape[1:] != (2, self.d_model):
+            raise ValueError(f"expected activations [n, 2, {self.d_model}], got {list(acts.shape)}")
+        if n > self.room:
+            raise ValueError(f"{n} tokens do not fit in the open shard ({self.room} left)")
+        if self._shard_source is not None and source_id != self._shard_source:
+            raise ValueError("a shard holds one source; seal before switching sources")
+        stored = acts.detach().to(self._torch_dtype)
+        # Statistics of exactly what is stored, in float64, on the producer's device.
+        norms = torch.linalg.vector_norm(stored, dim=-1, dtype=torch.float64)  # [n, 2]
+        sums = stored.sum(0, dtype=torch.float64).cpu().numpy()
+        norm_sums = norms.sum(0).tolist()
+        sq_sums = (norms * norms).sum(0).tolist()
+        for m, model in enumerate(MODELS):
+            s = self._shard_stats[model]
+            s["count"] += n
+            s["sum"] = s["sum"] + sums[m]
+            s["sum_norm"] += norm_sums[m]
+            s["sum_sq_norm"] += sq_sums[m]
+
+        records = np.empty(n, TOKEN_DTYPE)
+        records["token_id"] = _as_numpy(token_ids)
+        records["doc_id"] = _as_numpy(doc_ids)
+        records["position"] = _as_numpy(positions)
+        records["source_id"] = source_id
+        records["template"] = _as_numpy(template)
+        records["norm"] = norms.float().cpu().numpy()
+        raw = stored.cpu().contiguous()
+        if self._torch_dtype == torch.bfloat16:
+            raw = raw.view(torch.int16)
+        raw_np = raw.numpy().view(self._np_dtype)
+
+        files = self._open_shard(source_id)
+        try:
+            files[0].append(raw_np)
+            files[1].append(records)
+        except OSError as err:
+            raise _write_error(files[0].path.parent, err) from None
+
+    def seal(self, resume: dict[str, Any] | None = None) -> str | None:
+        """Close the open shard and record it (with ``resume``) in the manifest.
+
+        Returns the shard's name, or None when there was nothing to seal.
+        """
+        if not self._files or self._files[0].rows == 0:
+            return None
+        name = self._files[0].path.parent.name
+        try:
+            sha = {f.path.name: f.close() for f in self._files}
+            _fsync_dir(self._files[0].path.parent)
+        except OSError as err:
+            raise _write_error(self._files[0].path.parent, err) from None
+        n = self._files[0].rows
+        self._files = None
+        source = self.sources[self._shard_source]
+        self._shard_source = None
+        _add_stats(self._stats, self._shard_stats)
+        self._shard_stats = {m: _empty_stats(self.d_model) for m in MODELS}
+        self.manifest["shards"].append(
+            {"name": name, "n_tokens": n, "source": source, "sha256": sha, "resume": resume or {}}
+        )
+        self.manifest["n_tokens"] += n
+        self._write_manifest()
+        return name
+
+    def finish(self) -> None:
+        """Mark the cache complete (seal any open shard first)."""
+        if self.open_tokens:
+            raise RuntimeError("seal the open shard before finishing")
+        self.manifest["complete"] = True
+        self._write_manifest()
+
+    def close(self) -> None:
+        """Drop the open shard without sealing it (it is discarded on the next open)."""
+        if self._files:
+            for f in self._files:
+                f.abandon()
+            self._files = None
+
+    # -- internals
+    def _open_shard(self, source_id: int) -> tuple[_AppendOnlyArray, _AppendOnlyArray]:
+        if self._files is None:
+            folder = self.path / f"shard-{len(self.manifest['shards']):05d}"
+            try:
+                folder.mkdir()
+                self._files = (
+                    _AppendOnlyArray(folder / ACTS_FILE, self._np_dtype, (2, self.d_model), self.shard_tokens),
+                    _AppendOnlyArray(folder / TOKENS_FILE, TOKEN_DTYPE, (), self.shard_tokens),
+                )
+            except OSError as err:
+                raise _write_error(folder, err) from None
+            self._shard_source = source_id
+        return self._files
+
+    def _discard_unsealed_shards(self) -> None:
+        sealed = set(self.shard_names)
+        for child in self.path.iterdir():
+            if child.is_dir() and _SHARD_NAME.match(child.name) and child.name not in sealed:
+                shutil.rmtree(child)
+
+    def _write_manifest(self) -> None:
+        self.manifest["stats"] = _stats_to_json(self._stats)
+        self.manifest["tokens_per_source"] = _tokens_per_source(self.manifest)
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _as_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _tokens_per_source(manifest: dict[str, Any]) -> dict[str, int]:
+    counts = {s: 0 for s in manifest["sources"]}
+    for shard in manifest["shards"]:
+        counts[shard["source"]] += shard["n_tokens"]
+    return counts
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CrossdiffError(f"cannot read {path}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CrossdiffError(f"{path} is not a crossdiff paired-activation cache manifest")
+    if manifest.get("version") != VERSION:
+        raise CrossdiffError(f"{path} has cache format version {manifest.get('version')}, this crossdiff reads {VERSION}")
+    return manifest
+
+
+def _check_same_header(existing: dict[str, Any], header: dict[str, Any], path: Path) -> None:
+    for key, value in header.items():
+        if existing.get(key) != value:
+            if key == "config":
+                diff = sorted(k for k in value.keys() | existing[key].keys() if value.get(k) != existing[key].get(k))
+                what = f"config differs in {', '.join(diff)}"
+            else:
+                what = f"{key} is {existing.get(key)!r} there, {value!r} now"
+            raise CrossdiffError(f"{path} holds a cache collected with other settings ({what}); use a new output folder")
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+def rank_folder(out: str | Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` writes its part: ``out`` itself for one rank, ``out/rank-R`` otherwise."""
+    return Path(out) if world_size == 1 else Path(out) / f"rank-{rank}"
+
+
+def merge_ranks(out: str | Path, world_size: int) -> bool:
+    """Write ``out/manifest.json`` joining the complete rank caches; False if a rank is unfinished.
+
+    Each rank calls this after finishing its own part. The merged manifest is a pure
+    function of the rank manifests, so ranks that finish together write identical bytes.
+    """
+    out = Path(out)
+    parts = []
+    for rank in range(world_size):
+        path = rank_folder(out, rank, world_size) / MANIFEST
+        if not path.exists():
+            return False
+        part = _read_manifest(path)
+        if not part["complete"]:
+            return False
+        parts.append((rank, part))
+    merged = {k: v for k, v in parts[0][1].items() if k not in ("shards", "stats", "n_tokens", "tokens_per_source")}
+    merged["shards"] = [
+        {**shard, "name": f"rank-{rank}/{shard['name']}"} for rank, part in parts for shard in part["shards"]
+    ]
+    merged["n_tokens"] = sum(part["n_tokens"] for _, part in parts)
+    stats = {m: _empty_stats(merged["d_model"]) for m in MODELS}
+    for _, part in parts:
+        _add_stats(stats, _stats_from_json(part["stats"]))
+    merged["stats"] = _stats_to_json(stats)
+    merged["tokens_per_source"] = _tokens_per_source(merged)
+    write_json_atomic(out / MANIFEST, merged)
+    return True
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class PairedCache:
+    """Read access to a finished cache: manifest, statistics, shards as memory maps."""
+
+    def __init__(self, path: str | Path, verify: bool = False, allow_incomplete: bool = False):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            if sorted(self.path.glob(f"rank-*/{MANIFEST}")):
+                raise CrossdiffError(f"{self.path} holds rank parts but no merged manifest: some rank has not finished")
+            raise CrossdiffError(f"no paired-activation cache at {self.path} ({MANIFEST} missing)")
+        self.manifest = _read_manifest(manifest_path)
+        if not self.manifest["complete"] and not allow_incomplete:
+            raise CrossdiffError(
+                f"cache at {self.path} is incomplete ({self.manifest['n_tokens']} tokens so far); "
+                "rerun the same collect command to finish it"
+            )
+        self.n_tokens: int = self.manifest["n_tokens"]
+        self.d_model: int = self.manifest["d_model"]
+        self.layer: int = self.manifest["layer"]
+        self.sources: list[str] = list(self.manifest["sources"])
+        self.model_names: tuple[str, str] = tuple(self.manifest["models"])
+        self.dtype: str = self.manifest["dtype"]
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        self.special_token_ids: list[int] = list(self.manifest.get("special_token_ids", []))
+        self._np_dtype, self._torch_dtype = STORAGE_DTYPES[self.dtype]
+        self._median_norms: np.ndarray | None = None
+        for shard in self.shards:
+            if ".." in Path(shard["name"]).parts or Path(shard["name"]).is_absolute():
+                raise CrossdiffError(f"{manifest_path} names a shard outside the cache: {shard['name']}")
+        if verify:
+            self.verify()
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        return (
+            f"PairedCache({str(self.path)!r}, {self.n_tokens} tokens, {len(self.shards)} shards, "
+            f"layer {self.layer}, d_model {self.d_model}, {self.dtype})"
+        )
+
+    # -- checks
+    def verify(self) -> None:
+        """Check every shard file against the manifest (size, header, sha256)."""
+        for shard in self.shards:
+            self._check_shard(shard, with_checksum=True)
+
+    def _check_shard(self, shard: dict[str, Any], with_checksum: bool) -> None:
+        n = shard["n_tokens"]
+        for file, dtype, shape in (
+            (ACTS_FILE, self._np_dtype, (n, 2, self.d_model)),
+            (TOKENS_FILE, TOKEN_DTYPE, (n,)),
+        ):
+            sha = shard["sha256"][file] if with_checksum else None
+            _check_npy(self.path / shard["name"] / file, dtype, shape, sha, f"{shard['name']}/{file}")
+
+    # -- statistics
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per model ("base", "chat"): count, mean vector [d] (float64), mean_norm, mean_sq_norm."""
+        out = {}
+        for model, s in _stats_from_json(self.manifest["stats"]).items():
+            count = max(s["count"], 1)
+            out[model] = {
+                "count": s["count"],
+                "mean": s["sum"] / count,
+                "mean_norm": s["sum_norm"] / count,
+                "mean_sq_norm": s["sum_sq_norm"] / count,
+            }
+        return out
+
+    def median_norms(self, sample_tokens: int = 2**20) -> np.ndarray:
+        """Median activation norm per model [2], from an evenly strided sample of tokens.
+
+        Deterministic, and reads only the small per-token records, never the activations.
+        """
+        if self._median_norms is None:
+            stride = max(1, -(-self.n_tokens // sample_tokens))
+            parts, offset = [], 0
+            for i, shard in enumerate(self.shards):
+                start = (-offset) % stride
+                parts.append(np.array(self.tokens(i)["norm"][start::stride]))
+                offset += shard["n_tokens"]
+            norms = np.concatenate(parts) if parts else np.zeros((0, 2), np.float32)
+            self._median_norms = np.median(norms.astype(np.float64), axis=0) if len(norms) else np.ones(2)
+        return self._median_norms
+
+    # -- raw access
+    def tokens(self, shard_index: int) -> np.ndarray:
+        """Memory map of a shard's per-token records (TOKEN_DTYPE)."""
+        return self._load(shard_index, TOKENS_FILE)
+
+    def raw_acts(self, shard_index: int) -> np.ndarray:
+        """Memory map of a shard's activations as stored ([n, 2, d]; uint16 bit patterns for bf16)."""
+        return self._load(shard_index, ACTS_FILE)
+
+    def _load(self, shard_index: int, file: str) -> np.ndarray:
+        shard = self.shards[shard_index]
+        name = f"{shard['name']}/{file}"
+        try:
+            array = np.load(self.path / shard["name"] / file, mmap_mode="r")
+        except FileNotFoundError:
+            raise CrossdiffError(f"{name} is missing") from None
+        except Exception as err:  # any failure to parse the header means a damaged file
+            raise CrossdiffError(f"{name} is corrupt ({_first_line(err)})") from None
+        if len(array) != shard["n_tokens"]:
+            raise CrossdiffError(f"{name} is corrupt ({len(array)} rows, manifest says {shard['n_tokens']})")
+        return array
+
+    def read(
+        self,
+        shard_index: int,
+        rows: slice | np.ndarray,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> CacheBatch:
+        """Tokens ``rows`` (a slice or sorted index array) of one shard as a CacheBatch."""
+        # Copies: a batch must not keep the shard's memory map (and its pages) alive.
+        raw = np.array(self.raw_acts(shard_index)[rows])
+        records = np.array(self.tokens(shard_index)[rows])
+        return CacheBatch(
+            acts=self.acts_to_torch(raw, device=device, dtype=dtype),
+            token_ids=torch.from_numpy(records["token_id"].astype(np.int64)).to(device),
+            doc_ids=torch.from_numpy(records["doc_id"].astype(np.int64)).to(device),
+            positions=torch.from_numpy(records["position"].astype(np.int64)).to(device),
+            source_ids=torch.from_numpy(records["source_id"].astype(np.int64)).to(device),
+            template=torch.from_numpy(records["template"].copy()).to(device),
+        )
+
+    def acts_to_torch(
+        self, raw: np.ndarray, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Stored activations (numpy, as on disk) -> torch tensor of ``dtype``."""
+        tensor = torch.from_numpy(raw.view(np.int16) if self._torch_dtype == torch.bfloat16 else raw)
+        if self._torch_dtype == torch.bfloat16:
+            tensor = tensor.view(torch.bfloat16)
+        # Convert on the target device: moving 2-byte values is half the traffic of float32.
+        return tensor.to(device).to(dtype)
+
+    # -- iteration
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        filters: ReadFilters | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[CacheBatch]:
+        """One pass over the cache: in stored order, or shuffled as the training loader does.
+
+        Batches have ``batch_size`` tokens except possibly the last.
+        """
+        if shuffle:
+            from crossdiff.loader import ShuffledPairLoader
+
+            yield from ShuffledPairLoader(
+                self, batch_size, seed=seed, epochs=1, filters=filters, device=device, dtype=dtype
+            )
+            return
+        pending: list[CacheBatch] = []
+        pending_n = 0
+        for i, shard in enumerate(self.shards):
+            keep = filters.keep_mask(np.asarray(self.tokens(i)), self) if filters else None
+            for start in range(0, shard["n_tokens"], batch_size):
+                rows: slice | np.ndarray = slice(start, min(start + batch_size, shard["n_tokens"]))
+                if keep is not None:
+                    rows = np.flatnonzero(keep[rows]) + start
+                    if len(rows) == 0:
+                        continue
+                part = self.read(i, rows, device=device, dtype=dtype)
+                pending.append(part)
+                pending_n += len(part.acts)
+                while pending_n >= batch_size:
+                    batch = concat_batches(pending)
+                    yield CacheBatch(*(t[:batch_size] for t in batch))
+                    rest = CacheBatch(*(t[batch_size:] for t in batch))
+                    pending, pending_n = ([rest], len(rest.acts)) if len(rest.acts) else ([], 0)
+        if pending_n:
+            yield concat_batches(pending)
+
+
+def concat_batches(parts: Sequence[CacheBatch]) -> CacheBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return CacheBatch(*(torch.cat(fields) for fields in zip(*parts)))

@@ -1,0 +1,243 @@
+"""Shuffled paired batches for training, with memory bounded by a window of shards.
+
+Shuffling a cache of 100M tokens perfectly would need a permutation of all of them and
+random reads across the whole cache. Like the paper (shuffling inside 1M-token shards),
+we shuffle inside a *window*: each pass visits the shards in a fresh random order, takes
+them ``window_shards`` at a time and reads the window's tokens in random order. Memory
+holds one window's token indices plus one batch, whatever the cache size, and only
+read-time selections (filters) ever drop tokens.
+
+Sources can be mixed at a fixed ratio per batch (the paper: half pretraining, half chat
+tokens). Each source is then its own stream of passes over its shards, so a smaller
+source is re-read (in a new order) while a larger one is still in its first pass.
+
+The position in the data is a handful of integers (:meth:`ShuffledPairLoader.state_dict`),
+and every permutation is recomputed from the seed, so a resumed training run sees
+exactly the batches the uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossdiff.cache import CacheBatch, PairedCache, ReadFilters, concat_batches
+from crossdiff.errors import CrossdiffError
+
+
+class _ShardStream:
+    """Tokens of some shards in windowed-shuffled order, pass after pass.
+
+    Position: (pass, window, offset), offset counting tokens already taken from the
+    window. Window contents and order are pure functions of (seed, stream, pass, window).
+    """
+
+    def __init__(
+        self, cache: PairedCache, shards: list[int], window_shards: int, seed: int, stream_id: int,
+        filters: ReadFilters | None,
+    ):
+        self.cache, self.shards, self.window_shards = cache, shards, window_shards
+        self.seed, self.stream_id, self.filters = seed, stream_id, filters
+        self.n_windows = math.ceil(len(shards) / window_shards)
+        self.pass_ = self.window = self.offset = 0
+        self._cached: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        if filters is None:
+            self.tokens_per_pass = sum(cache.shards[s]["n_tokens"] for s in shards)
+        else:  # one read of the small token records, shard by shard
+            self.tokens_per_pass = sum(int(self._keep(s).sum()) for s in shards)
+
+    def _keep(self, shard: int) -> np.ndarray:
+        return self.filters.keep_mask(np.asarray(self.cache.tokens(shard)), self.cache)
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.stream_id, *keys])
+
+    def _window_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row) of every kept token of the current window, in shuffled order."""
+        key = (self.pass_, self.window)
+        if self._cached is None or self._cached[0] != key:
+            order = self._rng(self.pass_).permutation(self.shards)
+            members = order[self.window * self.window_shards : (self.window + 1) * self.window_shards]
+            shard_ids, rows = [], []
+            for s in members:
+                kept = np.flatnonzero(self._keep(s)) if self.filters else np.arange(self.cache.shards[s]["n_tokens"])
+                shard_ids.append(np.full(len(kept), s, np.int32))
+                rows.append(kept.astype(np.int64))
+            shard_ids_all, rows_all = np.concatenate(shard_ids), np.concatenate(rows)
+            perm = self._rng(self.pass_, self.window).permutation(len(rows_all))
+            self._cached = (key, shard_ids_all[perm], rows_all[perm])
+        return self._cached[1], self._cached[2]
+
+    def take(self, n: int, within_pass: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Next ``n`` tokens as (shard indices, rows); fewer if ``within_pass`` and the pass ends."""
+        shard_parts, row_parts, got = [], [], 0
+        while got < n:
+            if self.window == self.n_windows:  # pass finished
+                if within_pass and got:
+                    break
+                self.pass_, self.window, self.offset = self.pass_ + 1, 0, 0
+            shard_ids, rows = self._window_tokens()
+            end = min(len(rows), self.offset + n - got)
+            shard_parts.append(shard_ids[self.offset : end])
+            row_parts.append(rows[self.offset : end])
+            got += end - self.offset
+            self.offset = end
+            if self.offset == len(rows):
+                self.window, self.offset = self.window + 1, 0
+        if not shard_parts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return np.concatenate(shard_parts), np.concatenate(row_parts)
+
+    def state(self) -> list[int]:
+        return [self.pass_, self.window, self.offset]
+
+    def set_state(self, state: list[int]) -> None:
+        self.pass_, self.window, self.offset = (int(v) for v in state)
+
+
+class ShuffledPairLoader:
+    """Iterable of shuffled :class:`CacheBatch` for training a crosscoder.
+
+    Args:
+        cache: a PairedCache or the path of one.
+        batch_size: tokens per batch.
+        source_ratio: e.g. ``{"fineweb": 0.5, "lmsys": 0.5}``: every batch holds these shares
+            of each source (only listed sources are read). None: all tokens, one stream.
+        window_shards: shards shuffled together; memory grows with it, not with the cache.
+        seed: all shuffling derives from it.
+        epochs: passes over the data (None: endless). With a source ratio an epoch is
+            ``steps_per_epoch`` batches: as many as the scarcest source fills once.
+        filters: tokens to leave out at read time (BOS, special tokens, norm outliers).
+        normalize: scale each model's activations by a constant so that E||x||^2 = d_model;
+            the factors are :attr:`normalization` (store them with the crosscoder).
+        drop_last: without a source ratio, drop each epoch's final partial batch.
+    """
+
+    def __init__(
+        self,
+        cache: PairedCache | str | Path,
+        batch_size: int,
+        *,
+        source_ratio: dict[str, float] | None = None,
+        window_shards: int = 4,
+        seed: int = 0,
+        epochs: int | None = 1,
+        filters: ReadFilters | None = None,
+        normalize: bool = False,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.cache = cache if isinstance(cache, PairedCache) else PairedCache(cache)
+        if batch_size < 1:
+            raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
+        if window_shards < 1:
+            raise CrossdiffError(f"window_shards must be positive, got {window_shards}")
+        if epochs is not None and epochs < 1:
+            raise CrossdiffError(f"epochs must be positive (or None for endless), got {epochs}")
+        self.batch_size, self.window_shards, self.seed, self.epochs = batch_size, window_shards, seed, epochs
+        self.filters, self.drop_last, self.device, self.dtype = filters, drop_last, device, dtype
+        self.source_ratio = dict(source_ratio) if source_ratio else None
+        self.normalization: list[float] = self._normalization() if normalize else [1.0, 1.0]
+        self._scale = torch.tensor(self.normalization, dtype=dtype, device=device).view(1, 2, 1)
+
+        if self.source_ratio is None:
+            self._streams = [self._stream(list(range(len(self.cache.shards))), 0)]
+            self._per_batch = [batch_size]
+            n = self._streams[0].tokens_per_pass
+            self.steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+        else:
+            self._streams, self._per_batch = self._mixed_streams(self.source_ratio)
+            self.steps_per_epoch = min(s.tokens_per_pass // b for s, b in zip(self._streams, self._per_batch))
+        if self.steps_per_epoch == 0:
+            raise CrossdiffError(
+                f"the cache ({self.cache.path}) has too few tokens for one batch of {batch_size} "
+                "after filters and source ratios"
+            )
+        self.step = 0
+
+    def _stream(self, shards: list[int], stream_id: int) -> _ShardStream:
+        return _ShardStream(self.cache, shards, self.window_shards, self.seed, stream_id, self.filters)
+
+    def _mixed_streams(self, ratio: dict[str, float]) -> tuple[list[_ShardStream], list[int]]:
+        unknown = sorted(set(ratio) - set(self.cache.sources))
+        if unknown:
+            raise CrossdiffError(f"source_ratio names unknown source {unknown[0]!r}; the cache has {self.cache.sources}")
+        if any(not (r > 0) for r in ratio.values()):
+            raise CrossdiffError(f"source_ratio shares must be positive, got {ratio}")
+        names = [s for s in self.cache.sources if s in ratio]  # cache order: independent of dict order
+        total = sum(ratio.values())
+        exact = [self.batch_size * ratio[s] / total for s in names]
+        counts = [math.floor(x) for x in exact]
+        # Largest remainders get the leftover tokens, so the counts always sum to batch_size.
+        for i in sorted(range(len(names)), key=lambda i: counts[i] - exact[i])[: self.batch_size - sum(counts)]:
+            counts[i] += 1
+        streams = []
+        for name, count in zip(names, counts):
+            if count == 0:
+                raise CrossdiffError(f"batch_size {self.batch_size} leaves no token for source {name!r}")
+            shards = [i for i, sh in enumerate(self.cache.shards) if sh["source"] == name]
+            streams.append(self._stream(shards, self.cache.sources.index(name) + 1))
+        return streams, counts
+
+    def _normalization(self) -> list[float]:
+        stats = self.cache.stats()
+        return [math.sqrt(self.cache.d_model / stats[m]["mean_sq_norm"]) for m in ("base", "chat")]
+
+    def __len__(self) -> int:
+        if self.epochs is None:
+            raise TypeError("an endless loader (epochs=None) has no length")
+        return self.epochs * self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[CacheBatch]:
+        """Batches from the current position on (a fresh loader starts at step 0)."""
+        while self.epochs is None or self.step < len(self):
+            # Without a ratio, batches stop at the end of a pass, so each epoch is one pass.
+            parts = [s.take(n, within_pass=self.source_ratio is None) for s, n in zip(self._streams, self._per_batch)]
+            shard_ids = np.concatenate([p[0] for p in parts])
+            rows = np.concatenate([p[1] for p in parts])
+            if self.drop_last and len(rows) < self.batch_size:
+                continue  # the pass's remainder; the next take starts a new pass
+            self.step += 1  # before yielding: a state saved after this batch resumes after it
+            yield self._gather(shard_ids, rows)
+
+    def _gather(self, shard_ids: np.ndarray, rows: np.ndarray) -> CacheBatch:
+        pieces = []
+        for shard in np.unique(shard_ids):
+            # Sorted rows turn random access into forward reads through the memory map.
+            pieces.append(
+                self.cache.read(int(shard), np.sort(rows[shard_ids == shard]), device=self.device, dtype=self.dtype)
+            )
+        batch = concat_batches(pieces)
+        if self.normalization != [1.0, 1.0]:
+            batch = batch._replace(acts=batch.acts * self._scale)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position after the last batch yielded; plain data, JSON-friendly."""
+        return {
+            "step": self.step,
+            "streams": [s.state() for s in self._streams],
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "source_ratio": self.source_ratio,
+            "window_shards": self.window_shards,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the loader must be built with the same settings."""
+        for key in ("seed", "batch_size", "source_ratio", "window_shards"):
+            if state.get(key) != getattr(self, key):
+                raise CrossdiffError(
+                    f"cannot resume the data loader: {key} was {state.get(key)!r}, now {getattr(self, key)!r}"
+                )
+        if len(state["streams"]) != len(self._streams):
+            raise CrossdiffError("cannot resume the data loader: the cache has different sources")
+        self.step = int(state["step"])
+        for stream, s in zip(self._streams, state["streams"]):
+            stream.set_state(s)
