@@ -1,0 +1,403 @@
+"""Text and chat sources, tokenized the way both models will see them.
+
+A source is a Hugging Face dataset (hub name, split, column, optional streaming) or local
+files (.txt, .jsonl, .parquet, or a folder of them). ``iter_documents`` turns it into
+``TokenizedDoc``s in a deterministic order.
+
+Plain text is tokenized with the tokenizer's own special tokens (BOS). Chat sources hold
+conversations; they are rendered with the chat model's chat template and the rendered
+string is tokenized once, so base and chat see identical ids. Each token also gets a
+template flag: True for tokens the template added (``<start_of_turn>``, role names, the
+newline after a role, ``<end_of_turn>``, ...), False for tokens of message content and for
+BOS. BOS is left out of the template on purpose: it is not chat-specific (plain text
+starts with it too) and is always identifiable as position 0.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from crossdiff.errors import CrossdiffError
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+# Role names used by common chat datasets -> the roles chat templates expect.
+ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
+
+_TOKENIZE_CHUNK = 64  # documents tokenized together: fast tokenizers are quicker on batches
+
+
+@dataclass
+class TextSourceConfig:
+    """One text source of a collection recipe."""
+
+    name: str  # short label stored with every token of the cache, e.g. "fineweb", "lmsys"
+    kind: Literal["text", "chat"]
+    path: str  # HF dataset hub name, a save_to_disk folder, or a local .txt/.jsonl/.parquet file or folder
+    split: str = "train"
+    column: str = "text"  # text column, or the messages column of a chat source ("messages", "conversation")
+    streaming: bool = False
+    max_docs: int | None = None  # stop after this many documents (empty documents do not count)
+    hf_config: str | None = None  # dataset config name (load_dataset's ``name``)
+    data_files: str | list[str] | None = None  # load_dataset's ``data_files``, e.g. path="parquet" or a subset of a hub repo
+
+
+@dataclass
+class TokenizedDoc:
+    """One document as token ids, ready to be fed to both models."""
+
+    source: str  # TextSourceConfig.name
+    doc_id: int  # index of the document (row) within its source; stable across runs
+    input_ids: list[int]  # truncated to max_len; starts with BOS when the tokenizer uses one
+    template_mask: list[bool]  # True on chat-template tokens; False on content and on BOS; all False for plain text
+    text: str = ""  # the string that was tokenized (the rendered conversation for chat), before truncation
+
+
+def iter_documents(source: TextSourceConfig, tokenizer: Any, max_len: int) -> Iterator[TokenizedDoc]:
+    """Yield the documents of ``source`` in a deterministic order, tokenized and truncated to ``max_len``.
+
+    Documents are never packed together; a longer document keeps its first ``max_len``
+    tokens. Empty documents are skipped (their ``doc_id`` is not reused).
+    """
+    if max_len < 1:
+        raise CrossdiffError(f"max_len must be at least 1, got {max_len}")
+    if source.max_docs is not None and source.max_docs < 1:
+        raise CrossdiffError(f"source '{source.name}': max_docs must be at least 1, got {source.max_docs}")
+    if source.kind == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise CrossdiffError(f"source '{source.name}' is a chat source but the chat tokenizer has no chat template")
+
+    records = _iter_column(source)
+    n_docs = 0
+    for chunk in _chunks(records, _TOKENIZE_CHUNK):
+        for doc in _tokenize_chunk(source, tokenizer, chunk, max_len):
+            yield doc
+            n_docs += 1
+            if source.max_docs is not None and n_docs >= source.max_docs:
+                return
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The conversation as the chat template writes it (no generation prompt).
+
+    Templates that reject a system role (Gemma) get the system text merged into the first
+    user message, separated by a blank line, which is what such models are used with.
+    """
+    return _render(tokenizer, messages)[0]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]]:
+    """``(rendered text, messages actually rendered)``: the latter differ after a system merge."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False), messages
+    except TemplateError as err:
+        if messages and messages[0]["role"] == "system" and len(messages) > 1 and messages[1]["role"] == "user":
+            merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            return _render(tokenizer, [merged, *messages[2:]])
+        raise CrossdiffError(f"the chat template rejects this conversation: {err}") from None
+
+
+def normalize_messages(conversation: Any) -> list[dict[str, str]]:
+    """Messages as ``[{"role": "user"|"assistant"|"system", "content": str}, ...]``.
+
+    Accepts OpenAI-style ``role``/``content`` and ShareGPT-style ``from``/``value`` keys,
+    role aliases such as ``human``/``gpt``, content given as a list of ``{"type": "text"}``
+    parts, and a conversation stored as a JSON string.
+    """
+    if isinstance(conversation, str):
+        try:
+            conversation = json.loads(conversation)
+        except ValueError:
+            raise CrossdiffError("a chat conversation must be a list of messages, got a plain string") from None
+    if isinstance(conversation, dict) and "messages" in conversation:
+        conversation = conversation["messages"]
+    if not isinstance(conversation, (list, tuple)):
+        raise CrossdiffError(f"a chat conversation must be a list of messages, got {type(conversation).__name__}")
+    messages = []
+    for message in conversation:
+        if not isinstance(message, dict):
+            raise CrossdiffError(f"a chat message must be a mapping with role and content, got {type(message).__name__}")
+        role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
+        if role is None or content is None and "content" not in message and "value" not in message:
+            raise CrossdiffError(f"a chat message needs role/content (or from/value) keys, got keys {sorted(message)}")
+        canonical = ROLE_ALIASES.get(str(role).lower())
+        if canonical is None:
+            raise CrossdiffError(f"unknown chat role {role!r}; known roles: {', '.join(sorted(ROLE_ALIASES))}")
+        messages.append({"role": canonical, "content": _content_text(content)})
+    return messages
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool], str]:
+    """Render and tokenize one conversation: ``(input_ids, template_mask, rendered_text)``."""
+    rendered, messages = _render(tokenizer, messages)
+    spans = _content_spans(tokenizer, rendered, messages)
+    encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    ids, mask = _mask_from_offsets(tokenizer, encoding["input_ids"], encoding["offset_mapping"], spans)
+    return ids, mask, rendered
+
+
+def _tokenize_chunk(source: TextSourceConfig, tokenizer: Any, chunk: list[tuple[int, Any]], max_len: int) -> Iterator[TokenizedDoc]:
+    if source.kind == "text":
+        rows = []
+        for doc_id, value in chunk:
+            if not isinstance(value, str):
+                hint = " (a list of messages? set kind = \"chat\")" if isinstance(value, (list, tuple)) else ""
+                raise CrossdiffError(
+                    f"source '{source.name}' document {doc_id}: column '{source.column}' holds {type(value).__name__}, expected text{hint}"
+                )
+            if value.strip():
+                rows.append((doc_id, value))
+        if not rows:
+            return
+        encodings = tokenizer([text for _, text in rows], add_special_tokens=True)["input_ids"]
+        for (doc_id, text), ids in zip(rows, encodings):
+            ids = ids[:max_len]
+            yield TokenizedDoc(source.name, doc_id, ids, [False] * len(ids), text)
+        return
+
+    for doc_id, value in chunk:
+        try:
+            messages = normalize_messages(value)
+            if not messages:
+                continue
+            ids, mask, rendered = tokenize_chat(tokenizer, messages)
+        except CrossdiffError as err:
+            raise CrossdiffError(f"source '{source.name}' document {doc_id}: {err}") from None
+        except _ContentNotFound:
+            _warn_once(source.name, doc_id)
+            continue
+        yield TokenizedDoc(source.name, doc_id, ids[:max_len], mask[:max_len], rendered)
+
+
+class _ContentNotFound(Exception):
+    """The chat template rewrote a message beyond trimming; its tokens cannot be told apart."""
+
+
+def _content_spans(tokenizer: Any, rendered: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """Character span of every message's content in the rendered conversation, in order.
+
+    The template is rendered a second time with each content replaced by a unique marker;
+    the text around the markers is exactly what the template adds. Walking the real
+    rendering piece by piece then locates every content, even a content that repeats
+    template text (an answer that says "user"), and allows for templates that trim it.
+    """
+    markers = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters: never in real text
+    skeleton = tokenizer.apply_chat_template(
+        [{**message, "content": marker} for message, marker in zip(messages, markers)],
+        tokenize=False,
+        add_generation_prompt=False,
+    )
+    pieces, cursor = [], 0
+    for marker in markers:
+        at = skeleton.find(marker, cursor)
+        if at < 0 or skeleton.count(marker) != 1:
+            raise _ContentNotFound
+        pieces.append(skeleton[cursor:at])
+        cursor = at + len(marker)
+    pieces.append(skeleton[cursor:])  # after the last message
+
+    spans, pos = [], 0
+    for i, message in enumerate(messages):
+        if not rendered.startswith(pieces[i], pos):
+            raise _ContentNotFound
+        pos += len(pieces[i])
+        content = message["content"]
+        for candidate in (content, content.rstrip(), content.lstrip(), content.strip()):
+            if rendered.startswith(candidate, pos) and rendered.startswith(pieces[i + 1], pos + len(candidate)):
+                break
+        else:
+            raise _ContentNotFound
+        spans.append((pos, pos + len(candidate)))
+        pos += len(candidate)
+    if rendered[pos:] != pieces[-1]:
+        raise _ContentNotFound
+    return spans
+
+
+def _mask_from_offsets(
+    tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> tuple[list[int], list[bool]]:
+    """A token is content if its characters overlap a message's content; otherwise it is template."""
+    ids = list(ids)
+    mask = [not any(start < span_end and end > span_start for span_start, span_end in spans) for start, end in offsets]
+    bos = tokenizer.bos_token_id
+    # Templates that do not write BOS themselves still get it when the tokenizer adds BOS to
+    # plain text, so chat and text documents start alike (and BOS is never doubled).
+    if bos is not None and (not ids or ids[0] != bos) and _adds_bos(tokenizer):
+        ids.insert(0, bos)
+        mask.insert(0, False)
+    if ids and ids[0] == bos:
+        mask[0] = False
+    return ids, mask
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):  # multimodal-style parts: keep the text ones
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type", "text") == "text")
+    raise CrossdiffError(f"a chat message's content must be text, got {type(content).__name__}")
+
+
+_warned_sources: set[str] = set()
+
+
+def _warn_once(source: str, doc_id: int) -> None:
+    if source not in _warned_sources:
+        _warned_sources.add(source)
+        warnings.warn(
+            f"source '{source}' document {doc_id}: the chat template rewrites message content, so template tokens "
+            "cannot be identified; such documents are skipped",
+            stacklevel=3,
+        )
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------
+# Reading raw documents: (doc_id, value of the column) in a fixed order.
+
+
+def _iter_column(source: TextSourceConfig) -> Iterator[tuple[int, Any]]:
+    local = Path(source.path).expanduser()
+    if source.data_files is None and local.is_file():
+        yield from enumerate(_read_file(local, source))
+    elif source.data_files is None and local.is_dir() and not _is_saved_dataset(local):
+        yield from enumerate(_read_folder(local, source))
+    else:
+        yield from enumerate(_read_hf_dataset(source))
+
+
+def _read_folder(folder: Path, source: TextSourceConfig) -> Iterator[Any]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    if not files:
+        raise CrossdiffError(f"source '{source.name}': no {'/'.join(LOCAL_SUFFIXES)} files in folder {folder}")
+    for file in files:
+        yield from _read_file(file, source)
+
+
+def _read_file(file: Path, source: TextSourceConfig) -> Iterator[Any]:
+    if file.suffix == ".txt":
+        # One document per line: the common layout of plain-text dumps. Use .jsonl for multi-line documents.
+        if source.kind == "chat":
+            raise CrossdiffError(f"source '{source.name}': a chat source cannot be a .txt file ({file}); use .jsonl or .parquet")
+        with open(file, encoding="utf-8") as handle:
+            for line in handle:
+                yield line.rstrip("\n")
+    elif file.suffix == ".jsonl":
+        yield from _read_jsonl(file, source)
+    elif file.suffix == ".parquet":
+        yield from _read_parquet(file, source)
+    else:
+        raise CrossdiffError(f"source '{source.name}': unsupported file type {file.suffix!r} ({file}); use .txt, .jsonl or .parquet")
+
+
+def _read_jsonl(file: Path, source: TextSourceConfig) -> Iterator[Any]:
+    with open(file, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise CrossdiffError(f"{file}:{line_no}: not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise CrossdiffError(f"{file}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
+            if source.column not in row:
+                raise CrossdiffError(_unknown_column(source, str(file), row.keys()))
+            yield row[source.column]
+
+
+def _read_parquet(file: Path, source: TextSourceConfig) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file)
+    if source.column not in parquet.schema_arrow.names:
+        raise CrossdiffError(_unknown_column(source, str(file), parquet.schema_arrow.names))
+    for batch in parquet.iter_batches(batch_size=1024, columns=[source.column]):
+        yield from batch.column(0).to_pylist()
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _read_hf_dataset(source: TextSourceConfig) -> Iterator[Any]:
+    import datasets
+
+    where = f"dataset {source.path!r}"
+    try:
+        local = Path(source.path).expanduser()
+        if source.data_files is None and local.is_dir():
+            dataset = datasets.load_from_disk(str(local))
+            if isinstance(dataset, datasets.DatasetDict):
+                if source.split not in dataset:
+                    raise CrossdiffError(f"{where} has no split {source.split!r}; available: {', '.join(dataset)}")
+                dataset = dataset[source.split]
+            if source.streaming:
+                dataset = dataset.to_iterable_dataset()
+        else:
+            dataset = datasets.load_dataset(
+                source.path,
+                name=source.hf_config,
+                split=source.split,
+                streaming=source.streaming,
+                data_files=source.data_files,
+            )
+    except CrossdiffError:
+        raise
+    except Exception as err:  # hub errors, unknown split, missing config: all one line for the user
+        raise CrossdiffError(f"source '{source.name}': cannot load {where} (split {source.split!r}): {_first_line(err)}") from None
+
+    columns = dataset.column_names
+    if columns is not None and source.column not in columns:
+        raise CrossdiffError(_unknown_column(source, where, columns))
+    checked = columns is not None
+    for row in dataset:
+        if not checked:  # streaming datasets may only know their columns once a row arrives
+            if source.column not in row:
+                raise CrossdiffError(_unknown_column(source, where, row.keys()))
+            checked = True
+        yield row[source.column]
+
+
+def _unknown_column(source: TextSourceConfig, where: str, columns: Iterable[str]) -> str:
+    return f"source '{source.name}': no column '{source.column}' in {where}; available columns: {', '.join(map(str, columns))}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
