@@ -83,8 +83,9 @@ def iter_documents(source: TextSourceConfig, tokenizer: Any, max_len: int) -> It
 
     records = _iter_column(source)
     n_docs = 0
+    skipped: list[int] = []  # chat documents whose template tokens cannot be identified
     for chunk in _chunks(records, _TOKENIZE_CHUNK):
-        for doc in _tokenize_chunk(source, tokenizer, chunk, max_len):
+        for doc in _tokenize_chunk(source, tokenizer, chunk, max_len, skipped):
             yield doc
             n_docs += 1
             if source.max_docs is not None and n_docs >= source.max_docs:
@@ -153,7 +154,9 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[
     return ids, mask, rendered
 
 
-def _tokenize_chunk(source: TextSourceConfig, tokenizer: Any, chunk: list[tuple[int, Any]], max_len: int) -> Iterator[TokenizedDoc]:
+def _tokenize_chunk(
+    source: TextSourceConfig, tokenizer: Any, chunk: list[tuple[int, Any]], max_len: int, skipped: list[int]
+) -> Iterator[TokenizedDoc]:
     if source.kind == "text":
         rows = []
         for doc_id, value in chunk:
@@ -181,7 +184,13 @@ def _tokenize_chunk(source: TextSourceConfig, tokenizer: Any, chunk: list[tuple[
         except CrossdiffError as err:
             raise CrossdiffError(f"source '{source.name}' document {doc_id}: {err}") from None
         except _ContentNotFound:
-            _warn_once(source.name, doc_id)
+            if not skipped:  # once per source: a template that rewrites content usually does so for every document
+                warnings.warn(
+                    f"source '{source.name}' document {doc_id}: the chat template rewrites message content, so its "
+                    "template tokens cannot be identified; such documents are skipped",
+                    stacklevel=4,
+                )
+            skipped.append(doc_id)
             continue
         yield TokenizedDoc(source.name, doc_id, ids[:max_len], mask[:max_len], rendered)
 
@@ -261,19 +270,6 @@ def _content_text(content: Any) -> str:
     if isinstance(content, list):  # multimodal-style parts: keep the text ones
         return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type", "text") == "text")
     raise CrossdiffError(f"a chat message's content must be text, got {type(content).__name__}")
-
-
-_warned_sources: set[str] = set()
-
-
-def _warn_once(source: str, doc_id: int) -> None:
-    if source not in _warned_sources:
-        _warned_sources.add(source)
-        warnings.warn(
-            f"source '{source}' document {doc_id}: the chat template rewrites message content, so template tokens "
-            "cannot be identified; such documents are skipped",
-            stacklevel=3,
-        )
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
