@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -196,7 +198,14 @@ def test_bundled_organism_pair():
         paths = organism.paths()
     except Exception as err:  # weights not built yet
         pytest.skip(f"organism weights not available: {err}")
-    base, chat = (paths["base"], paths["chat"]) if isinstance(paths, dict) else (paths[0], paths[1])
+    if isinstance(paths, dict):
+        base, chat = paths["base"], paths["chat"]
+    elif hasattr(paths, "base"):
+        base, chat = paths.base, paths.chat
+    else:
+        base, chat = paths
+    if not (Path(base).exists() and Path(chat).exists()):
+        pytest.skip("organism weights not built yet")
     pair = load_model_pair(base, chat, dtype="float32")
     layer = pair.n_layers // 2
     input_ids, attention_mask = _batch(pair, ["Hello, how are you?", "The sky is blue."])
