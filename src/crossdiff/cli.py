@@ -16,6 +16,7 @@ from crossdiff.errors import CrossdiffError
 # Modules that contribute subcommands, in the order `crossdiff --help` lists them.
 STAGE_MODULES = [
     "crossdiff.train",
+    "crossdiff.analysis.cli",
 ]
 
 

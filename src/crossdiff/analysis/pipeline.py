@@ -1,0 +1,294 @@
+"""`analyze`: every per-latent result from a crosscoder and an activation cache.
+
+Passes over the cache (in its stored order, never shuffled, so every pass sees the same
+tokens):
+
+1. statistics, Latent Scaling for all latents, reconstruction quality, top examples;
+2. quantile samples (needs each latent's max activation from pass 1);
+3. context windows of the kept examples (re-encodes only the tokens it needs).
+
+Passes 2 and 3 run only when examples are requested. Outputs, in ``out_dir``:
+``latents.parquet`` and ``summary.json`` (table.py), ``twins.parquet`` (twins.py) and
+``examples.sqlite`` (examples.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crossdiff.analysis.examples import (
+    ContextCollector,
+    ExampleRefs,
+    QuantileSamples,
+    TopActivations,
+    token_keys,
+    write_examples,
+)
+from crossdiff.analysis.norms import TagThresholds, decoder_geometry, tag_latents
+from crossdiff.analysis.scaling import LatentScaling, ScalingThresholds, scaling_flags
+from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
+from crossdiff.analysis.table import build_table, summarize, write_table
+from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
+from crossdiff.crosscoder import CrossCoder
+from crossdiff.errors import CrossdiffError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class AnalysisConfig:
+    batch_size: int = 4096
+    max_tokens: int | None = None
+    """Analyse only the first tokens of the cache (None = all)."""
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float32"
+    """Compute dtype of the crosscoder and activations; sums are always float64."""
+    tags: TagThresholds = field(default_factory=TagThresholds)
+    scaling: ScalingThresholds = field(default_factory=ScalingThresholds)
+    twin_cosine: float = DEFAULT_TWIN_COSINE
+    """Minimum decoder cosine between a chat-only latent and its base-only twin."""
+    examples: bool = True
+    n_top: int = 20
+    """Max-activating examples kept per latent."""
+    quantile_bins: int = 10
+    """Bins at fractions of each latent's max activation (0 disables quantile samples)."""
+    per_bin: int = 2
+    window_before: int = 32
+    window_after: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise CrossdiffError(f"batch_size must be positive, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise CrossdiffError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.n_top <= 0 or self.quantile_bins < 0 or self.per_bin <= 0:
+            raise CrossdiffError("n_top and per_bin must be positive and quantile_bins non-negative")
+        if self.window_before < 0 or self.window_after < 0:
+            raise CrossdiffError("window_before and window_after must be non-negative")
+
+
+class Batch(NamedTuple):
+    """The fields of a cache batch that analysis reads (crossdiff.cache.CacheBatch has them)."""
+
+    acts: Tensor
+    """[B, 2, d_in] model activations, base first (not yet normalised)."""
+    token_ids: Tensor
+    doc_ids: Tensor
+    positions: Tensor
+    """Position in the document; 0 is the BOS token."""
+    source_ids: Tensor
+    template: Tensor
+    """True on chat-template tokens."""
+
+
+class BatchSource(Protocol):
+    """What analysis needs from a cache: crossdiff.cache.PairedCache satisfies it."""
+
+    sources: list[str]
+    n_tokens: int
+
+    def iter_batches(self, batch_size: int, *, device: torch.device | str, dtype: torch.dtype) -> Iterator[Any]: ...
+
+
+class TensorSource:
+    """Activations already in memory, exposed like a cache (tests, notebooks, synthetic data).
+
+    Without document structure, tokens are cut into documents of ``doc_length`` tokens in
+    order (position 0 of each counts as BOS); source ids default to 0, template to False.
+    """
+
+    def __init__(
+        self,
+        acts: Tensor,
+        *,
+        token_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        source_ids: Tensor | None = None,
+        template: Tensor | None = None,
+        sources: list[str] | None = None,
+        doc_length: int = 64,
+    ):
+        n = acts.shape[0]
+        index = torch.arange(n)
+        self.batch = Batch(
+            acts=acts,
+            token_ids=token_ids if token_ids is not None else torch.zeros(n, dtype=torch.long),
+            doc_ids=doc_ids if doc_ids is not None else index // doc_length,
+            positions=positions if positions is not None else index % doc_length,
+            source_ids=source_ids if source_ids is not None else torch.zeros(n, dtype=torch.long),
+            template=template if template is not None else torch.zeros(n, dtype=torch.bool),
+        )
+        self.sources = sources or ["data"]
+        self.n_tokens = n
+
+    def iter_batches(self, batch_size: int, *, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32, **_: Any) -> Iterator[Batch]:
+        for start in range(0, self.n_tokens, batch_size):
+            part = Batch(*(t[start:start + batch_size].to(device) for t in self.batch))
+            yield part._replace(acts=part.acts.to(dtype))
+
+
+class AnalysisResult(NamedTuple):
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    twins: pd.DataFrame
+    files: dict[str, Path]
+
+
+def analyze(
+    crosscoder: CrossCoder,
+    source: BatchSource,
+    out_dir: str | Path,
+    config: AnalysisConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> AnalysisResult:
+    """Run the full analysis and write its files into ``out_dir``."""
+    config = config or AnalysisConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    crosscoder = _prepare(crosscoder, config)
+    n_latents = crosscoder.config.d_sae
+    device = crosscoder.W_dec.device
+    n_passes = 3 if config.examples else 1
+
+    scaling = LatentScaling(crosscoder.W_dec)
+    stats = ActivationStats(n_latents, source.sources, device=device)
+    quality = ReconstructionQuality(crosscoder.config.n_models, crosscoder.config.d_in, device=device)
+    top = TopActivations(n_latents, config.n_top, device=device) if config.examples else None
+    with torch.no_grad():
+        for batch in _batches(source, config, device, f"pass 1/{n_passes}: statistics + Latent Scaling", progress):
+            x = crosscoder.normalize(batch.acts)
+            f = crosscoder.encode(x)
+            x_hat = crosscoder.decode(f)
+            f_scaled = crosscoder.scale(f)
+            scaling.update(f, x, x_hat)
+            stats.update(f_scaled, batch.source_ids, batch.positions, batch.template)
+            quality.update(x, x_hat, f)
+            if top is not None:
+                top.update(f_scaled, batch.source_ids, batch.doc_ids, batch.positions)
+
+    scaling_result = scaling.result()
+    latent_stats = stats.result()
+    if latent_stats.n_tokens == 0:
+        raise CrossdiffError("the cache holds no tokens to analyse")
+    geometry = decoder_geometry(crosscoder)
+    tags = tag_latents(geometry.dnorm, config.tags)
+    flags = scaling_flags(scaling_result, tags == "chat-only", config.scaling)
+    twins = find_twins(crosscoder, tags == "chat-only", tags == "base-only", min_cosine=config.twin_cosine)
+    twin, twin_cos = best_twin(twins, n_latents)
+    table = build_table(geometry, tags, latent_stats, scaling_result, flags, twin, twin_cos)
+
+    files = {}
+    if top is not None:
+        examples = _collect_examples(crosscoder, source, config, top, progress)
+        files["examples"] = write_examples(
+            out_dir / "examples.sqlite",
+            examples,
+            source.sources,
+            token_text=_token_text(tokenizer) if tokenizer is not None else None,
+            metadata={"activation": "scaled (f~)"},
+        )
+    summary = summarize(
+        table,
+        n_tokens=latent_stats.n_tokens,
+        n_tokens_per_source=latent_stats.n_tokens_per_source,
+        quality=quality.result(),
+        crosscoder={"activation": crosscoder.config.activation, "d_in": crosscoder.config.d_in,
+                    "d_sae": n_latents, "k": crosscoder.config.k, "model_names": crosscoder.config.model_names,
+                    "layer": crosscoder.config.layer},
+        config=dataclasses.asdict(config),
+    )
+    files["table"], files["summary"] = write_table(table, summary, out_dir)
+    files["twins"] = out_dir / "twins.parquet"
+    twins.to_parquet(files["twins"], index=False)
+    summary["files"] = {name: path.name for name, path in files.items()}
+    write_table(table, summary, out_dir)
+    return AnalysisResult(table, summary, twins, files)
+
+
+def _prepare(crosscoder: CrossCoder, config: AnalysisConfig) -> CrossCoder:
+    if crosscoder.config.activation == "batchtopk" and float(crosscoder.threshold) < 0:
+        raise CrossdiffError(
+            "this BatchTopK crosscoder has no inference threshold (threshold < 0); analysis needs the trained threshold"
+        )
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as err:
+        raise CrossdiffError(f"bad device {config.device!r}: {err}") from None
+    dtype = _DTYPES[config.dtype]
+    if crosscoder.W_dec.device != device or crosscoder.W_dec.dtype != dtype:
+        crosscoder = copy.deepcopy(crosscoder).to(device=device, dtype=dtype)  # leave the caller's model as it was
+    return crosscoder.eval()
+
+
+def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, desc: str,
+             progress: bool) -> Iterable[Batch]:
+    """The cache's batches in stored order, on ``device``, cut at ``max_tokens``."""
+    limit = source.n_tokens if config.max_tokens is None else min(config.max_tokens, source.n_tokens)
+    dtype = _DTYPES[config.dtype]
+    seen = 0
+    with tqdm(total=limit, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False) as bar:
+        for raw in source.iter_batches(config.batch_size, device=device, dtype=dtype):
+            take = min(raw.acts.shape[0], limit - seen)
+            if take <= 0:
+                break
+            yield Batch(*(getattr(raw, name)[:take] for name in Batch._fields))
+            seen += take
+            bar.update(take)
+
+
+def _collect_examples(crosscoder: CrossCoder, source: BatchSource, config: AnalysisConfig,
+                      top: TopActivations, progress: bool) -> ContextCollector:
+    parts = [top.examples()]
+    if config.quantile_bins > 0:
+        quantiles = QuantileSamples(top.max_act(), config.quantile_bins, config.per_bin, seed=config.seed)
+        with torch.no_grad():
+            for batch in _batches(source, config, top.values.device, "pass 2/3: quantile samples", progress):
+                f_scaled = crosscoder.get_activations(crosscoder.normalize(batch.acts))
+                quantiles.update(f_scaled, batch.source_ids, batch.doc_ids, batch.positions)
+        parts.append(quantiles.examples())
+    collector = ContextCollector(ExampleRefs.concat(parts), before=config.window_before, after=config.window_after)
+    with torch.no_grad():
+        for batch in _batches(source, config, top.values.device, "pass 3/3: example contexts", progress):
+            keys = token_keys(batch.source_ids, batch.doc_ids, batch.positions)
+
+            def encode_rows(rows: Tensor, acts: Tensor = batch.acts) -> Tensor:
+                return crosscoder.get_activations(crosscoder.normalize(acts[rows]))
+
+            collector.update(keys, batch.token_ids, encode_rows)
+    return collector
+
+
+def _token_text(tokenizer: Any) -> Callable[[list[int]], list[str]]:
+    def token_text(ids: list[int]) -> list[str]:
+        return [tokenizer.decode([i]) for i in ids]
+
+    return token_text
+
+
+def load_tokenizer(name_or_path: str | None) -> Any:
+    """The chat tokenizer, or None (with the reason) when it cannot be loaded offline."""
+    if not name_or_path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as err:  # missing files, offline hub: examples keep token ids only
+        print(f"crossdiff analyze: tokenizer {name_or_path!r} unavailable ({type(err).__name__}); storing token ids only")
+        return None
+
+

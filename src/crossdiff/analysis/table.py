@@ -1,0 +1,178 @@
+"""The latent table: one row per latent, stable column names, Parquet plus a JSON summary.
+
+Column names are part of the public API (the report and user notebooks read them); add
+columns, never rename them. :data:`COLUMNS` documents each one and is copied into the
+summary JSON so the files explain themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from crossdiff.analysis.norms import TAGS, DecoderGeometry
+from crossdiff.analysis.scaling import LatentScalingResult, ScalingFlags
+from crossdiff.analysis.stats import LatentStats
+
+ORIENTATION = "dnorm = 0.5 * ((|d_chat| - |d_base|) / max(|d_chat|, |d_base|) + 1): 1 = chat-only, 0 = base-only, 0.5 = equal"
+
+COLUMNS: dict[str, str] = {
+    "latent": "latent index",
+    "dnorm": "relative decoder norm, 1 = chat-only, 0 = base-only (paper orientation; the reference code stores 1 - dnorm)",
+    "tag": "chat-only / base-only / shared / other, from dnorm and the tag thresholds",
+    "norm_base": "norm of the base decoder vector",
+    "norm_chat": "norm of the chat decoder vector",
+    "dec_cos": "cosine between the base and chat decoder vectors",
+    "enc_cos": "cosine between the base and chat encoder vectors",
+    "n_active": "tokens where the scaled activation f~ exceeds 1e-3",
+    "freq": "n_active / tokens analysed",
+    "max_act": "largest scaled activation f~",
+    "freq__<source>": "freq on the tokens of one text source (one column per source)",
+    "max_act__<source>": "max_act on the tokens of one text source (one column per source)",
+    "dead": "never active on the analysed tokens",
+    "template_share": "fraction of the latent's non-BOS activations on chat-template tokens",
+    "bos_share": "fraction of the latent's activations on position 0 (BOS)",
+    "beta_error_base": "Latent Scaling, base error target (leave-one-out)",
+    "beta_error_chat": "Latent Scaling, chat error target (leave-one-out); about 1 for a good latent",
+    "beta_recon_base": "Latent Scaling, base reconstruction target",
+    "beta_recon_chat": "Latent Scaling, chat reconstruction target",
+    "beta_act_base": "Latent Scaling, base activation target",
+    "beta_act_chat": "Latent Scaling, chat activation target",
+    "nu_error": "beta_error_base / beta_error_chat; high = Complete Shrinkage",
+    "nu_recon": "beta_recon_base / beta_recon_chat; high = Latent Decoupling",
+    "scaling_tokens": "tokens with raw f > 0, the tokens every beta of the latent rests on",
+    "chat_specific": "nu_error < nu_error_max and nu_recon < nu_recon_max",
+    "complete_shrinkage": "chat-only by dnorm and nu_error >= nu_error_max",
+    "latent_decoupling": "chat-only by dnorm and nu_recon >= nu_recon_max",
+    "twin": "best base-only twin of a chat-only latent (-1 if none)",
+    "twin_cos": "cosine between this latent's chat decoder and the twin's base decoder",
+}
+
+
+def source_column(stat: str, source: str) -> str:
+    """Name of a per-source column, e.g. ``freq__lmsys``."""
+    return f"{stat}__{source}"
+
+
+def build_table(
+    geometry: DecoderGeometry,
+    tags: np.ndarray,
+    stats: LatentStats,
+    scaling: LatentScalingResult,
+    flags: ScalingFlags,
+    twin: np.ndarray,
+    twin_cos: np.ndarray,
+) -> pd.DataFrame:
+    columns: dict[str, Any] = {
+        "latent": np.arange(len(tags), dtype=np.int64),
+        "dnorm": geometry.dnorm,
+        "tag": pd.Categorical(tags, categories=list(TAGS)),
+        "norm_base": geometry.norm_base,
+        "norm_chat": geometry.norm_chat,
+        "dec_cos": geometry.dec_cos,
+        "enc_cos": geometry.enc_cos,
+        "n_active": stats.n_active.astype(np.int64),
+        "freq": stats.freq,
+        "max_act": stats.max_act,
+    }
+    for source in stats.freq_per_source:
+        columns[source_column("freq", source)] = stats.freq_per_source[source]
+        columns[source_column("max_act", source)] = stats.max_act_per_source[source]
+    columns.update(
+        dead=stats.dead,
+        template_share=stats.template_share,
+        bos_share=stats.bos_share,
+        beta_error_base=scaling.beta_error_base,
+        beta_error_chat=scaling.beta_error_chat,
+        beta_recon_base=scaling.beta_recon_base,
+        beta_recon_chat=scaling.beta_recon_chat,
+        beta_act_base=scaling.beta_act_base,
+        beta_act_chat=scaling.beta_act_chat,
+        nu_error=scaling.nu_error,
+        nu_recon=scaling.nu_recon,
+        scaling_tokens=scaling.n_tokens.astype(np.int64),
+        chat_specific=flags.chat_specific,
+        complete_shrinkage=flags.complete_shrinkage,
+        latent_decoupling=flags.latent_decoupling,
+        twin=twin,
+        twin_cos=twin_cos,
+    )
+    return pd.DataFrame(columns)
+
+
+def summarize(table: pd.DataFrame, **extra: Any) -> dict[str, Any]:
+    """Counts a reader wants first: latents per tag and the verdict on chat-only latents."""
+    chat_only = table["tag"] == "chat-only"
+    no_estimate = chat_only & (table["nu_error"].isna() | table["nu_recon"].isna())
+    summary = {
+        "n_latents": len(table),
+        "orientation": ORIENTATION,
+        "tags": {tag: int((table["tag"] == tag).sum()) for tag in TAGS},
+        "dead": int(table["dead"].sum()),
+        "dead_fraction": float(table["dead"].mean()) if len(table) else math.nan,
+        "chat_only": {
+            "total": int(chat_only.sum()),
+            "chat_specific": int((chat_only & table["chat_specific"]).sum()),
+            "complete_shrinkage": int(table["complete_shrinkage"].sum()),
+            "latent_decoupling": int(table["latent_decoupling"].sum()),
+            "shrinkage_and_decoupling": int((table["complete_shrinkage"] & table["latent_decoupling"]).sum()),
+            "no_estimate": int(no_estimate.sum()),
+            "with_twin": int((chat_only & (table["twin"] >= 0)).sum()),
+        },
+        **extra,
+        "columns": COLUMNS,
+    }
+    return summary
+
+
+def write_table(table: pd.DataFrame, summary: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table_path, summary_path = folder / "latents.parquet", folder / "summary.json"
+    table.to_parquet(table_path, index=False)
+    summary_path.write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    return table_path, summary_path
+
+
+def read_table(folder: str | Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(folder) / "latents.parquet")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The lines `crossdiff analyze` prints at the end."""
+    tags = summary["tags"]
+    co = summary["chat_only"]
+    lines = [
+        f"latents: {summary['n_latents']}  ("
+        + ", ".join(f"{tag} {tags[tag]}" for tag in TAGS)
+        + f"; dead {summary['dead']})",
+    ]
+    quality = summary.get("quality")
+    if quality:
+        lines.append(
+            f"FVE base {quality['fve_base']:.3f}, chat {quality['fve_chat']:.3f}, joint {quality['fve']:.3f}; "
+            f"L0 {quality['l0']:.1f} on {summary.get('n_tokens', 0):,} tokens"
+        )
+    lines.append(
+        f"chat-only latents: {co['total']}; Latent Scaling confirms {co['chat_specific']} as chat-specific, "
+        f"rejects {co['complete_shrinkage']} as Complete Shrinkage and {co['latent_decoupling']} as Latent Decoupling "
+        f"({co['shrinkage_and_decoupling']} both, {co['no_estimate']} without estimate); {co['with_twin']} have a base-only twin"
+    )
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
