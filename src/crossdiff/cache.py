@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import struct
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -572,6 +573,11 @@ class PairedCache:
         self.special_token_ids: list[int] = list(self.manifest.get("special_token_ids", []))
         self._np_dtype, self._torch_dtype = STORAGE_DTYPES[self.dtype]
         self._median_norms: np.ndarray | None = None
+        # A few recently used shard maps stay open: re-parsing .npy headers for every
+        # batch costs more than the read itself, while a bounded number keeps the mapped
+        # memory independent of the cache size.
+        self._open: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self.max_open_shards = 8
         for shard in self.shards:
             if ".." in Path(shard["name"]).parts or Path(shard["name"]).is_absolute():
                 raise CrossdiffError(f"{manifest_path} names a shard outside the cache: {shard['name']}")
@@ -642,6 +648,16 @@ class PairedCache:
         return self._load(shard_index, ACTS_FILE)
 
     def _load(self, shard_index: int, file: str) -> np.ndarray:
+        if (shard_index, file) in self._open:
+            self._open.move_to_end((shard_index, file))
+            return self._open[shard_index, file]
+        array = self._map(shard_index, file)
+        self._open[shard_index, file] = array
+        while len(self._open) > 2 * self.max_open_shards:
+            self._open.popitem(last=False)
+        return array
+
+    def _map(self, shard_index: int, file: str) -> np.ndarray:
         shard = self.shards[shard_index]
         name = f"{shard['name']}/{file}"
         try:

@@ -143,6 +143,9 @@ class ShuffledPairLoader:
         self.batch_size, self.window_shards, self.seed, self.epochs = batch_size, window_shards, seed, epochs
         self.filters, self.drop_last, self.device, self.dtype = filters, drop_last, device, dtype
         self.source_ratio = dict(source_ratio) if source_ratio else None
+        # Every shard of a window is read for each batch: keep all their maps open.
+        n_streams = len(self.source_ratio) if self.source_ratio else 1
+        self.cache.max_open_shards = max(self.cache.max_open_shards, n_streams * window_shards)
         self.normalization: list[float] = self._normalization() if normalize else [1.0, 1.0]
         self._scale = torch.tensor(self.normalization, dtype=dtype, device=device).view(1, 2, 1)
 
