@@ -121,6 +121,25 @@ def test_left_padding_is_rejected(pairs):
         ResidualExtractor(pairs["llama"], 1)(input_ids, attention_mask.flip(1))
 
 
+def test_decoder_layers_found_by_search():
+    """An architecture with its blocks at an unknown path: the ModuleList with num_hidden_layers entries."""
+    from types import SimpleNamespace
+
+    class Unusual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=3)
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+            self.stack = torch.nn.Module()
+            self.stack.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+
+    model = Unusual()
+    assert decoder_layers(model) is model.stack.blocks
+    model.config.num_hidden_layers = 5
+    with pytest.raises(CrossdiffError, match="cannot find the decoder blocks of Unusual: no nn.ModuleList of length 5"):
+        decoder_layers(model)
+
+
 def test_pad_batch():
     input_ids, attention_mask = pad_batch([[5, 6, 7], [8]], pad_token_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]

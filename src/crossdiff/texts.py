@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from crossdiff.errors import CrossdiffError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -147,11 +149,37 @@ def normalize_messages(conversation: Any) -> list[dict[str, str]]:
 
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool], str]:
     """Render and tokenize one conversation: ``(input_ids, template_mask, rendered_text)``."""
+    return _tokenize_rendered(tokenizer, [_render_with_spans(tokenizer, messages)])[0]
+
+
+def _render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     rendered, messages = _render(tokenizer, messages)
-    spans = _content_spans(tokenizer, rendered, messages)
-    encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    ids, mask = _mask_from_offsets(tokenizer, encoding["input_ids"], encoding["offset_mapping"], spans)
-    return ids, mask, rendered
+    return rendered, _content_spans(tokenizer, rendered, messages)
+
+
+def _tokenize_rendered(
+    tokenizer: Any, rendered_chats: list[tuple[str, list[tuple[int, int]]]]
+) -> list[tuple[list[int], list[bool], str]]:
+    """Tokenize rendered conversations together (fast tokenizers parallelise a batch) and mask them."""
+    texts = [rendered for rendered, _ in rendered_chats]
+    try:
+        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow (pure Python) tokenizers cannot report character offsets
+        raise CrossdiffError(f"chat sources need a fast tokenizer with offsets; {type(tokenizer).__name__} has none") from None
+    bos = tokenizer.bos_token_id
+    # Templates that do not write BOS themselves still get it when the tokenizer adds BOS to
+    # plain text, so chat and text documents start alike (and BOS is never doubled).
+    wants_bos = bos is not None and _adds_bos(tokenizer)
+    results = []
+    for (rendered, spans), ids, offsets in zip(rendered_chats, encodings["input_ids"], encodings["offset_mapping"]):
+        ids, mask = list(ids), _template_mask(len(rendered), spans, offsets)
+        if wants_bos and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+            mask.insert(0, False)
+        if ids and ids[0] == bos:
+            mask[0] = False
+        results.append((ids, mask, rendered))
+    return results
 
 
 def _tokenize_chunk(
@@ -175,12 +203,14 @@ def _tokenize_chunk(
             yield TokenizedDoc(source.name, doc_id, ids, [False] * len(ids), text)
         return
 
+    rendered_chats, doc_ids = [], []
     for doc_id, value in chunk:
         try:
             messages = normalize_messages(value)
             if not messages:
                 continue
-            ids, mask, rendered = tokenize_chat(tokenizer, messages)
+            rendered_chats.append(_render_with_spans(tokenizer, messages))
+            doc_ids.append(doc_id)
         except CrossdiffError as err:
             raise CrossdiffError(f"source '{source.name}' document {doc_id}: {err}") from None
         except _ContentNotFound:
@@ -191,7 +221,9 @@ def _tokenize_chunk(
                     stacklevel=4,
                 )
             skipped.append(doc_id)
-            continue
+    if not rendered_chats:
+        return
+    for doc_id, (ids, mask, rendered) in zip(doc_ids, _tokenize_rendered(tokenizer, rendered_chats)):
         yield TokenizedDoc(source.name, doc_id, ids[:max_len], mask[:max_len], rendered)
 
 
@@ -240,21 +272,14 @@ def _content_spans(tokenizer: Any, rendered: str, messages: list[dict[str, str]]
     return spans
 
 
-def _mask_from_offsets(
-    tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> tuple[list[int], list[bool]]:
-    """A token is content if its characters overlap a message's content; otherwise it is template."""
-    ids = list(ids)
-    mask = [not any(start < span_end and end > span_start for span_start, span_end in spans) for start, end in offsets]
-    bos = tokenizer.bos_token_id
-    # Templates that do not write BOS themselves still get it when the tokenizer adds BOS to
-    # plain text, so chat and text documents start alike (and BOS is never doubled).
-    if bos is not None and (not ids or ids[0] != bos) and _adds_bos(tokenizer):
-        ids.insert(0, bos)
-        mask.insert(0, False)
-    if ids and ids[0] == bos:
-        mask[0] = False
-    return ids, mask
+def _template_mask(n_chars: int, spans: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> list[bool]:
+    """A token is content if any of its characters lie in a message's content; otherwise template."""
+    in_content = np.zeros(n_chars + 1, dtype=np.int64)
+    for start, end in spans:
+        in_content[start + 1 : end + 1] = 1
+    before = np.cumsum(in_content)  # before[c] = content characters among the first c
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    return (before[offsets[:, 1]] == before[offsets[:, 0]]).tolist()
 
 
 def _adds_bos(tokenizer: Any) -> bool:
