@@ -149,6 +149,8 @@ def test_pad_batch():
 
 def test_different_widths_are_refused(make_tiny_model_pair):
     base, chat = make_tiny_model_pair("llama", chat_overrides={"hidden_size": 48})
+    for weights in chat.glob("*.safetensors"):  # refused from the configs, before any weights are read
+        weights.unlink()
     with pytest.raises(CrossdiffError, match=r"^residual widths differ: base 32, chat 48$"):
         load_model_pair(base, chat, dtype="float32")
 

@@ -126,22 +126,33 @@ def load_model_pair(
     """
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     base_name, chat_name = str(base), str(chat)
+
+    # Cheap checks first: configs and tokenizers, before gigabytes of weights are loaded.
+    d_base, d_chat = (_text_config(_load_config(name, role)).hidden_size for name, role in ((base_name, "base"), (chat_name, "chat")))
+    if d_base != d_chat:
+        raise CrossdiffError(f"residual widths differ: base {d_base}, chat {d_chat}")
     chat_tokenizer = _load_tokenizer(chat_name, "chat")
     try:
         base_tokenizer = _load_tokenizer(base_name, "base")
     except CrossdiffError:
         # Some base checkpoints ship weights only; the chat tokenizer is what both models see anyway.
         base_tokenizer = chat_tokenizer
+    _check_same_vocabulary(base_tokenizer, chat_tokenizer)
+    probes = list(PROBE_TEXTS) + list(check_texts)
+    if getattr(chat_tokenizer, "chat_template", None):
+        from crossdiff.texts import render_chat
+
+        try:
+            probes.append(render_chat(chat_tokenizer, [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"}]))
+        except CrossdiffError:
+            pass  # an unusual template that wants other turns; the chat sources are checked when collected
+    check_same_tokenization((base_tokenizer, chat_tokenizer), probes)
+
     base_model = _load_model(base_name, "base", torch_dtype, torch_device)
     chat_model = _load_model(chat_name, "chat", torch_dtype, torch_device)
-
-    d_base, d_chat = residual_width(base_model), residual_width(chat_model)
-    if d_base != d_chat:
-        raise CrossdiffError(f"residual widths differ: base {d_base}, chat {d_chat}")
     n_base, n_chat = len(decoder_layers(base_model)), len(decoder_layers(chat_model))
     if n_base != n_chat:
         raise CrossdiffError(f"numbers of decoder blocks differ: base {n_base}, chat {n_chat}")
-    _check_same_vocabulary(base_tokenizer, chat_tokenizer)
     for role, model in (("base", base_model), ("chat", chat_model)):
         rows = model.get_input_embeddings().num_embeddings
         if rows < len(chat_tokenizer):
@@ -149,20 +160,13 @@ def load_model_pair(
                 f"vocabularies differ: the tokenizer has {len(chat_tokenizer)} tokens but the {role} model embeds only {rows}"
             )
 
-    probes = list(PROBE_TEXTS) + list(check_texts)
-    if getattr(chat_tokenizer, "chat_template", None):
-        from crossdiff.texts import render_chat
-
-        probes.append(render_chat(chat_tokenizer, [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"}]))
-    check_same_tokenization((base_tokenizer, chat_tokenizer), probes)
-
     return ModelPair(
         base=base_model,
         chat=chat_model,
         tokenizer=chat_tokenizer,
         base_name=base_name,
         chat_name=chat_name,
-        d_model=d_chat,
+        d_model=int(d_chat),
         n_layers=n_chat,
         base_tokenizer=base_tokenizer,
     )
@@ -197,16 +201,12 @@ def check_same_tokenization(pair_or_tokenizers: ModelPair | tuple[Any, Any], tex
 
 def residual_width(model: nn.Module) -> int:
     """Width d of the residual stream (hidden size of the text model)."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.hidden_size)
+    return int(_text_config(model.config).hidden_size)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList holding the decoder blocks, for any architecture that has one."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_layers = getattr(text_config, "num_hidden_layers", None)
+    n_layers = getattr(_text_config(model.config), "num_hidden_layers", None)
     for path in _KNOWN_LAYER_PATHS:
         module = _get_submodule(model, path)
         if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
@@ -221,6 +221,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of length {n_layers}"
         )
     return candidates[0][1]
+
+
+def _text_config(config: Any) -> Any:
+    # Multimodal wrappers (Gemma 3) keep the language model's settings in a sub-config.
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +307,15 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
         if module is None:
             return None
     return module
+
+
+def _load_config(name: str, role: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as err:  # OSError, ValueError, HF hub errors: all mean "cannot load"
+        raise CrossdiffError(f"cannot load the {role} model from {name!r}: {_first_line(err)}") from None
 
 
 def _load_tokenizer(name: str, role: str) -> Any:
