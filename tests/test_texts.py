@@ -168,6 +168,20 @@ def test_folder_max_docs_and_truncation(tmp_path, tiny_tokenizer):
     assert limited[1].input_ids == docs[1].input_ids[:4]
 
 
+def test_resume_and_rank_selection(tmp_path, tiny_tokenizer):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": f"Document number {i}." if i != 3 else ""} for i in range(10)])
+    source = TextSourceConfig(name="web", kind="text", path=str(path), max_docs=8)
+    everything = {d.doc_id: d for d in _docs(source, tiny_tokenizer)}
+    assert sorted(everything) == [0, 1, 2, 4, 5, 6, 7]  # max_docs counts rows; row 3 is empty
+    shards = [list(iter_documents(source, tiny_tokenizer, 64, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(d.doc_id for shard in shards for d in shard) == sorted(everything)
+    assert all(d.doc_id % 3 == r for r, shard in enumerate(shards) for d in shard)
+    resumed = list(iter_documents(source, tiny_tokenizer, 64, start_doc=5, rank=1, world_size=2))
+    assert [(d.doc_id, d.input_ids) for d in resumed] == [(i, everything[i].input_ids) for i in (5, 7)]
+    with pytest.raises(CrossdiffError, match="rank must be in 0..world_size-1, got rank 2 of 2"):
+        list(iter_documents(source, tiny_tokenizer, 64, rank=2, world_size=2))
+
+
 def test_chat_source_jsonl(tmp_path, tiny_tokenizer):
     rows = [{"conversation": c} for c in CONVERSATIONS] + [{"conversation": []}]
     rows.insert(1, {"conversation": [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi! How are you?"}]})

@@ -15,6 +15,7 @@ starts with it too) and is always identifiable as position 0.
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from collections.abc import Iterable, Iterator
@@ -54,7 +55,7 @@ class TextSourceConfig:
     split: str = "train"
     column: str = "text"  # text column, or the messages column of a chat source ("messages", "conversation")
     streaming: bool = False
-    max_docs: int | None = None  # stop after this many documents (empty documents do not count)
+    max_docs: int | None = None  # use only the first max_docs documents (rows) of the source
     hf_config: str | None = None  # dataset config name (load_dataset's ``name``)
     data_files: str | list[str] | None = None  # load_dataset's ``data_files``, e.g. path="parquet" or a subset of a hub repo
 
@@ -70,28 +71,31 @@ class TokenizedDoc:
     text: str = ""  # the string that was tokenized (the rendered conversation for chat), before truncation
 
 
-def iter_documents(source: TextSourceConfig, tokenizer: Any, max_len: int) -> Iterator[TokenizedDoc]:
+def iter_documents(
+    source: TextSourceConfig, tokenizer: Any, max_len: int, *, start_doc: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[TokenizedDoc]:
     """Yield the documents of ``source`` in a deterministic order, tokenized and truncated to ``max_len``.
 
     Documents are never packed together; a longer document keeps its first ``max_len``
-    tokens. Empty documents are skipped (their ``doc_id`` is not reused).
+    tokens. Empty documents are skipped (their ``doc_id`` is not reused). ``start_doc``
+    (resume) and ``rank``/``world_size`` (documents with ``doc_id % world_size == rank``)
+    select rows before they are tokenized; ``max_docs`` limits the rows of the source, so
+    every rank and every resumed run agrees on which documents exist.
     """
     if max_len < 1:
         raise CrossdiffError(f"max_len must be at least 1, got {max_len}")
     if source.max_docs is not None and source.max_docs < 1:
         raise CrossdiffError(f"source '{source.name}': max_docs must be at least 1, got {source.max_docs}")
+    if not 0 <= rank < world_size:
+        raise CrossdiffError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
     if source.kind == "chat" and not getattr(tokenizer, "chat_template", None):
         raise CrossdiffError(f"source '{source.name}' is a chat source but the chat tokenizer has no chat template")
 
-    records = _iter_column(source)
-    n_docs = 0
+    rows = itertools.islice(_iter_column(source), source.max_docs)
+    selected = ((doc_id, value) for doc_id, value in rows if doc_id >= start_doc and doc_id % world_size == rank)
     skipped: list[int] = []  # chat documents whose template tokens cannot be identified
-    for chunk in _chunks(records, _TOKENIZE_CHUNK):
-        for doc in _tokenize_chunk(source, tokenizer, chunk, max_len, skipped):
-            yield doc
-            n_docs += 1
-            if source.max_docs is not None and n_docs >= source.max_docs:
-                return
+    for chunk in _chunks(selected, _TOKENIZE_CHUNK):
+        yield from _tokenize_chunk(source, tokenizer, chunk, max_len, skipped)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
