@@ -17,6 +17,7 @@ from crossdiff.errors import CrossdiffError
 STAGE_MODULES = [
     "crossdiff.train",
     "crossdiff.analysis.cli",
+    "crossdiff.organism",
 ]
 
 
