@@ -1,0 +1,365 @@
+"""`crossdiff collect`: run base and chat on the same tokens and cache the paired activations.
+
+The loop is deliberately deterministic: sources in recipe order, documents in source
+order, batches of ``batch_size`` consecutive documents, and a new shard whenever the next
+batch would not fit in the open one. A sealed shard records where the next one starts
+(source, document, tokens so far), so after a crash the same command re-opens the cache,
+drops the unfinished shard and recomputes exactly the batches an uninterrupted run would
+have computed: the finished cache is byte-identical (same machine and software).
+
+Ranks (``rank``/``world_size``, or torchrun's RANK/WORLD_SIZE) collect the documents whose
+index is congruent to their rank into ``OUT/rank-R``; the last rank to finish writes
+``OUT/manifest.json`` joining them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from crossdiff.cache import MANIFEST, STORAGE_DTYPES, CacheWriter, PairedCache, merge_ranks, rank_folder
+from crossdiff.config import from_dict, load_file, to_dict
+from crossdiff.errors import CrossdiffError
+from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents
+
+
+@dataclass
+class CollectConfig:
+    """What to collect and where; a recipe's ``[collect]`` table."""
+
+    base: str  # base model: hub id or local folder
+    chat: str  # chat model: hub id or local folder (its tokenizer and chat template are used)
+    layer: int  # residual stream after this decoder block (0-based)
+    sources: list[TextSourceConfig]
+    out: str  # cache folder
+    max_len: int = 1024  # tokens per document (longer ones are truncated, never packed)
+    batch_size: int = 8  # documents per forward pass
+    max_tokens: int | dict[str, int] | None = None  # token budget per source (one number for all, or by name)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # storage precision
+    model_dtype: str = "bfloat16"  # precision the models run in
+    device: str = "auto"
+    shard_tokens: int = 2**20  # tokens per shard (the last shard of each source is smaller)
+    rank: int = 0  # this process's part, 0 <= rank < world_size
+    world_size: int = 1
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the cache's contents (checked when resuming)."""
+        data = to_dict(self)
+        for volatile in ("out", "device", "rank"):
+            data.pop(volatile)
+        return data
+
+
+@dataclass
+class CollectSummary:
+    path: Path
+    tokens_per_source: dict[str, int]  # this rank's tokens
+    shards: int
+    bytes_on_disk: int
+    seconds: float
+    new_tokens: int  # collected by this call (the rest was there already)
+    merged: bool = False  # whether OUT/manifest.json now covers every rank
+
+    def __str__(self) -> str:
+        rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        per_source = ", ".join(f"{name} {n:,}" for name, n in self.tokens_per_source.items())
+        lines = [
+            f"cache: {self.path}",
+            f"tokens: {sum(self.tokens_per_source.values()):,} ({per_source})",
+            f"shards: {self.shards}, {self.bytes_on_disk / 2**20:,.1f} MiB on disk",
+            f"this run: {self.new_tokens:,} tokens in {self.seconds:,.1f} s ({rate:,.0f} tokens/s)",
+        ]
+        return "\n".join(lines)
+
+
+def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
+    """Collect (or resume collecting) the cache described by ``config``."""
+    _validate(config)
+    folder = rank_folder(config.out, config.rank, config.world_size)
+    start = time.perf_counter()
+    if _already_complete(folder, config):
+        return _finish(config, folder, start, new_tokens=0, quiet=quiet)
+
+    from crossdiff.models import ResidualExtractor, pad_batch
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
+    pair = load_model_pair(config.base, config.chat, dtype=config.model_dtype, device=_device(config.device))
+    extractor = ResidualExtractor(pair, config.layer)
+    tokenizer = pair.tokenizer
+    writer = CacheWriter(
+        folder,
+        models=(pair.base_name, pair.chat_name),
+        layer=config.layer,
+        d_model=pair.d_model,
+        sources=[s.name for s in config.sources],
+        dtype=config.dtype,
+        shard_tokens=config.shard_tokens,
+        config=config.identity(),
+        bos_token_id=tokenizer.bos_token_id,
+        special_token_ids=tokenizer.all_special_ids,
+    )
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    first_source, next_doc, source_tokens = _resume_point(writer, config)
+    already = writer.n_tokens
+    budgets = [_rank_budget(config, s.name) for s in config.sources]
+    total = sum(budgets) if all(b is not None for b in budgets) else None
+
+    from tqdm import tqdm
+
+    progress = tqdm(total=total, initial=already, unit="tok", unit_scale=True, disable=quiet, desc="collect")
+    try:
+        for index in range(first_source, len(config.sources)):
+            source = config.sources[index]
+            progress.set_postfix_str(source.name)
+            tokens = source_tokens if index == first_source else 0
+            docs = _rank_documents(config, source, tokenizer, next_doc if index == first_source else 0)
+            last_doc = -1
+            for batch in _batches(docs, config.batch_size, budgets[index], tokens):
+                n = sum(len(doc.input_ids) for doc in batch)
+                if writer.room < n:
+                    writer.seal({"source": source.name, "next_doc": batch[0].doc_id, "source_tokens": tokens})
+                input_ids, attention_mask = pad_batch([doc.input_ids for doc in batch], pad_id)
+                base, chat = extractor(input_ids, attention_mask)
+                keep = attention_mask.bool().to(base.device)
+                writer.append(
+                    torch.stack([base[keep], chat[keep]], dim=1),
+                    token_ids=input_ids[attention_mask.bool()],
+                    doc_ids=[doc.doc_id for doc in batch for _ in doc.input_ids],
+                    positions=[p for doc in batch for p in range(len(doc.input_ids))],
+                    source_id=index,
+                    template=[flag for doc in batch for flag in doc.template_mask],
+                )
+                tokens += n
+                last_doc = batch[-1].doc_id
+                progress.update(n)
+            writer.seal({"source": source.name, "next_doc": last_doc + 1, "source_tokens": tokens, "done": True})
+        writer.finish()
+    finally:
+        writer.close()
+        progress.close()
+    return _finish(config, folder, start, new_tokens=writer.n_tokens - already, quiet=quiet)
+
+
+def _load_pair(config: CollectConfig, quiet: bool):
+    from transformers.utils import logging as hf_logging
+
+    from crossdiff.models import load_model_pair
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if quiet:  # transformers' own "Loading weights" bars
+        hf_logging.disable_progress_bar()
+    try:
+        return load_model_pair(config.base, config.chat, dtype=config.model_dtype, device=_device(config.device))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _validate(config: CollectConfig) -> None:
+    names = [s.name for s in config.sources]
+    if not names:
+        raise CrossdiffError("collect needs at least one text source")
+    if len(set(names)) != len(names):
+        raise CrossdiffError(f"source names must be unique, got {names}")
+    if isinstance(config.max_tokens, dict):
+        unknown = sorted(set(config.max_tokens) - set(names))
+        if unknown:
+            raise CrossdiffError(f"max_tokens names unknown source {unknown[0]!r}; sources are {names}")
+    budgets = config.max_tokens.values() if isinstance(config.max_tokens, dict) else [config.max_tokens]
+    if any(b is not None and b < 1 for b in budgets):
+        raise CrossdiffError(f"max_tokens must be positive, got {config.max_tokens}")
+    if config.max_len < 1 or config.batch_size < 1:
+        raise CrossdiffError(f"max_len and batch_size must be positive, got {config.max_len} and {config.batch_size}")
+    if config.shard_tokens < config.batch_size * config.max_len:
+        raise CrossdiffError(
+            f"shard_tokens ({config.shard_tokens}) must hold one full batch: at least "
+            f"batch_size x max_len = {config.batch_size * config.max_len}"
+        )
+    if not 0 <= config.rank < config.world_size:
+        raise CrossdiffError(f"rank must be in 0..world_size-1, got rank {config.rank} of {config.world_size}")
+    if config.dtype not in STORAGE_DTYPES:
+        raise CrossdiffError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {config.dtype!r}")
+
+
+def _device(device: str) -> str:
+    # Under torchrun each process takes the GPU of its local rank.
+    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def _already_complete(folder: Path, config: CollectConfig) -> bool:
+    """A finished cache with the same settings needs no models at all."""
+    if not (folder / MANIFEST).is_file():
+        return False
+    cache = PairedCache(folder, allow_incomplete=True)
+    if cache.manifest["config"] != config.identity():
+        return False  # the writer explains the difference
+    return bool(cache.manifest["complete"])
+
+
+def _resume_point(writer: CacheWriter, config: CollectConfig) -> tuple[int, int, int]:
+    """(source index, first document, tokens already stored for that source)."""
+    record = writer.resume
+    if not record:
+        return 0, 0, 0
+    index = [s.name for s in config.sources].index(record["source"])
+    if record.get("done"):
+        return index + 1, 0, 0
+    return index, record["next_doc"], record["source_tokens"]
+
+
+def _rank_budget(config: CollectConfig, source: str) -> int | None:
+    budget = config.max_tokens.get(source) if isinstance(config.max_tokens, dict) else config.max_tokens
+    if budget is None:
+        return None
+    # Split the source's budget over the ranks so that the parts add up exactly.
+    r, w = config.rank, config.world_size
+    return budget * (r + 1) // w - budget * r // w
+
+
+def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: Any, first_doc: int) -> Iterator[TokenizedDoc]:
+    for doc in iter_documents(source, tokenizer, config.max_len):
+        if doc.doc_id >= first_doc and doc.doc_id % config.world_size == config.rank:
+            yield doc
+
+
+def _batches(docs: Iterator[TokenizedDoc], batch_size: int, budget: int | None, tokens: int) -> Iterator[list[TokenizedDoc]]:
+    """Consecutive documents, ``batch_size`` at a time, cut so the source stops at exactly ``budget`` tokens."""
+    batch: list[TokenizedDoc] = []
+    for doc in docs:
+        if budget is not None:
+            if tokens >= budget:
+                break
+            if tokens + len(doc.input_ids) > budget:  # a prefix of a document is a valid document
+                keep = budget - tokens
+                doc = dataclasses.replace(doc, input_ids=doc.input_ids[:keep], template_mask=doc.template_mask[:keep])
+        tokens += len(doc.input_ids)
+        batch.append(doc)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _finish(config: CollectConfig, folder: Path, start: float, *, new_tokens: int, quiet: bool) -> CollectSummary:
+    merged = config.world_size > 1 and merge_ranks(config.out, config.world_size)
+    cache = PairedCache(folder)
+    size = sum(f.stat().st_size for s in cache.shards for f in (folder / s["name"]).iterdir())
+    summary = CollectSummary(
+        path=folder,
+        tokens_per_source={name: cache.manifest["tokens_per_source"][name] for name in cache.sources},
+        shards=len(cache.shards),
+        bytes_on_disk=size,
+        seconds=time.perf_counter() - start,
+        new_tokens=new_tokens,
+        merged=merged,
+    )
+    if not quiet:
+        print(summary, file=sys.stderr)
+        if config.world_size > 1:
+            note = f"all {config.world_size} ranks done: {config.out}/{MANIFEST} written" if merged else "other ranks still running"
+            print(note, file=sys.stderr)
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "collect",
+        help="run base and chat models on texts and cache paired activations",
+        description=(
+            "Collect paired residual-stream activations into a sharded cache. Options come from a "
+            "recipe (--config, a TOML/JSON file with the CollectConfig keys, optionally in a [collect] "
+            "table) and/or flags; flags win. Rerunning the same command resumes an interrupted run."
+        ),
+    )
+    parser.add_argument("--config", help="recipe file (.toml or .json)")
+    parser.add_argument("--base", help="base model: hub id or local folder")
+    parser.add_argument("--chat", help="chat model: hub id or local folder")
+    parser.add_argument("--layer", type=int, help="decoder block whose output is cached (0-based)")
+    parser.add_argument(
+        "--source", action="append", metavar="NAME:KIND:PATH[:COLUMN]",
+        help="a text source, e.g. fineweb:text:HuggingFaceFW/fineweb or lmsys:chat:chats.jsonl:conversation "
+        "(repeatable; replaces the recipe's sources)",
+    )
+    parser.add_argument("--out", help="cache folder")
+    parser.add_argument("--max-len", type=int, help="tokens per document (default 1024)")
+    parser.add_argument("--batch-size", type=int, help="documents per forward pass (default 8)")
+    parser.add_argument("--max-tokens", type=int, help="token budget per source")
+    parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), help="storage precision (default bfloat16)")
+    parser.add_argument("--model-dtype", help="precision the models run in (default bfloat16)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default)")
+    parser.add_argument("--shard-tokens", type=int, help="tokens per shard (default 1048576)")
+    parser.add_argument("--rank", type=int, help="this process's part (default: $RANK or 0)")
+    parser.add_argument("--world-size", type=int, help="number of parts (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--verify", metavar="CACHE", help="only check an existing cache's checksums and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.verify:
+        cache = PairedCache(args.verify, verify=True, allow_incomplete=True)
+        state = "complete" if cache.manifest["complete"] else "incomplete"
+        if not args.quiet:
+            print(f"ok: {cache.n_tokens:,} tokens in {len(cache.shards)} shards verified ({state})")
+        return 0
+    collect(config_from_args(args), quiet=args.quiet)
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> CollectConfig:
+    data: dict[str, Any] = {}
+    if args.config:
+        data = load_file(args.config)
+        data = data.get("collect", data) if isinstance(data.get("collect"), dict) else data
+        data = dict(data)
+    flags = {
+        "base": args.base, "chat": args.chat, "layer": args.layer, "out": args.out, "max_len": args.max_len,
+        "batch_size": args.batch_size, "max_tokens": args.max_tokens, "dtype": args.dtype,
+        "model_dtype": args.model_dtype, "device": args.device, "shard_tokens": args.shard_tokens,
+        "rank": args.rank, "world_size": args.world_size,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.source:
+        data["sources"] = [_parse_source(spec) for spec in args.source]
+    for key, env in (("rank", "RANK"), ("world_size", "WORLD_SIZE")):
+        if key not in data and env in os.environ:
+            data[key] = int(os.environ[env])
+    missing = [k for k in ("base", "chat", "layer", "sources", "out") if k not in data]
+    if missing and set(data) - {f.name for f in dataclasses.fields(CollectConfig)}:
+        from_dict(CollectConfig, data)  # a typo explains the missing key better: report it first
+    if missing:
+        flag_names = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise CrossdiffError(f"collect needs {flag_names} (as flags or in --config)")
+    return from_dict(CollectConfig, data)
+
+
+def _parse_source(spec: str) -> dict[str, Any]:
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not all(parts):
+        raise CrossdiffError(f"--source {spec!r}: expected NAME:KIND:PATH or NAME:KIND:PATH:COLUMN")
+    if parts[1] not in ("text", "chat"):
+        raise CrossdiffError(f"--source {spec!r}: KIND must be 'text' or 'chat', got {parts[1]!r}")
+    source = {"name": parts[0], "kind": parts[1], "path": parts[2]}
+    if len(parts) == 4:
+        source["column"] = parts[3]
+    elif parts[1] == "chat":
+        source["column"] = "messages"
+    return source
