@@ -1,0 +1,227 @@
+"""The training objective of METHOD.md 3, as small functions, and the step that composes them.
+
+Conventions (all follow the reference code, science-of-finetuning/crosscoder_learning):
+
+* ``x`` is a batch [B, n_models, d_in] in crosscoder space; ``x_hat`` its reconstruction.
+* Raw activations ``f`` decode; scaled ones ``f~ = f * code_norm`` are penalised, ranked
+  for BatchTopK and thresholded.
+* Reconstruction is the unsquared L2 error mean_{b,m} ||x_m - x_hat_m||_2 (the published
+  checkpoints); ``squared`` gives mean_{b,m} ||x_m - x_hat_m||^2 (the paper text).
+
+:func:`crosscoder_losses` runs one forward pass for any of the three activations, either
+densely (plain autograd: the reference maths, and the right choice while most latents
+fire) or sparsely (:mod:`crossdiff.sparse_ops`: only the selected latents are decoded and
+back-propagated). Both give the same losses and gradients up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from crossdiff.crosscoder import CrossCoder
+from crossdiff.sparse_ops import (
+    Selection,
+    gather_pre_activations,
+    select_batch_topk,
+    select_positive,
+    select_topk_per_token,
+    sparse_decode,
+)
+
+Reconstruction = Literal["l2", "squared"]
+
+
+# ---------------------------------------------------------------------- loss terms
+def reconstruction_loss(x: Tensor, x_hat: Tensor, kind: Reconstruction = "l2") -> Tensor:
+    """Mean over tokens and models of the per-model error norm (``l2``) or squared norm."""
+    error = (x - x_hat).reshape(x.shape[0], -1, x.shape[-1])
+    squared = error.square().sum(dim=-1)
+    return squared.mean() if kind == "squared" else squared.sqrt().mean()
+
+
+def l1_penalty(scaled: Tensor, batch_size: int) -> Tensor:
+    """mean_b sum_j f~_bj, from scaled activations given densely [B, D] or as a list [nnz]."""
+    return scaled.sum() / batch_size
+
+
+def auxk_loss(residual: Tensor, aux_reconstruction: Tensor) -> Tensor:
+    """Dead-latent loss: squared error of fitting the (detached) residual [B, n*d] with the
+    dead latents' bias-free reconstruction, over the residual's variance (OpenAI's
+    normalisation, as in the reference); 0 when the residual has no variance."""
+    error = (residual - aux_reconstruction).square().sum(dim=-1).mean()
+    variance = (residual - residual.mean(dim=0)).square().sum(dim=-1).mean()
+    return (error / variance).nan_to_num(0.0)
+
+
+def fraction_of_variance_explained(x: Tensor, x_hat: Tensor) -> Tensor:
+    """[n_models + 1]: FVE of each model, then of all models jointly;
+    FVE = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch."""
+    error = (x - x_hat).square().sum(dim=(0, 2))
+    total = (x - x.mean(dim=0)).square().sum(dim=(0, 2))
+    per_model = 1 - error / total
+    return torch.cat([per_model, (1 - error.sum() / total.sum()).reshape(1)])
+
+
+def update_threshold(theta: Tensor, batch_min: Tensor, beta: float = 0.999) -> Tensor:
+    """BatchTopK inference threshold: the first value as is, then an EMA with weight ``beta``
+    on the old value. ``theta`` < 0 means not yet set."""
+    if theta < 0:
+        return batch_min.to(theta.dtype).clone()
+    return beta * theta + (1 - beta) * batch_min.to(theta.dtype)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Per-model geometric median [n_models, d_in] of ``points`` [N, n_models, d_in]
+    (Weiszfeld iterations from the mean, in float64; the reference's b_dec init)."""
+    p = points.double()
+    guess = p.mean(dim=0)
+    for _ in range(max_iter):
+        previous = guess
+        weights = 1 / (p - guess).norm(dim=-1).clamp_min(1e-12)  # [N, n]
+        weights = weights / weights.sum(dim=0, keepdim=True)
+        guess = (weights.unsqueeze(-1) * p).sum(dim=0)
+        if bool(((guess - previous).norm(dim=-1) < tol).all()):
+            break
+    return guess.to(points.dtype)
+
+
+# ---------------------------------------------------------------------- one forward pass
+class LossTerms(NamedTuple):
+    loss: Tensor
+    """The total loss to back-propagate."""
+    recon: Tensor
+    """Reconstruction term."""
+    sparsity: Tensor
+    """Unweighted L1 penalty (relu) or auxiliary dead-latent loss (top-k activations)."""
+    x_hat: Tensor
+    """Detached reconstruction [B, n_models, d_in]."""
+    fired: Tensor
+    """[d_sae] bool: latents with a positive activation in this batch."""
+    min_selected: Tensor
+    """Smallest positive scaled activation kept by the sparsity rule (0 if none): the
+    quantity the BatchTopK threshold averages."""
+    l0: Tensor
+    """Mean number of active latents per token."""
+
+
+def crosscoder_losses(
+    model: CrossCoder,
+    x: Tensor,
+    *,
+    reconstruction: Reconstruction = "l2",
+    l1_coefficient: float = 0.041,
+    auxk_alpha: float = 1 / 32,
+    k_aux: int | None = None,
+    tokens_since_fired: Tensor | None = None,
+    dead_after_tokens: int = 10_000_000,
+    sparse: bool = False,
+    pre_out: Tensor | None = None,
+) -> LossTerms:
+    """Losses of one training batch [B, n_models, d_in] (training mode: batch top-k, never
+    the threshold).
+
+    ``tokens_since_fired`` [d_sae] counts tokens since each latent last fired, before this
+    batch; as in the reference, a latent is dead for the auxiliary loss when it did not fire
+    in this batch either and the count reaches ``dead_after_tokens``. ``k_aux`` defaults to
+    d_in // 2. ``sparse`` picks the sparse implementation; ``pre_out`` is an optional
+    reusable [B, d_sae] buffer for its encoder output.
+    """
+    config = model.config
+    B, D = x.shape[0], config.d_sae
+    code_norm = model.code_norm()
+    if sparse:
+        pre, selection, values = _encode_sparse(model, x, code_norm.detach(), pre_out)
+        x_hat = sparse_decode(values, selection, model.W_dec.reshape(D, -1)).reshape(x.shape) + model.b_dec
+        scaled = values * code_norm[selection.cols]  # differentiable through code_norm: the L1 term needs it
+        fired = torch.zeros(D, dtype=torch.bool, device=x.device)
+        fired[selection.cols[values.detach() > 0]] = True
+    else:
+        pre = model.pre_activations(x)
+        f = _encode_dense(torch.relu(pre), code_norm.detach(), config.activation, config.k)
+        x_hat = model.decode(f)
+        scaled = f * code_norm
+        fired = (f.detach() > 0).any(dim=0)
+    positive = scaled.detach()[scaled.detach() > 0]
+    min_selected = positive.min() if positive.numel() else torch.zeros((), device=x.device)
+    l0 = (scaled.detach() > 0).sum() / B
+
+    recon = reconstruction_loss(x, x_hat, reconstruction)
+    if config.activation == "relu":
+        sparsity = l1_penalty(scaled, B)
+        loss = recon + l1_coefficient * sparsity
+    else:
+        dead = ~fired
+        if tokens_since_fired is not None:
+            dead &= tokens_since_fired + B >= dead_after_tokens
+        else:
+            dead[:] = False
+        sparsity = _auxk_term(model, x, x_hat, pre, code_norm.detach(), dead, k_aux or config.d_in // 2, sparse)
+        loss = recon + auxk_alpha * sparsity
+    return LossTerms(loss, recon.detach(), sparsity.detach(), x_hat.detach(), fired, min_selected, l0)
+
+
+def _encode_dense(f: Tensor, code_norm: Tensor, activation: str, k: int | None) -> Tensor:
+    """The reference's training-mode sparsity on dense post-ReLU activations f [B, D]:
+    rank by scaled value, keep raw values."""
+    if activation == "relu":
+        return f
+    scores = f.detach() * code_norm
+    if activation == "topk":
+        idx = scores.topk(k, dim=-1, sorted=False).indices
+        return torch.zeros_like(f).scatter(-1, idx, f.gather(-1, idx))
+    idx = scores.reshape(-1).topk(k * f.shape[0], sorted=False).indices
+    return torch.zeros_like(f).reshape(-1).scatter(0, idx, f.reshape(-1)[idx]).reshape(f.shape)
+
+
+def _encode_sparse(
+    model: CrossCoder, x: Tensor, code_norm: Tensor, pre_out: Tensor | None
+) -> tuple[Tensor, Selection, Tensor]:
+    """Dense encoder matmul without autograd, exact selection, and the selected raw
+    activations with a sparse backward into W_enc and b_enc."""
+    config = model.config
+    B, D = x.shape[0], config.d_sae
+    x_flat = x.reshape(B, -1)
+    w_enc = model.W_enc.reshape(-1, D)
+    with torch.no_grad():
+        if pre_out is not None and pre_out.shape == (B, D) and pre_out.dtype == x.dtype:
+            pre = torch.addmm(model.b_enc, x_flat, w_enc, out=pre_out)
+        else:
+            pre = torch.addmm(model.b_enc, x_flat, w_enc)
+    if config.activation == "batchtopk":
+        selection = select_batch_topk(pre, code_norm, config.k * B)
+    elif config.activation == "topk":
+        selection = select_topk_per_token(pre, code_norm, config.k)
+    else:
+        selection = select_positive(pre)
+    values = torch.relu(gather_pre_activations(pre, x_flat, w_enc, model.b_enc, selection))
+    return pre, selection, values
+
+
+def _auxk_term(
+    model: CrossCoder, x: Tensor, x_hat: Tensor, pre: Tensor, code_norm: Tensor, dead: Tensor, k_aux: int, sparse: bool
+) -> Tensor:
+    """Auxiliary loss: each token's k_aux dead latents with the largest scaled activation
+    (top-k taken before the batch top-k) decode, without bias, the detached residual."""
+    dead_latents = dead.nonzero().squeeze(1)
+    if dead_latents.numel() == 0:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    B, D = x.shape[0], model.config.d_sae
+    k = min(k_aux, dead_latents.numel())
+    with torch.no_grad():
+        scores = torch.relu(pre.detach()[:, dead_latents]) * code_norm[dead_latents]
+        cols = dead_latents[scores.topk(k, dim=-1, sorted=False).indices]  # [B, k]
+        rows = torch.arange(B, device=x.device)[:, None].expand_as(cols)
+    residual = (x - x_hat).detach().reshape(B, -1)
+    if sparse:
+        selection = Selection(rows.reshape(-1), cols.reshape(-1), B)
+        values = torch.relu(gather_pre_activations(pre, x.reshape(B, -1), model.W_enc.reshape(-1, D), model.b_enc, selection))
+        aux = sparse_decode(values, selection, model.W_dec.reshape(D, -1))
+    else:
+        f = torch.relu(pre)
+        f_aux = torch.zeros_like(f).scatter(-1, cols, f.gather(-1, cols))
+        aux = model.decode(f_aux, add_bias=False).reshape(B, -1)
+    return auxk_loss(residual, aux)

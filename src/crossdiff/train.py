@@ -1,0 +1,556 @@
+"""Training a crosscoder on paired activations: the loop, its state, and `crossdiff train`.
+
+The loop reads top to bottom: take a batch, check it, (first batch only) start b_dec at
+the geometric median, set the learning rate, compute the losses of METHOD.md 3
+(:func:`crossdiff.losses.crosscoder_losses`), step Adam with optional clipping, then
+update the dead-latent counters and the BatchTopK threshold. Every ``log_every`` steps a
+line goes to ``metrics.jsonl``; every ``checkpoint_every`` steps a checkpoint folder is
+written atomically, and a run resumes from the newest one with bit-identical results.
+
+Output folder::
+
+    out/train_config.json                  the TrainConfig of the run
+    out/metrics.jsonl                      one JSON object per logged step
+    out/checkpoints/step-000123/           crosscoder (config.json, model.safetensors)
+                               training_state.pt   optimizer, step, RNG, counters, data position
+    out/crosscoder/                        the final crosscoder
+
+Batches are tensors [B, 2, d_in] (or objects with ``.acts``) already in crosscoder space
+(the loader normalises; pass its factors as ``input_scale`` so they are stored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crossdiff.config import from_dict, load_file, save_json, to_dict
+from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
+from crossdiff.errors import CrossdiffError
+from crossdiff.losses import (
+    Reconstruction,
+    crosscoder_losses,
+    fraction_of_variance_explained,
+    geometric_median,
+    update_threshold,
+)
+
+STATE_NAME = "training_state.pt"
+# Keys that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "wandb_project", "wandb_run_name"}
+
+
+@dataclass
+class DataConfig:
+    """How `crossdiff train --cache` reads the activation cache (see docs/cache.md)."""
+
+    source_ratio: dict[str, float] | None = None
+    """Share of each source in every batch, e.g. {fineweb = 0.5, lmsys = 0.5}; None = all tokens."""
+    epochs: int | None = 1
+    """Passes over the cache; None = endless (then set `steps`)."""
+    window_shards: int = 4
+    """Shards shuffled together."""
+    normalize: bool = True
+    """Scale each model's activations so that E||x||^2 = d_model; stored as input_scale."""
+    drop_bos: bool = False
+    drop_special: bool = False
+    max_norm_ratio: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; defaults are the paper's BatchTopK run (METHOD.md 3)."""
+
+    activation: Literal["batchtopk", "relu", "topk"] = "batchtopk"
+    """`batchtopk` (k*B latents per batch), `relu` (the L1 crosscoder) or per-token `topk`."""
+    d_sae: int | None = None
+    """Dictionary size; None = expansion_factor * d_in."""
+    expansion_factor: int = 32
+    k: int = 100
+    """Active latents per token (on average over the batch for batchtopk)."""
+    l1_coefficient: float = 0.041
+    """mu of the L1 crosscoder (relu only)."""
+    reconstruction: Reconstruction = "l2"
+    """`l2`: mean over tokens and models of ||x - x_hat|| (reference code); `squared`: of ||x - x_hat||^2."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the dead-latent auxiliary loss (top-k activations)."""
+    k_aux: int | None = None
+    """Dead latents per token in the auxiliary loss; None = d_in // 2."""
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens is dead."""
+    threshold_beta: float = 0.999
+    threshold_start_step: int = 1000
+    """The threshold EMA runs on steps (0-based) after this one, as in the reference."""
+    code_normalization: Literal["crosscoder", "sae", "mixed", "none"] = "crosscoder"
+    norm_init_scale: float | None = None
+    """Per-model decoder norm at init; None = 1.0 for top-k activations, 0.005 for relu."""
+    decoder_bias_init: Literal["auto", "geometric_median", "zeros"] = "auto"
+    """`auto`: geometric median of the first batch for top-k activations, zeros for relu (reference)."""
+    lr: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 1000
+    """Linear warm-up from 0 (the reference's step / warmup_steps), then constant."""
+    decay_fraction: float = 0.0
+    """Decay the learning rate linearly to 0 over this last fraction of `steps` (0 = no decay)."""
+    max_grad_norm: float | None = None
+    """Gradient-norm clip; None = 1.0 for top-k activations and none for relu (paper); 0 = off."""
+    steps: int | None = None
+    """Stop after this many steps; None = when the data ends."""
+    batch_size: int = 2048
+    """Tokens per step (used by the CLI's loader; library users choose their own batches)."""
+    seed: int = 0
+    sparse: bool | None = None
+    """Sparse decode and encoder backward; None = on for top-k activations, off for relu."""
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk."""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ..."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases (pip install crossdiff[wandb])."""
+    wandb_run_name: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        positive = {"expansion_factor": self.expansion_factor, "k": self.k, "batch_size": self.batch_size,
+                    "log_every": self.log_every, "dead_after_tokens": self.dead_after_tokens}
+        for key, value in positive.items():
+            if value <= 0:
+                raise CrossdiffError(f"config key '{key}' must be positive, got {value}")
+        for key in ("d_sae", "steps", "k_aux"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise CrossdiffError(f"config key '{key}' must be positive, got {value}")
+        if self.lr <= 0 or self.l1_coefficient < 0 or self.auxk_alpha < 0:
+            raise CrossdiffError("lr must be positive and l1_coefficient, auxk_alpha non-negative")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise CrossdiffError(f"config key 'adam_betas' must be two numbers in [0, 1), got {self.adam_betas}")
+        if not 0 <= self.decay_fraction < 1:
+            raise CrossdiffError(f"config key 'decay_fraction' must be in [0, 1), got {self.decay_fraction}")
+        if self.decay_fraction > 0 and self.steps is None:
+            raise CrossdiffError("decay_fraction needs a fixed number of steps: set 'steps'")
+        if not 0 <= self.threshold_beta < 1:
+            raise CrossdiffError(f"config key 'threshold_beta' must be in [0, 1), got {self.threshold_beta}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise CrossdiffError("warmup_steps and checkpoint_every must be >= 0, keep_checkpoints >= 1")
+
+    @property
+    def uses_topk(self) -> bool:
+        return self.activation != "relu"
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of 0-based ``step``: warm-up from 0, constant, optional linear decay."""
+        factor = 1.0
+        if step < self.warmup_steps:
+            factor = step / self.warmup_steps
+        if self.decay_fraction > 0 and self.steps is not None:
+            decay_start = int(self.steps * (1 - self.decay_fraction))
+            if step >= decay_start:
+                factor = min(factor, (self.steps - step) / (self.steps - decay_start))
+        return self.lr * factor
+
+
+class Trainer:
+    """Trains one crosscoder; ``fit`` consumes batches and writes everything to ``out_dir``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        d_in: int,
+        out_dir: str | Path,
+        *,
+        model_names: list[str] | None = None,
+        layer: int | None = None,
+        input_scale: list[float] | None = None,
+        quiet: bool = False,
+    ):
+        self.config = config
+        self.out = Path(out_dir)
+        self.quiet = quiet
+        self.device = _resolve_device(config.device)
+        d_sae = config.d_sae or config.expansion_factor * d_in
+        cc_config = CrossCoderConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            activation=config.activation,
+            k=config.k if config.uses_topk else None,
+            norm_init_scale=config.norm_init_scale,
+            code_normalization=config.code_normalization,
+            input_scale=[float(s) for s in input_scale] if input_scale is not None else None,
+            model_names=list(model_names) if model_names else None,
+            layer=layer,
+            metadata={"training": to_dict(config)},
+        )
+        self.model = CrossCoder(cc_config, seed=config.seed).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=tuple(config.adam_betas))
+        self.step = 0
+        self.tokens = 0
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
+        self.sparse = config.uses_topk if config.sparse is None else config.sparse
+        self.max_grad_norm = (1.0 if config.uses_topk else 0.0) if config.max_grad_norm is None else config.max_grad_norm
+        init = config.decoder_bias_init
+        self.median_init = init == "geometric_median" or (init == "auto" and config.uses_topk)
+        self._pre_buffer: Tensor | None = None
+        self._wandb = None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, batches: Iterable[Any], *, resume: bool | Literal["auto"] = "auto") -> CrossCoder:
+        """Train on ``batches`` until ``config.steps`` or the data ends; return the crosscoder.
+
+        ``resume``: "auto" continues from the newest checkpoint in ``out_dir`` if there is
+        one, True requires one, False refuses to mix with an existing run. The data position
+        is restored through ``batches.load_state_dict`` when the iterable has it; otherwise
+        the batches already trained on are skipped (the iterable must be deterministic).
+        """
+        checkpoint = self._latest_checkpoint()
+        if resume is True and checkpoint is None:
+            raise CrossdiffError(f"nothing to resume: {self.out / 'checkpoints'} has no checkpoint")
+        if resume is False and checkpoint is not None:
+            raise CrossdiffError(f"{self.out} already holds a run (checkpoints/); resume it or choose another output folder")
+        data_state = self._load_checkpoint(checkpoint) if checkpoint is not None else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_json(self.config, self.out / "train_config.json")
+        self._trim_metrics()
+        skip = 0
+        if data_state is not None and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(data_state)
+        elif checkpoint is not None:
+            skip = self.step
+        iterator = iter(batches)
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                raise CrossdiffError(f"cannot resume: the data ends before the {skip} batches already trained on")
+
+        progress = _progress_bar(self.config.steps, self.step, self.quiet)
+        last_saved = self.step if checkpoint is not None else -1
+        start_time, start_tokens = time.perf_counter(), self.tokens
+        while self.config.steps is None or self.step < self.config.steps:
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            x = self._prepare(batch)
+            terms = self._train_step(x)
+            progress.update(1)
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                speed = (self.tokens - start_tokens) / max(time.perf_counter() - start_time, 1e-9)
+                record = self._log(x, terms, speed)
+                progress.set_postfix(loss=f"{record['loss']:.4g}", fve=f"{record['fve_joint']:.3f}", l0=f"{record['l0']:.1f}")
+            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                self.save_checkpoint(batches)
+                last_saved = self.step
+        progress.close()
+        if self.step == 0:
+            raise CrossdiffError("no training batch: the data is empty")
+        if last_saved != self.step:
+            self.save_checkpoint(batches)
+        self._stamp_metadata()
+        self.model.save_pretrained(self.out / "crosscoder")
+        if self._wandb is not None:
+            self._wandb.finish()
+        return self.model
+
+    def _prepare(self, batch: Any) -> Tensor:
+        """A checked float batch on the training device."""
+        x = batch.acts if hasattr(batch, "acts") else batch
+        if not isinstance(x, Tensor):
+            raise CrossdiffError(f"batches must be tensors [batch, 2, d_in] or have .acts; got {type(batch).__name__}")
+        n, d = self.model.config.n_models, self.model.config.d_in
+        if x.dim() != 3 or tuple(x.shape[1:]) != (n, d) or x.shape[0] == 0:
+            raise CrossdiffError(f"batch at step {self.step + 1} has shape {list(x.shape)}, expected [batch, {n}, {d}]")
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        if not bool(torch.isfinite(x).all()):
+            raise CrossdiffError(f"batch at step {self.step + 1} contains NaN or inf activations")
+        return x
+
+    def _train_step(self, x: Tensor):
+        config, model = self.config, self.model
+        if self.step == 0 and self.median_init:
+            with torch.no_grad():
+                model.b_dec.copy_(geometric_median(x))
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr_at(self.step)
+        if self.sparse and (self._pre_buffer is None or self._pre_buffer.shape[0] != x.shape[0]):
+            # One reusable encoder output: allocating [B, d_sae] afresh every step costs page faults.
+            self._pre_buffer = torch.empty(x.shape[0], model.config.d_sae, device=self.device)
+        terms = crosscoder_losses(
+            model,
+            x,
+            reconstruction=config.reconstruction,
+            l1_coefficient=config.l1_coefficient,
+            auxk_alpha=config.auxk_alpha,
+            k_aux=config.k_aux,
+            tokens_since_fired=self.tokens_since_fired,
+            dead_after_tokens=config.dead_after_tokens,
+            sparse=self.sparse,
+            pre_out=self._pre_buffer,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[terms.fired] = 0
+        if config.activation == "batchtopk" and self.step > config.threshold_start_step:
+            with torch.no_grad():
+                model.threshold.copy_(update_threshold(model.threshold, terms.min_selected, config.threshold_beta))
+        self.step += 1
+        self.tokens += x.shape[0]
+        return terms
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, x: Tensor, terms, tokens_per_s: float) -> dict[str, float]:
+        fve = fraction_of_variance_explained(x, terms.x_hat).tolist()
+        record = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": float(terms.loss.detach()),
+            "recon": float(terms.recon),
+            ("aux" if self.config.uses_topk else "l1"): float(terms.sparsity),
+            "fve_base": fve[0],
+            "fve_chat": fve[1],
+            "fve_joint": fve[-1],
+            "l0": float(terms.l0),
+            "dead_fraction": float((self.tokens_since_fired >= self.config.dead_after_tokens).float().mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "threshold": float(self.model.threshold),
+            "tokens_per_s": tokens_per_s,
+        }
+        if not math.isfinite(record["loss"]):
+            raise CrossdiffError(f"the loss became {record['loss']} at step {self.step}; lower the learning rate")
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.config.wandb_project:
+            self._wandb_log(record)
+        return record
+
+    def _wandb_log(self, record: dict[str, float]) -> None:
+        if self._wandb is None:
+            try:
+                import wandb
+            except ImportError:
+                raise CrossdiffError("wandb_project is set but wandb is not installed (pip install crossdiff[wandb])") from None
+            wandb.init(project=self.config.wandb_project, name=self.config.wandb_run_name, config=to_dict(self.config))
+            self._wandb = wandb
+        self._wandb.log(record, step=self.step)
+
+    def _trim_metrics(self) -> None:
+        """Drop lines a crashed run logged after the checkpoint we resume from."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in lines))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, batches: Any = None) -> Path:
+        """Write out/checkpoints/step-XXXXXX atomically (a temporary folder renamed at the end)."""
+        root = self.out / "checkpoints"
+        folder = root / f"step-{self.step:06d}"
+        tmp = root / f".tmp-step-{self.step:06d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self._stamp_metadata()
+        self.model.save_pretrained(tmp)
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "d_in": self.model.config.d_in,
+            "config": to_dict(self.config),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
+        }
+        torch.save(state, tmp / STATE_NAME)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        for old in sorted(root.glob("step-*"))[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+        return folder
+
+    def _latest_checkpoint(self) -> Path | None:
+        folders = sorted((self.out / "checkpoints").glob("step-*"))
+        return folders[-1] if folders else None
+
+    def _load_checkpoint(self, folder: Path) -> Any:
+        """Restore everything from ``folder``; returns the saved data position (or None)."""
+        for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
+            if not (folder / name).is_file():
+                raise CrossdiffError(f"checkpoint {folder} is missing {name}; delete that folder to resume from an earlier one")
+        try:
+            state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign file
+            raise CrossdiffError(f"cannot read {folder / STATE_NAME}: {type(err).__name__}: {err}") from None
+        if state["d_in"] != self.model.config.d_in:
+            raise CrossdiffError(f"cannot resume: the checkpoint has d_in={state['d_in']}, the data has {self.model.config.d_in}")
+        saved, now = state["config"], to_dict(self.config)
+        for key in sorted(set(saved) | set(now)):
+            if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
+                raise CrossdiffError(f"cannot resume: config key '{key}' was {saved.get(key)!r} in {folder}, now {now.get(key)!r}")
+        loaded = CrossCoder.from_pretrained(folder)
+        self.model.load_checked_state_dict(loaded.state_dict(), source=str(folder / WEIGHTS_NAME))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return state["data"]
+
+    def _stamp_metadata(self) -> None:
+        self.model.config.metadata.update({"training": to_dict(self.config), "steps": self.step, "tokens": self.tokens})
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise CrossdiffError(f"config key 'device' is not a device: {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CrossdiffError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def _progress_bar(total: int | None, initial: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------- CLI
+SYNTHETIC_DEFAULTS = {
+    "steps": 3000, "lr": 3e-3, "warmup_steps": 100, "expansion_factor": 4, "k": 4, "batch_size": 512,
+    "threshold_start_step": 100, "dead_after_tokens": 50_000, "log_every": 100, "checkpoint_every": 1000,
+}
+
+
+def build_config(config_file: str | None, overrides: list[str], defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from defaults, then a TOML/JSON file (keys at the top level or in a
+    [train] table), then ``key=value`` overrides (dotted keys reach [data])."""
+    data: dict[str, Any] = dict(defaults or {})
+    if config_file:
+        loaded = load_file(config_file)
+        loaded = loaded["train"] if set(loaded) == {"train"} else loaded
+        data = _merge(data, loaded)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CrossdiffError(f"--set expects key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare string such as activation=relu
+        node = data
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise CrossdiffError(f"--set {key}: '{parent}' is not a table")
+        node[leaf] = value
+    return from_dict(TrainConfig, data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a crosscoder on a paired activation cache",
+        description="Train a crosscoder (METHOD.md 3). Resumes automatically from OUT/checkpoints.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cache", help="activation cache folder written by `crossdiff collect`")
+    source.add_argument("--synthetic", action="store_true", help="planted-feature toy data (quick end-to-end check)")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, crosscoder/)")
+    parser.add_argument("--config", help="TOML or JSON file of training options")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (default: resume if any)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        return _train_synthetic(args)
+    from crossdiff.cache import PairedCache, ReadFilters
+    from crossdiff.loader import ShuffledPairLoader
+
+    config = build_config(args.config, args.set)
+    cache = PairedCache(args.cache)
+    data = config.data
+    loader = ShuffledPairLoader(
+        cache,
+        config.batch_size,
+        source_ratio=data.source_ratio,
+        window_shards=data.window_shards,
+        seed=config.seed,
+        epochs=data.epochs,
+        filters=ReadFilters(drop_bos=data.drop_bos, drop_special=data.drop_special, max_norm_ratio=data.max_norm_ratio),
+        normalize=data.normalize,
+    )
+    if data.epochs is None and config.steps is None:
+        raise CrossdiffError("an endless loader (data.epochs = null) needs 'steps'")
+    trainer = Trainer(
+        config, cache.d_model, args.out,
+        model_names=list(cache.model_names), layer=cache.layer, input_scale=loader.normalization, quiet=args.quiet,
+    )
+    trainer.fit(loader, resume=True if args.resume else "auto")
+    print(f"crosscoder written to {Path(args.out) / 'crosscoder'} ({trainer.step} steps, {trainer.tokens:,} tokens)")
+    return 0
+
+
+def _train_synthetic(args: argparse.Namespace) -> int:
+    from crossdiff.synthetic import SyntheticConfig, SyntheticPair, best_match_cosines
+
+    config = build_config(args.config, args.set, SYNTHETIC_DEFAULTS)
+    pair = SyntheticPair(SyntheticConfig(seed=config.seed))
+    trainer = Trainer(config, pair.config.d_in, args.out, model_names=["synthetic-base", "synthetic-chat"], quiet=args.quiet)
+    model = trainer.fit(pair.batches(config.batch_size, seed=config.seed + 1), resume=True if args.resume else "auto")
+    summary = synthetic_recovery(model, pair)
+    print(
+        f"recovered {summary['recovered']:.0%} of planted features (best decoder cosine > 0.9); "
+        f"relative decoder norm of chat-only features {summary['dnorm_chat_only']:.2f}, shared {summary['dnorm_shared']:.2f}"
+    )
+    print(f"crosscoder written to {Path(args.out) / 'crosscoder'}")
+    return 0
+
+
+@torch.no_grad()
+def synthetic_recovery(model: CrossCoder, pair) -> dict[str, float]:
+    """How well ``model`` found the planted features of a SyntheticPair: the fraction with a
+    latent of decoder cosine > 0.9, and the median Dnorm of the best-matching latents per kind."""
+    learned = model.W_dec.detach().cpu().reshape(model.config.d_sae, -1)
+    truth = pair.decoder_truth.reshape(pair.config.n_features, -1)
+    cos = F.normalize(truth, dim=-1) @ F.normalize(learned, dim=-1).T
+    best, match = cos.max(dim=1)
+    dnorm = model.relative_decoder_norm().cpu()[match]
+    result = {"recovered": float((best > 0.9).float().mean())}
+    for kind in ("chat_only", "shared", "base_only"):
+        idx = pair.features_of(kind)
+        if idx.numel():
+            result[f"dnorm_{kind}"] = float(dnorm[idx].median())
+    result["best_cosines"] = best
+    result["match_dnorm"] = dnorm
+    return result
