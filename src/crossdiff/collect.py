@@ -91,11 +91,7 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
 
     from crossdiff.models import ResidualExtractor, pad_batch
 
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
-    pair = load_model_pair(config.base, config.chat, dtype=config.model_dtype, device=_device(config.device))
+    pair = _load_pair(config, quiet)
     extractor = ResidualExtractor(pair, config.layer)
     tokenizer = pair.tokenizer
     writer = CacheWriter(
