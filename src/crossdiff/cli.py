@@ -15,6 +15,7 @@ from crossdiff.errors import CrossdiffError
 
 # Modules that contribute subcommands, in the order `crossdiff --help` lists them.
 STAGE_MODULES = [
+    "crossdiff.collect",
     "crossdiff.train",
     "crossdiff.analysis.cli",
     "crossdiff.organism",
