@@ -50,10 +50,11 @@ def l1_penalty(scaled: Tensor, batch_size: int) -> Tensor:
 def auxk_loss(residual: Tensor, aux_reconstruction: Tensor) -> Tensor:
     """Dead-latent loss: squared error of fitting the (detached) residual [B, n*d] with the
     dead latents' bias-free reconstruction, over the residual's variance (OpenAI's
-    normalisation, as in the reference); 0 when the residual has no variance."""
+    normalisation, as in the reference); 0 when the residual has no variance (where the
+    reference's nan_to_num would give 0 for 0/0 but the largest float for x/0)."""
     error = (residual - aux_reconstruction).square().sum(dim=-1).mean()
     variance = (residual - residual.mean(dim=0)).square().sum(dim=-1).mean()
-    return (error / variance).nan_to_num(0.0)
+    return torch.where(variance > 0, error / variance.clamp_min(torch.finfo(variance.dtype).tiny), 0.0)
 
 
 def fraction_of_variance_explained(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ from crossdiff.losses import (
 )
 
 STATE_NAME = "training_state.pt"
+SPARSE_MIN_D_SAE = 4096
 # Keys that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "wandb_project", "wandb_run_name"}
 
@@ -110,7 +111,7 @@ class TrainConfig:
     """Tokens per step (used by the CLI's loader; library users choose their own batches)."""
     seed: int = 0
     sparse: bool | None = None
-    """Sparse decode and encoder backward; None = on for top-k activations, off for relu."""
+    """Sparse decode and encoder backward; None = on for top-k activations with d_sae >= 4096."""
     log_every: int = 100
     checkpoint_every: int = 1000
     """Steps between checkpoints (0 = only at the end)."""
@@ -198,7 +199,10 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
-        self.sparse = config.uses_topk if config.sparse is None else config.sparse
+        # The sparse step pays off once the dictionary is large (it saves four of the five
+        # [B, n*d, D] matmuls); on toy sizes its extra small kernels cost more than they save.
+        auto_sparse = config.uses_topk and d_sae >= SPARSE_MIN_D_SAE
+        self.sparse = auto_sparse if config.sparse is None else config.sparse
         self.max_grad_norm = (1.0 if config.uses_topk else 0.0) if config.max_grad_norm is None else config.max_grad_norm
         init = config.decoder_bias_init
         self.median_init = init == "geometric_median" or (init == "auto" and config.uses_topk)
