@@ -146,9 +146,11 @@ def crosscoder_losses(
         x_hat = model.decode(f)
         scaled = f * code_norm
         fired = (f.detach() > 0).any(dim=0)
-    positive = scaled.detach()[scaled.detach() > 0]
-    min_selected = positive.min() if positive.numel() else torch.zeros((), device=x.device)
-    l0 = (scaled.detach() > 0).sum() / B
+    active = scaled.detach() > 0
+    l0 = active.sum() / B
+    min_selected = torch.zeros((), dtype=x.dtype, device=x.device)
+    if config.activation != "relu" and bool(active.any()):  # only the top-k threshold needs it
+        min_selected = torch.where(active, scaled.detach(), torch.inf).min()
 
     recon = reconstruction_loss(x, x_hat, reconstruction)
     if config.activation == "relu":
