@@ -23,7 +23,7 @@ from crossdiff.cli import main
 from crossdiff.collect import CollectConfig, collect
 from crossdiff.config import from_dict
 from crossdiff.errors import CrossdiffError
-from crossdiff.texts import TextSourceConfig, iter_documents
+from crossdiff.texts import iter_documents
 
 WORDS = "the quick brown fox jumps over lazy dog model chat user answer question paris rome sea wind poem".split()
 LAYER = 1
