@@ -83,23 +83,20 @@ class LatentScaling:
         self.numerators = torch.zeros(n_latents, len(_TARGETS), dtype=torch.float64, device=device)
         self.sum_f2 = torch.zeros(n_latents, dtype=torch.float64, device=device)
         self.n_tokens = torch.zeros(n_latents, dtype=torch.int64, device=device)
+        self._direction_cache: dict[tuple[torch.dtype, bool], Tensor] = {}
 
     @torch.no_grad()
     def update(self, f: Tensor, x: Tensor, x_hat: Tensor) -> None:
         base, chat = self.base, self.chat
-        targets = torch.stack(
-            [x[:, base] - x_hat[:, base], x[:, chat] - x_hat[:, chat], x_hat[:, base], x_hat[:, chat]], dim=1
-        )  # [B, 4, d]
-        directions = self.W_dec[:, chat].to(f.dtype)  # [D, d]
-        density = (f != 0).sum().item() / max(f.numel(), 1)
-        if density == 0:
+        targets = [x[:, base] - x_hat[:, base], x[:, chat] - x_hat[:, chat], x_hat[:, base], x_hat[:, chat]]
+        directions = self._directions(f.dtype)  # [D, d]
+        nonzero = int(torch.count_nonzero(f))
+        if nonzero == 0:
             return
-        if density < _SPARSE_DENSITY:
+        if nonzero < _SPARSE_DENSITY * f.numel():
             self._update_sparse(f, targets, directions)
         else:
-            self._update_dense(f, targets, directions)
-        self.sum_f2 += f.to(torch.float64).square().sum(dim=0)
-        self.n_tokens += (f > 0).sum(dim=0)
+            self._update_dense(f, torch.stack(targets, dim=1), directions)
 
     def _update_dense(self, f: Tensor, targets: Tensor, directions: Tensor) -> None:
         # Row chunks keep the [4, rows, D] projection tensor near _DENSE_CHUNK_ELEMENTS.
@@ -108,18 +105,30 @@ class LatentScaling:
             chunk = slice(start, start + rows)
             projections = torch.einsum("btd,jd->tbj", targets[chunk], directions)  # [4, rows, D]
             self.numerators += (projections * f[chunk]).to(torch.float64).sum(dim=1).T
+        self.sum_f2 += f.to(torch.float64).square().sum(dim=0)
+        self.n_tokens += (f > 0).sum(dim=0)
 
-    def _update_sparse(self, f: Tensor, targets: Tensor, directions: Tensor) -> None:
+    def _update_sparse(self, f: Tensor, targets: list[Tensor], directions: Tensor) -> None:
         with warnings.catch_warnings():  # "sparse CSR support is in beta"; the ops used here are stable
             warnings.simplefilter("ignore", UserWarning)
             codes = f.to_sparse_csr()
             latent_of_entry = codes.col_indices()
             values = codes.values()
-            directions_t = directions.T.contiguous()
-            for t in range(targets.shape[1]):
-                # <t(x), d_j> only where f_j(x) != 0: a sampled dense-dense product.
-                sampled = torch.sparse.sampled_addmm(codes, targets[:, t].contiguous(), directions_t, beta=0.0)
+            directions_t = self._directions(f.dtype, transposed=True)
+            for t, target in enumerate(targets):
+                # <t(x), d_j> only where f_j(x) != 0: a sampled dense-dense product (SDDMM).
+                sampled = torch.sparse.sampled_addmm(codes, target.contiguous(), directions_t, beta=0.0)
                 self.numerators[:, t].index_add_(0, latent_of_entry, (sampled.values() * values).to(torch.float64))
+        self.sum_f2.index_add_(0, latent_of_entry, values.to(torch.float64).square())
+        self.n_tokens.index_add_(0, latent_of_entry, (values > 0).long())
+
+    def _directions(self, dtype: torch.dtype, transposed: bool = False) -> Tensor:
+        """The chat decoder (or its transpose) in ``dtype``, made once: the weights are fixed."""
+        key = (dtype, transposed)
+        if key not in self._direction_cache:
+            directions = self.W_dec[:, self.chat].to(dtype)
+            self._direction_cache[key] = directions.T.contiguous() if transposed else directions.contiguous()
+        return self._direction_cache[key]
 
     def result(self) -> LatentScalingResult:
         W = self.W_dec.to(torch.float64)
