@@ -195,7 +195,7 @@ class Trainer:
             metadata={"training": to_dict(config)},
         )
         self.model = CrossCoder(cc_config, seed=config.seed).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=tuple(config.adam_betas))
+        self.optimizer = _adam(list(self.model.parameters()), config.lr, tuple(config.adam_betas))
         self.step = 0
         self.tokens = 0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
@@ -418,6 +418,16 @@ class Trainer:
 
     def _stamp_metadata(self) -> None:
         self.model.config.metadata.update({"training": to_dict(self.config), "steps": self.step, "tokens": self.tokens})
+
+
+def _adam(params: list[Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam, fused where this torch build supports it: one pass over each parameter instead
+    of about ten (on a CPU the unfused update costs as much as a sparse training step's
+    backward). Same update rule either way."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 def _resolve_device(device: str) -> torch.device:
