@@ -161,7 +161,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(
         f"chat-only latents: {co['total']}; Latent Scaling confirms {co['chat_specific']} as chat-specific, "
         f"rejects {co['complete_shrinkage']} as Complete Shrinkage and {co['latent_decoupling']} as Latent Decoupling "
-        f"({co['shrinkage_and_decoupling']} both, {co['no_estimate']} without estimate); {co['with_twin']} have a base-only twin"
+        f"({co['shrinkage_and_decoupling']} both, {co['no_estimate']} without estimate); base-only twin found for {co['with_twin']}"
     )
     return "\n".join(lines)
 
