@@ -90,3 +90,16 @@ def test_bad_input_is_a_one_line_error(cache_and_crosscoder, tmp_path):
     unthresholded.save_pretrained(tmp_path / "cc")
     with pytest.raises(CrossdiffError, match="threshold"):
         run_cli(["analyze", str(tmp_path / "cc"), str(root / "cache"), "-o", str(tmp_path / "d"), "--quiet"])
+
+
+def test_crossdiff_entry_point_lists_and_runs_analyze(cache_and_crosscoder, tmp_path, capsys):
+    from crossdiff.cli import main
+
+    root = cache_and_crosscoder
+    assert main(["analyze", str(root / "cc"), str(root / "cache"), "-o", str(tmp_path / "e"), "--no-examples",
+                 "--quiet"]) == 0
+    assert (tmp_path / "e" / "latents.parquet").is_file()
+    # User errors become one line on stderr and exit code 2.
+    assert main(["analyze", str(root / "cc"), str(tmp_path), "-o", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crossdiff: error:") and len(err.strip().splitlines()) == 1

@@ -71,6 +71,7 @@ def test_table_has_the_documented_columns(analysed):
     assert summary["dead"] == 1 and summary["n_tokens"] == 3000
     assert summary["columns"] == COLUMNS
     assert summary["files"] == {"table": "latents.parquet", "summary": "summary.json", "twins": "twins.parquet"}
+    assert result.summary == summary
 
 
 def test_statistics_equal_brute_force(analysed):

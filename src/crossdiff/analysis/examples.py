@@ -157,7 +157,7 @@ class ContextCollector:
                           positions.clamp_min(0))
         keys = torch.where(positions >= 0, keys, -1).reshape(-1)  # -1 matches no token
         self.sorted_keys, self.order = torch.sort(keys)
-        self.token_ids = torch.full((len(examples.latent), width), -1, dtype=torch.int64, device=keys.device)
+        self.token_ids = torch.full((len(examples.latent), width), -1, dtype=torch.int32, device=keys.device)
         self.activations = torch.full((len(examples.latent), width), torch.nan, dtype=torch.float32, device=keys.device)
         self.width = width
 
@@ -178,7 +178,7 @@ class ContextCollector:
         within = torch.arange(row_of_slot.numel(), device=keys.device) - first_slot
         slots = self.order[lo[row_of_slot] + within]
         example, offset = slots // self.width, slots % self.width
-        self.token_ids[example, offset] = token_ids[rows][row_of_slot].long()
+        self.token_ids[example, offset] = token_ids[rows][row_of_slot].int()
         latent = self.examples.latent[example]
         self.activations[example, offset] = f_scaled[row_of_slot, latent].float()
 

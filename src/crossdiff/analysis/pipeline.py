@@ -191,7 +191,8 @@ def analyze(
     twin, twin_cos = best_twin(twins, n_latents)
     table = build_table(geometry, tags, latent_stats, scaling_result, flags, twin, twin_cos)
 
-    files = {}
+    files = {"table": out_dir / "latents.parquet", "summary": out_dir / "summary.json", "twins": out_dir / "twins.parquet"}
+    twins.to_parquet(files["twins"], index=False)
     if top is not None:
         examples = _collect_examples(crosscoder, source, config, top, progress)
         files["examples"] = write_examples(
@@ -210,12 +211,9 @@ def analyze(
                     "d_sae": n_latents, "k": crosscoder.config.k, "model_names": crosscoder.config.model_names,
                     "layer": crosscoder.config.layer},
         config=dataclasses.asdict(config),
+        files={name: path.name for name, path in files.items()},
     )
-    files["table"], files["summary"] = write_table(table, summary, out_dir)
-    files["twins"] = out_dir / "twins.parquet"
-    twins.to_parquet(files["twins"], index=False)
-    summary["files"] = {name: path.name for name, path in files.items()}
-    write_table(table, summary, out_dir)
+    write_table(table, summary, out_dir)  # last: a complete summary.json marks a finished analysis
     return AnalysisResult(table, summary, twins, files)
 
 
