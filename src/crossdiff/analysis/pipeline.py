@@ -46,6 +46,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class AnalysisConfig:
+    """Options of `crossdiff analyze` (a TOML/JSON file with these keys, flags override)."""
+
     batch_size: int = 4096
     max_tokens: int | None = None
     """Analyse only the first tokens of the cache (None = all)."""
