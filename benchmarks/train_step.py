@@ -95,8 +95,8 @@ def main() -> None:
     rows = []
     # (label, activation, crossdiff sparse?, L0 regime) ; the L1 rows differ in the encoder bias:
     # at init about half of all latents fire; a trained L1 crosscoder fires ~k per token.
-    cases = [("BatchTopK", "batchtopk", True, None), ("L1, init (L0 ~ D/2)", "relu", False, None),
-             ("L1, trained-like (L0 ~ k)", "relu", True, "sparse")]
+    cases = [("BatchTopK", "batchtopk", True, None), ("L1 at init (dense step)", "relu", False, None),
+             ("L1, b_enc shifted to a sparse regime", "relu", True, "sparse")]
     for label, activation, sparse, regime in cases:
         ours = make_trainer(activation, args, tmp / f"ours-{label}", sparse)
         base = make_trainer(activation, args, tmp / f"base-{label}", False)
