@@ -63,14 +63,15 @@ def test_import_matches_reference_forward(tmp_path, norm_id, batchtopk):
     state = random_state(norm_id=norm_id, batchtopk=batchtopk)
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"activation_dim": 5, "dict_size": 16, "num_layers": 2}))
-    model = CrossCoder.from_pretrained(tmp_path)
-    reference = ReferenceDictionaryLearning(state)
-    x = torch.randn(32, 2, 5)
+    # float64 on both sides, so a difference can only come from the conversion itself
+    model = CrossCoder.from_pretrained(tmp_path, dtype=torch.float64)
+    reference = ReferenceDictionaryLearning({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    x = torch.randn(32, 2, 5, dtype=torch.float64)
     f = model.encode(x)
-    torch.testing.assert_close(f, reference.encode(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(f, reference.encode(x), rtol=0, atol=1e-12)
     if batchtopk:
         assert 0 < int((f != 0).sum()) < f.numel()  # the threshold really selects
-    torch.testing.assert_close(model.decode(f), reference.decode(reference.encode(x)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.decode(f), reference.decode(reference.encode(x)), rtol=0, atol=1e-12)
     assert model.config.activation == ("batchtopk" if batchtopk else "relu")
 
 
