@@ -227,9 +227,10 @@ def _rank_budget(config: CollectConfig, source: str) -> int | None:
 
 
 def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: Any, first_doc: int) -> Iterator[TokenizedDoc]:
-    for doc in iter_documents(source, tokenizer, config.max_len):
-        if doc.doc_id >= first_doc and doc.doc_id % config.world_size == config.rank:
-            yield doc
+    # Rows before the resume point and other ranks' rows are dropped before tokenizing.
+    return iter_documents(
+        source, tokenizer, config.max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size
+    )
 
 
 def _batches(docs: Iterator[TokenizedDoc], batch_size: int, budget: int | None, tokens: int) -> Iterator[list[TokenizedDoc]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from crossdiff.config import from_dict, load_file
-from crossdiff.errors import CrossdiffError
 
 # CLI flags that override keys of AnalysisConfig (flag dest -> config key).
 _OVERRIDES = ("batch_size", "max_tokens", "device", "dtype", "n_top", "twin_cosine")
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     data.update({key: getattr(args, key) for key in _OVERRIDES if getattr(args, key) is not None})
     if args.no_examples:
         data["examples"] = False
-    config = from_dict(AnalysisConfig, data, where=args.config or "")
+    config = from_dict(AnalysisConfig, data, source=args.config)
     cache = _open_cache(args.cache)
     crosscoder = CrossCoder.from_pretrained(args.crosscoder)
     tokenizer = None
@@ -57,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open_cache(path: str):
-    try:
-        from crossdiff.cache import PairedCache
-    except ImportError as err:  # the cache module ships with `crossdiff collect`
-        raise CrossdiffError(f"cannot read activation caches: {err}") from None
+    from crossdiff.cache import PairedCache
+
     return PairedCache(path)
