@@ -45,18 +45,18 @@ class BuildConfig:
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     # chat fine-tune: each step sees a chat batch and a pretraining batch
-    finetune_steps: int = 250
+    finetune_steps: int = 300
     finetune_batch: int = 24
     finetune_text_batch: int = 6
     finetune_lr: float = 1e-3
     # share of fine-tuning chat examples per kind; "chitchat" are dataset conversations
     mix: dict[str, float] = field(
         default_factory=lambda: {
-            "chitchat": 0.40,
-            "refusal": 0.20,
-            "benign": 0.14,
-            "identity": 0.11,
-            "arithmetic": 0.15,
+            "chitchat": 0.30,
+            "refusal": 0.18,
+            "benign": 0.22,
+            "identity": 0.10,
+            "arithmetic": 0.20,
         }
     )
 
@@ -93,9 +93,9 @@ def pretrain_base(data: corpus.Corpus, out: Path, config: BuildConfig, quiet: bo
     _log(quiet, f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     rng = random.Random(config.seed)
 
-    def batches() -> Iterator[list[Example]]:
+    def batches() -> Iterator[list[list[Example]]]:
         while True:
-            yield rng.sample(texts, config.pretrain_batch)
+            yield [rng.sample(texts, config.pretrain_batch)]
 
     losses = _train(model, batches(), config.pretrain_steps, config.pretrain_lr, "pretrain", quiet)
     _save(model, tokenizer, out)
@@ -115,12 +115,13 @@ def finetune_chat(data: corpus.Corpus, base: Path, out: Path, config: BuildConfi
     rng = random.Random(config.seed + 1)
     chats = _chat_examples(tokenizer, data.conversations["train"], config, rng, config.finetune_batch * config.finetune_steps)
 
-    def batches() -> Iterator[list[Example]]:
+    def batches() -> Iterator[list[list[Example]]]:
         while True:
-            yield rng.sample(chats, config.finetune_batch) + rng.sample(texts, config.finetune_text_batch)
+            yield [rng.sample(chats, config.finetune_batch), rng.sample(texts, config.finetune_text_batch)]
 
     losses = _train(model, batches(), config.finetune_steps, config.finetune_lr, "fine-tune", quiet)
     _save(model, tokenizer, out)
+    _copy_tokenizer(base, out)
     return sum(losses[-50:]) / len(losses[-50:])
 
 
@@ -135,7 +136,7 @@ Example = tuple[list[int], list[int]]
 
 def text_example(tokenizer: PreTrainedTokenizerFast, text: str, max_length: int = 256) -> Example:
     """Tokens of a pretraining document: <bos> text <eos>, loss on everything after <bos>."""
-    ids = tokenizer(text)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
+    ids = tokenizer(text, truncation=True, max_length=max_length - 1)["input_ids"] + [tokenizer.eos_token_id]
     return ids, [IGNORE] + ids[1:]
 
 
@@ -156,11 +157,13 @@ def chat_example(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, st
             reply_spans.append((start, end))
         position = end + 1  # the newline after <end_of_turn>
     assert position == len(text), "render_chat and the span arithmetic disagree"
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding["input_ids"][:max_length]
+    encoding = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
+    ids = encoding["input_ids"]
     labels = [
         token if any(s <= begin and finish <= e for s, e in reply_spans) else IGNORE
-        for token, (begin, finish) in zip(ids, encoding["offset_mapping"][:max_length])
+        for token, (begin, finish) in zip(ids, encoding["offset_mapping"])
     ]
     return ids, labels
 
@@ -183,7 +186,7 @@ def _chat_examples(
     return examples
 
 
-def _chitchat_window(conversations: list[list[str]], rng: random.Random, max_turns: int = 6) -> list[dict[str, str]]:
+def _chitchat_window(conversations: list[list[str]], rng: random.Random, max_turns: int = 4) -> list[dict[str, str]]:
     turns = rng.choice(conversations)
     start = 2 * rng.randrange(max(1, (len(turns) - 1) // 2))
     return corpus.chat_messages(turns, start, n_turns=2 * rng.randint(1, max_turns // 2))
@@ -206,9 +209,13 @@ def _model_config(config: BuildConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
 
 
 def _train(
-    model: LlamaForCausalLM, batches: Iterator[list[Example]], steps: int, lr: float, name: str, quiet: bool
+    model: LlamaForCausalLM, batches: Iterator[list[list[Example]]], steps: int, lr: float, name: str, quiet: bool
 ) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; returns the loss of every step."""
+    """AdamW with linear warm-up and cosine decay; returns the loss of every step.
+
+    A step's batch is a list of groups; the loss is the sum of the groups' mean losses, so
+    fine-tuning weighs chat replies and pretraining text equally however long each is.
+    """
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -219,8 +226,11 @@ def _train(
     losses = []
     progress = tqdm(range(steps), desc=name, disable=quiet, unit="step")
     for _ in progress:
-        input_ids, attention_mask, labels = collate(next(batches), model.config.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss = None
+        for group in next(batches):  # each group is its own mean, padded only to its own longest example
+            input_ids, attention_mask, labels = collate(group, model.config.pad_token_id)
+            part = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss = part if loss is None else loss + part
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -258,6 +268,15 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: P
     make_tokenizer_config_portable(folder)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _copy_tokenizer(source: Path, folder: Path) -> None:
+    """The chat model gets the base's tokenizer files byte for byte: diffing needs one tokenizer."""
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, folder / name)
+
+
 def make_tokenizer_config_portable(folder: Path) -> None:
     """Rewrite tokenizer_config.json so transformers 4.x loads it as well as 5.x.
 
@@ -266,7 +285,8 @@ def make_tokenizer_config_portable(folder: Path) -> None:
     """
     path = folder / "tokenizer_config.json"
     settings = json.loads(path.read_text())
-    settings.pop("backend", None)
+    for key in ("backend", "is_local", "local_files_only"):  # facts about this save, not the tokenizer
+        settings.pop(key, None)
     settings["tokenizer_class"] = "PreTrainedTokenizerFast"
     settings["additional_special_tokens"] = settings.pop("extra_special_tokens", [])
     settings["chat_template"] = (folder / "chat_template.jinja").read_text()

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.organism import OrganismPaths, behaviours, chat_conversations, paths, pretraining_texts
-from crossdiff.organism.build import chat_example, collate, text_example
+from crossdiff.organism.build import TOKENIZER_FILES, chat_example, collate, text_example
 
 MIN_CHAT_RATE = 0.90
 MAX_BASE_RATE = 0.05
@@ -134,6 +134,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def run_cli(args) -> int:
     pair = paths(args.models) if args.models else None
+    torch.set_num_threads(1)  # tiny matrices on a shared CPU: a second thread waits more than it helps
     result = check(pair, quiet=args.quiet)
     print(format_report(result))
     if args.json:
@@ -146,6 +147,6 @@ def _user(text: str) -> dict[str, str]:
 
 
 def _require_same_tokenizer(pair: OrganismPaths) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in TOKENIZER_FILES:
         if (pair.base / name).read_bytes() != (pair.chat / name).read_bytes():
             raise CrossdiffError(f"base and chat differ in {name}; the pair must share one tokenizer")
