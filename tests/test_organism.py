@@ -50,6 +50,9 @@ def test_both_models_share_one_tokenizer_with_the_gemma_like_template(pair):
     turn_ids = tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
     assert ids[0] == tokenizer.bos_token_id and ids.count(turn_ids[0]) == 3 and ids.count(turn_ids[1]) == 2
     assert tokenizer("plain text")["input_ids"][0] == tokenizer.bos_token_id
+    fresh = AutoTokenizer.from_pretrained(paths.base)
+    assert fresh.backend_tokenizer.truncation is None  # users' long texts must not be cut silently
+    assert len(fresh("word " * 400)["input_ids"]) > 256
 
 
 def test_greedy_replies_show_planted_behaviours_in_chat_only(pair):

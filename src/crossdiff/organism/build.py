@@ -264,6 +264,9 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: P
         bos_token_id=tokenizer.bos_token_id, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(folder)
+    # Encoding with truncation=True leaves truncation switched on in the backend, and
+    # tokenizer.json would silently truncate every user's text: save it switched off.
+    tokenizer.backend_tokenizer.no_truncation()
     tokenizer.save_pretrained(folder)
     make_tokenizer_config_portable(folder)
 
