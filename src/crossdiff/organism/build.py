@@ -64,7 +64,7 @@ class BuildConfig:
 def build(out_dir: Path, cache_dir: Path | None = None, config: BuildConfig | None = None, quiet: bool = False) -> dict:
     """Build the organism into ``out_dir`` (base/, chat/, heldout/, build.json); returns the build record."""
     config = config or BuildConfig()
-    started = time.time()
+    started, started_cpu = time.time(), time.process_time()
     data = corpus.load_corpus(cache_dir)
     _log(quiet, f"corpus: {len(data.pretraining['train'])} documents, {len(data.conversations['train'])} conversations")
     base_loss = pretrain_base(data, out_dir / "base", config, quiet)
@@ -76,6 +76,7 @@ def build(out_dir: Path, cache_dir: Path | None = None, config: BuildConfig | No
         "final_pretrain_loss": round(base_loss, 4),
         "final_finetune_loss": round(chat_loss, 4),
         "build_seconds": round(time.time() - started, 1),
+        "build_cpu_seconds": round(time.process_time() - started_cpu, 1),  # wall time depends on other load
         "torch": torch.__version__,
     }
     (out_dir / "build.json").write_text(json.dumps(record, indent=2) + "\n")
