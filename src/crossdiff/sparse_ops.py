@@ -22,17 +22,25 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The candidate threshold is estimated on every `SAMPLE_EVERY`-th token and set so that
+# Candidates for the batch top-k are found through the maxima of groups of GROUP consecutive
+# tokens in each latent's column: one cheap reduction shrinks the tensor that the threshold
+# comparison and the index extraction scan by GROUP times, and a group shares its latent,
+# hence its code norm, so the test on the group maximum is as sharp as on single entries.
+GROUP = 8
+# The candidate threshold is estimated on every `SAMPLE_EVERY`-th group row and set so that
 # about `OVERSHOOT` times the needed number of entries pass it; exactness never depends on
-# either (a miss falls back to a full top-k), only speed does.
+# either (a miss lowers the threshold, then falls back to a full top-k), only speed does.
 SAMPLE_EVERY = 32
 OVERSHOOT = 1.25
+_RETRIES = 3
 # A relative margin larger than any float rounding in comparing pre >= t / c versus pre * c >= t.
 _MARGIN = 1e-5
 
@@ -49,7 +57,8 @@ class Selection(NamedTuple):
 
 
 def selection_from_flat(flat: Tensor, batch_size: int, d_sae: int) -> Selection:
-    flat = flat.sort().values
+    with _one_cpu_thread():
+        flat = flat.sort().values
     return Selection(torch.div(flat, d_sae, rounding_mode="floor"), flat % d_sae, batch_size)
 
 
@@ -57,34 +66,55 @@ def selection_from_flat(flat: Tensor, batch_size: int, d_sae: int) -> Selection:
 def select_batch_topk(pre: Tensor, code_norm: Tensor, n_keep: int) -> Selection:
     """The ``n_keep`` entries of ``relu(pre) * code_norm`` that a full flattened top-k keeps.
 
-    Exact: candidates are the entries above a threshold estimated from a sample of tokens;
-    if fewer than ``n_keep`` pass it, or the kept set comes within rounding distance of it,
-    the full top-k is used instead. ``code_norm`` must be positive.
+    Exact: for a threshold t, the candidates are all entries whose scaled value can reach t
+    (found through group maxima, :data:`GROUP`); if at least ``n_keep`` of them reach t,
+    the ``n_keep``-th largest value is >= t, so the top-k of the candidates is the top-k
+    of all entries. Otherwise t is lowered, and in the end the full top-k is used.
+    ``code_norm`` must be positive.
     """
     B, D = pre.shape
     if n_keep >= B * D:
         return selection_from_flat(torch.arange(B * D, device=pre.device), B, D)
-    threshold = _estimate_threshold(pre, code_norm, n_keep)
-    if threshold is not None:
-        # pre >= t / c avoids materialising the scaled [B, D] tensor; t > 0 also drops relu's zeros.
-        candidates = (pre >= threshold / code_norm).view(-1).nonzero().squeeze(1)
-        if candidates.numel() >= n_keep:
-            scaled = pre.view(-1)[candidates] * code_norm[candidates % D]
-            top = scaled.topk(n_keep, sorted=False)
-            if top.values.min() > threshold * (1 + _MARGIN):
-                return selection_from_flat(candidates[top.indices], B, D)
+    group = math.gcd(B, GROUP)
+    group_max = pre.view(B // group, group, D).amax(dim=1)
+    with _one_cpu_thread():
+        threshold = _estimate_threshold(group_max, code_norm, n_keep * group / B)
+        for _ in range(_RETRIES if threshold is not None else 0):
+            flat, scaled = _entries_reaching(pre, group_max, group, code_norm, threshold)
+            if int((scaled >= threshold).sum()) >= n_keep:
+                return selection_from_flat(flat[scaled.topk(n_keep, sorted=False).indices], B, D)
+            threshold = threshold / 4
     scaled = torch.relu(pre) * code_norm
     return selection_from_flat(scaled.view(-1).topk(n_keep, sorted=False).indices, B, D)
 
 
-def _estimate_threshold(pre: Tensor, code_norm: Tensor, n_keep: int) -> Tensor | None:
-    B, D = pre.shape
-    sample = pre[::SAMPLE_EVERY]
-    wanted = math.ceil(OVERSHOOT * n_keep * sample.shape[0] / B)
-    if sample.shape[0] == B or wanted >= sample.numel():  # too small a batch for sampling to pay off
+def _estimate_threshold(group_max: Tensor, code_norm: Tensor, groups_needed: float) -> Tensor | None:
+    """A scaled value that about OVERSHOOT * the needed entries reach, from a sample of group
+    rows (a group row reaching t holds at least one entry reaching t)."""
+    sample = group_max[::SAMPLE_EVERY]
+    wanted = math.ceil(OVERSHOOT * groups_needed * sample.shape[0])
+    if sample.shape[0] == group_max.shape[0] or wanted >= sample.numel():  # too small a batch for sampling to pay off
         return None
     threshold = (torch.relu(sample) * code_norm).view(-1).topk(wanted, sorted=False).values.min()
     return threshold if threshold > 0 else None
+
+
+def _entries_reaching(
+    pre: Tensor, group_max: Tensor, group: int, code_norm: Tensor, threshold: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Flat indices and exact scaled values of a superset of the entries with
+    ``relu(pre) * code_norm >= threshold`` (threshold > 0)."""
+    D = pre.shape[1]
+    # In raw units, lowered by a margin: comparing pre >= t / c may round differently from pre * c >= t.
+    raw_threshold = threshold * (1 - _MARGIN) / code_norm
+    hits = (group_max >= raw_threshold).view(-1).nonzero().squeeze(1)  # (group row, latent) pairs
+    cols = hits % D
+    first = hits + (hits - cols) * (group - 1)  # flat index of the group's first token
+    flat = (first[:, None] + torch.arange(0, group * D, D, device=pre.device)).view(-1)
+    raw = pre.view(-1)[flat]
+    keep = (raw >= raw_threshold[cols.repeat_interleave(group)]).nonzero().squeeze(1)
+    flat, raw = flat[keep], raw[keep]
+    return flat, raw * code_norm[flat % D]
 
 
 @torch.no_grad()
@@ -115,15 +145,20 @@ class _GatherPreActivations(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, rows, cols = ctx.saved_tensors
-        D, B = ctx.d_sae, x.shape[0]
+        D = ctx.d_sae
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
-            # d loss / d W = x^T @ G with G [B, D] non-zero only at (rows, cols): computed as
-            # (G^T @ x)^T with a sparse G^T, i.e. nnz * n*d multiply-adds instead of B * D * n*d.
-            g_t = _sparse_coo(torch.stack([cols, rows]), grad, (D, B))
-            grad_weight = torch.sparse.mm(g_t, x).t()
+            # d loss / d W = x^T @ G with G [B, D] non-zero only at (rows, cols): row j of G^T @ x
+            # is the grad-weighted sum of the x rows that selected latent j, an embedding bag
+            # (nnz * n*d multiply-adds instead of B * D * n*d).
+            order, offsets = _grouped_by_latent(cols, D)
+            with _one_cpu_thread():
+                rows_by_latent, grad_by_latent = rows[order], grad[order]
+            per_latent = F.embedding_bag(rows_by_latent, x, offsets, mode="sum", per_sample_weights=grad_by_latent)
+            grad_weight = per_latent.t().contiguous()
         if ctx.needs_input_grad[3]:
-            grad_bias = torch.zeros(D, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+            with _one_cpu_thread():
+                grad_bias = torch.zeros(D, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
         return None, None, grad_weight, grad_bias, None, None
 
 
@@ -138,7 +173,8 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values: Tensor, weight: Tensor, rows: Tensor, cols: Tensor, batch_size: int) -> Tensor:
         ctx.save_for_backward(values, weight, rows, cols)
         ctx.batch_size = batch_size
-        offsets = torch.searchsorted(rows, torch.arange(batch_size, device=rows.device))
+        with _one_cpu_thread():
+            offsets = torch.searchsorted(rows, torch.arange(batch_size, device=rows.device))
         return F.embedding_bag(cols, weight, offsets, mode="sum", per_sample_weights=values)
 
     @staticmethod
@@ -148,15 +184,18 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = grad_weight = None
         if ctx.needs_input_grad[0]:
             # <grad[b], weight[j]> only at the selected (b, j): a sampled matmul.
-            crow = torch.searchsorted(rows, torch.arange(B + 1, device=rows.device))
+            with _one_cpu_thread():
+                crow = torch.searchsorted(rows, torch.arange(B + 1, device=rows.device))
             with warnings.catch_warnings():  # "sparse CSR support is in beta": not actionable for users
                 warnings.simplefilter("ignore", UserWarning)
                 pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(values), (B, D), check_invariants=False)
             grad_values = torch.sparse.sampled_addmm(pattern, grad, weight.t(), beta=0.0).values()
         if ctx.needs_input_grad[1]:
-            # sum over the tokens that selected latent j of f[b, j] * grad[b]: F^T @ grad, sparse F.
-            f_t = _sparse_coo(torch.stack([cols, rows]), values, (D, B))
-            grad_weight = torch.sparse.mm(f_t, grad)
+            # Row j: sum over the tokens that selected latent j of f[b, j] * grad[b] (F^T @ grad).
+            order, offsets = _grouped_by_latent(cols, D)
+            with _one_cpu_thread():
+                rows_by_latent, values_by_latent = rows[order], values[order]
+            grad_weight = F.embedding_bag(rows_by_latent, grad, offsets, mode="sum", per_sample_weights=values_by_latent)
         return grad_values, grad_weight, None, None, None
 
 
@@ -167,5 +206,25 @@ def sparse_decode(values: Tensor, selection: Selection, weight: Tensor) -> Tenso
     return _SparseDecode.apply(values, weight, selection.rows, selection.cols, selection.batch_size)
 
 
-def _sparse_coo(indices: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    return torch.sparse_coo_tensor(indices, values, size, is_coalesced=False, check_invariants=False)
+def _grouped_by_latent(cols: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """A permutation of the entries that groups them by latent (stable: deterministic sums)
+    and the offset of each latent's group, as ``embedding_bag`` takes them."""
+    with _one_cpu_thread():
+        order = torch.argsort(cols, stable=True)
+        counts = torch.bincount(cols, minlength=d_sae)
+        return order, torch.cumsum(counts, 0) - counts
+
+
+@contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """Run small bookkeeping ops (sorts, index permutations of ~1e5 entries) on one CPU thread.
+
+    torch's parallel CPU sort of 1e5 int64 keys is ~100x slower than the serial one (3 ms),
+    and every parallel op on a machine whose other cores are busy waits for a time slice
+    (~10 ms) to join its threads, which dwarfs the work of an op this small."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
