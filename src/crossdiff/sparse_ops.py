@@ -34,7 +34,7 @@ from torch import Tensor
 # tokens in each latent's column: one cheap reduction shrinks the tensor that the threshold
 # comparison and the index extraction scan by GROUP times, and a group shares its latent,
 # hence its code norm, so the test on the group maximum is as sharp as on single entries.
-GROUP = 8
+GROUP = 16
 # The candidate threshold is estimated on every `SAMPLE_EVERY`-th group row and set so that
 # about `OVERSHOOT` times the needed number of entries pass it; exactness never depends on
 # either (a miss lowers the threshold, then falls back to a full top-k), only speed does.
@@ -80,7 +80,7 @@ def select_batch_topk(pre: Tensor, code_norm: Tensor, n_keep: int) -> Selection:
     with _one_cpu_thread():
         threshold = _estimate_threshold(group_max, code_norm, n_keep * group / B)
         for _ in range(_RETRIES if threshold is not None else 0):
-            flat, scaled = _entries_reaching(pre, group_max, group, code_norm, threshold)
+            flat, scaled = _entries_reaching(pre, group_max, code_norm, threshold)
             if int((scaled >= threshold).sum()) >= n_keep:
                 return selection_from_flat(flat[scaled.topk(n_keep, sorted=False).indices], B, D)
             threshold = threshold / 4
@@ -99,22 +99,20 @@ def _estimate_threshold(group_max: Tensor, code_norm: Tensor, groups_needed: flo
     return threshold if threshold > 0 else None
 
 
-def _entries_reaching(
-    pre: Tensor, group_max: Tensor, group: int, code_norm: Tensor, threshold: Tensor
-) -> tuple[Tensor, Tensor]:
+def _entries_reaching(pre: Tensor, group_max: Tensor, code_norm: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
     """Flat indices and exact scaled values of a superset of the entries with
-    ``relu(pre) * code_norm >= threshold`` (threshold > 0)."""
-    D = pre.shape[1]
+    ``relu(pre) * code_norm >= threshold`` (threshold > 0); ``group_max`` [B / group, D]
+    holds the maxima of groups of consecutive tokens."""
+    (B, D), group = pre.shape, pre.shape[0] // group_max.shape[0]
     # In raw units, lowered by a margin: comparing pre >= t / c may round differently from pre * c >= t.
     raw_threshold = threshold * (1 - _MARGIN) / code_norm
-    hits = (group_max >= raw_threshold).view(-1).nonzero().squeeze(1)  # (group row, latent) pairs
-    cols = hits % D
-    first = hits + (hits - cols) * (group - 1)  # flat index of the group's first token
-    flat = (first[:, None] + torch.arange(0, group * D, D, device=pre.device)).view(-1)
-    raw = pre.view(-1)[flat]
-    keep = (raw >= raw_threshold[cols.repeat_interleave(group)]).nonzero().squeeze(1)
-    flat, raw = flat[keep], raw[keep]
-    return flat, raw * code_norm[flat % D]
+    hits = (group_max >= raw_threshold).view(-1).nonzero().squeeze(1)  # flat (group row, latent) indices
+    group_rows, cols = hits.div(D, rounding_mode="floor"), hits % D
+    raw = pre.view(-1, group, D).transpose(1, 2)[group_rows, cols]  # [hits, group]: the tokens of each hit group
+    hit, member = (raw >= raw_threshold[cols].unsqueeze(1)).nonzero().unbind(1)
+    cols = cols[hit]
+    flat = (group_rows[hit] * group + member) * D + cols
+    return flat, raw[hit, member] * code_norm[cols]
 
 
 @torch.no_grad()
