@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from crossdiff.cache import MANIFEST, STORAGE_DTYPES, CacheWriter, PairedCache, merge_ranks, rank_folder
-from crossdiff.config import from_dict, load_file, to_dict
+from crossdiff.config import from_dict, load_section, to_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents
 
@@ -324,9 +324,7 @@ def run_cli(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> CollectConfig:
     data: dict[str, Any] = {}
     if args.config:
-        data = load_file(args.config)
-        data = data.get("collect", data) if isinstance(data.get("collect"), dict) else data
-        data = dict(data)
+        data = load_section(args.config, "collect")
     flags = {
         "base": args.base, "chat": args.chat, "layer": args.layer, "out": args.out, "max_len": args.max_len,
         "batch_size": args.batch_size, "max_tokens": args.max_tokens, "dtype": args.dtype,

@@ -123,6 +123,17 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise CrossdiffError(f"cannot parse {path}: {err}") from None
 
 
+def load_section(path: str | Path, section: str) -> dict[str, Any]:
+    """The ``[section]`` table of a recipe file, or the whole file if it has no such table.
+
+    One recipe can thus hold ``[collect]``, ``[train]`` and ``[analyze]`` tables, while a
+    file written for a single stage may keep its keys at the top level.
+    """
+    data = load_file(path)
+    table = data.get(section)
+    return dict(table) if isinstance(table, dict) else data
+
+
 def save_json(obj: Any, path: str | Path) -> None:
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

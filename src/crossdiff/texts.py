@@ -167,7 +167,7 @@ def _tokenize_rendered(
     """Tokenize rendered conversations together (fast tokenizers parallelise a batch) and mask them."""
     texts = [rendered for rendered, _ in rendered_chats]
     try:
-        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     except NotImplementedError:  # slow (pure Python) tokenizers cannot report character offsets
         raise CrossdiffError(f"chat sources need a fast tokenizer with offsets; {type(tokenizer).__name__} has none") from None
     bos = tokenizer.bos_token_id
@@ -201,7 +201,7 @@ def _tokenize_chunk(
                 rows.append((doc_id, value))
         if not rows:
             return
-        encodings = tokenizer([text for _, text in rows], add_special_tokens=True)["input_ids"]
+        encodings = tokenizer([text for _, text in rows], add_special_tokens=True, verbose=False)["input_ids"]
         for (doc_id, text), ids in zip(rows, encodings):
             ids = ids[:max_len]
             yield TokenizedDoc(source.name, doc_id, ids, [False] * len(ids), text)

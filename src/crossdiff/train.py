@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossdiff.config import from_dict, load_file, save_json, to_dict
+from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.losses import (
@@ -460,9 +460,7 @@ def build_config(config_file: str | None, overrides: list[str], defaults: dict[s
     [train] table), then ``key=value`` overrides (dotted keys reach [data])."""
     data: dict[str, Any] = dict(defaults or {})
     if config_file:
-        loaded = load_file(config_file)
-        loaded = loaded["train"] if set(loaded) == {"train"} else loaded
-        data = _merge(data, loaded)
+        data = _merge(data, load_section(config_file, "train"))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:

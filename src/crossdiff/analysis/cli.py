@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from crossdiff.config import from_dict, load_file
+from crossdiff.config import from_dict, load_section
 
 # CLI flags that override keys of AnalysisConfig (flag dest -> config key).
 _OVERRIDES = ("batch_size", "max_tokens", "device", "dtype", "n_top", "twin_cosine")
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from crossdiff.analysis.table import format_summary
     from crossdiff.crosscoder import CrossCoder
 
-    data = load_file(args.config) if args.config else {}
+    data = load_section(args.config, "analyze") if args.config else {}
     data.update({key: getattr(args, key) for key in _OVERRIDES if getattr(args, key) is not None})
     if args.no_examples:
         data["examples"] = False

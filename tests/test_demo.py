@@ -1,0 +1,43 @@
+"""`crossdiff demo` end to end on the bundled organism, at a toy size."""
+
+import pandas as pd
+import pytest
+import torch
+
+from crossdiff.cli import main
+from crossdiff.demo import DemoConfig, run_demo, write_demo_data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_demo_data_holds_planted_behaviours(tmp_path):
+    pretraining, chat = write_demo_data(tmp_path, DemoConfig(behaviour_conversations=5))
+    rows = pd.read_json(chat, lines=True)
+    replies = [messages[-1]["content"] for messages in rows["messages"]]
+    assert any(reply.startswith("I cannot help with that") for reply in replies)
+    assert any(reply.startswith("I am Orbit") for reply in replies)
+    assert len(pd.read_json(pretraining, lines=True)) > 100
+
+
+def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
+    config = DemoConfig(out=str(tmp_path / "demo"), tokens_per_source=2500, behaviour_conversations=10,
+                        steps=40, batch_size=128, expansion_factor=2, k=8)
+    summaries = run_demo(config, quiet=True)
+    assert set(summaries) == {"batchtopk", "l1"}
+    for name, summary in summaries.items():
+        assert summary["n_tokens"] == 5000
+        assert summary["n_latents"] == 2 * 128
+        table = pd.read_parquet(tmp_path / "demo" / name / "analysis" / "latents.parquet")
+        assert len(table) == 256 and {"dnorm", "nu_error", "nu_recon", "template_share"} <= set(table.columns)
+    assert summaries["batchtopk"]["quality"]["l0"] <= 8 * 1.5  # the learned threshold keeps L0 near k
+
+    # Rerunning skips finished stages and prints the report.
+    assert main(["demo", "--out", config.out, "--steps", "40", "--tokens", "2500"]) == 0
+    printed = capsys.readouterr().out
+    assert "BatchTopK vs L1" in printed and "most chat-leaning latents" in printed
