@@ -33,6 +33,20 @@ from typing import Callable  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    """Every test starts from the same global RNG state, whatever ran before it, so a
+    test's random inputs (and its outcome) do not depend on test order or selection."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 TINY_ARCHS = ("llama", "gemma2", "gpt2", "qwen2")
 TINY_N_LAYERS = 4
 TINY_D_MODEL = 32
