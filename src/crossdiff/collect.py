@@ -89,7 +89,7 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
     if _already_complete(folder, config):
         return _finish(config, folder, start, new_tokens=0, quiet=quiet)
 
-    from crossdiff.models import ResidualExtractor, pad_batch
+    from crossdiff.models import ResidualExtractor, check_same_tokenization, pad_batch
 
     pair = _load_pair(config, quiet)
     extractor = ResidualExtractor(pair, config.layer)
@@ -122,7 +122,9 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
             tokens = source_tokens if index == first_source else 0
             docs = _rank_documents(config, source, tokenizer, next_doc if index == first_source else 0)
             last_doc = -1
-            for batch in _batches(docs, config.batch_size, budgets[index], tokens):
+            for batch_index, batch in enumerate(_batches(docs, config.batch_size, budgets[index], tokens)):
+                if batch_index == 0:  # both models must see the same ids for this source's texts
+                    check_same_tokenization(pair, batch)
                 n = sum(len(doc.input_ids) for doc in batch)
                 if writer.room < n:
                     writer.seal({"source": source.name, "next_doc": batch[0].doc_id, "source_tokens": tokens})
