@@ -51,6 +51,8 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) every stage and return the two analysis summaries."""
+    import pandas as pd
+
     from crossdiff import organism
     from crossdiff.analysis.pipeline import AnalysisConfig, analyze
     from crossdiff.analysis.table import format_summary
@@ -88,13 +90,19 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
         name = "batchtopk" if activation == "batchtopk" else "l1"
         _say(quiet, f"[3/4] train: {name} crosscoder -> {out / name}")
         crosscoder = _train(cache, out / name, activation, config, quiet)
-        _say(quiet, f"[4/4] analyze: {name} -> {out / name / 'analysis'}")
-        result = analyze(crosscoder, cache, out / name / "analysis",
-                         AnalysisConfig(batch_size=4096, n_top=10, per_bin=1), tokenizer=tokenizer, progress=not quiet)
-        summaries[name] = result.summary
+        analysis_dir = out / name / "analysis"
+        _say(quiet, f"[4/4] analyze: {name} -> {analysis_dir}")
+        if (analysis_dir / "summary.json").is_file():  # written last: the analysis is complete
+            table = pd.read_parquet(analysis_dir / "latents.parquet")
+            summary = json.loads((analysis_dir / "summary.json").read_text())
+        else:
+            result = analyze(crosscoder, cache, analysis_dir, AnalysisConfig(batch_size=4096, n_top=10, per_bin=1),
+                             tokenizer=tokenizer, progress=not quiet)
+            table, summary = result.table, result.summary
+        summaries[name] = summary
         if not quiet:
-            print(format_summary(result.summary))
-            print(describe_top_latents(result.table, out / name / "analysis" / "examples.sqlite"))
+            print(format_summary(summary))
+            print(describe_top_latents(table, analysis_dir / "examples.sqlite"))
     if not quiet:
         print(compare(summaries))
     return summaries

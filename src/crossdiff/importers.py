@@ -69,8 +69,8 @@ def convert_dictionary_learning(state: dict[str, Tensor], hub_config: dict[str, 
         activation="batchtopk" if is_batchtopk else "relu",
         k=int(state["k"]) if is_batchtopk else None,
         code_normalization=name,
-        code_normalization_alpha_sae=float(hub_config.get("code_normalization_alpha_sae") or 1.0),
-        code_normalization_alpha_cc=float(hub_config.get("code_normalization_alpha_cc") or 0.1),
+        code_normalization_alpha_sae=_config_float(hub_config, "code_normalization_alpha_sae", 1.0),
+        code_normalization_alpha_cc=_config_float(hub_config, "code_normalization_alpha_cc", 0.1),
         threshold=float(state["threshold"]) if "threshold" in state else -1.0,
         metadata={"imported_from": source, "original_format": "dictionary_learning"},
     )
@@ -85,6 +85,12 @@ def convert_dictionary_learning(state: dict[str, Tensor], hub_config: dict[str, 
     }
     model.load_checked_state_dict({k: v.float().contiguous() for k, v in converted.items()}, source=source)
     return model
+
+
+def _config_float(config: dict[str, Any], key: str, default: float) -> float:
+    """A number from the hub config, with dictionary_learning's default when absent or null."""
+    value = config.get(key)
+    return default if value is None else float(value)
 
 
 def _read_state_dict(folder: Path) -> dict[str, Tensor]:
