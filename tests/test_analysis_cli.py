@@ -90,6 +90,14 @@ def test_bad_input_is_a_one_line_error(cache_and_crosscoder, tmp_path):
     unthresholded.save_pretrained(tmp_path / "cc")
     with pytest.raises(CrossdiffError, match="threshold"):
         run_cli(["analyze", str(tmp_path / "cc"), str(root / "cache"), "-o", str(tmp_path / "d"), "--quiet"])
+    wider = CrossCoder(CrossCoderConfig(d_in=D_IN + 1, d_sae=8, activation="relu"))
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(CrossdiffError, match="wrong cache or crosscoder"):
+        run_cli(["analyze", str(tmp_path / "wider"), str(root / "cache"), "-o", str(tmp_path / "g"), "--quiet"])
+    if not torch.cuda.is_available():
+        with pytest.raises(CrossdiffError, match="CUDA is not available"):
+            run_cli(["analyze", str(root / "cc"), str(root / "cache"), "-o", str(tmp_path / "h"), "--device", "cuda",
+                     "--quiet"])
 
 
 def test_crossdiff_entry_point_lists_and_runs_analyze(cache_and_crosscoder, tmp_path, capsys):

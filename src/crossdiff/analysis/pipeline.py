@@ -172,6 +172,7 @@ def analyze(
     top = TopActivations(n_latents, config.n_top, device=device) if config.examples else None
     with torch.no_grad():
         for batch in _batches(source, config, device, f"pass 1/{n_passes}: statistics + Latent Scaling", progress):
+            _check_acts(batch.acts, crosscoder)
             x = crosscoder.normalize(batch.acts)
             f = crosscoder.encode(x)
             x_hat = crosscoder.decode(f)
@@ -228,10 +229,22 @@ def _prepare(crosscoder: CrossCoder, config: AnalysisConfig) -> CrossCoder:
         device = torch.device(config.device)
     except RuntimeError as err:
         raise CrossdiffError(f"bad device {config.device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrossdiffError(f"device {config.device!r} requested but CUDA is not available")
     dtype = _DTYPES[config.dtype]
     if crosscoder.W_dec.device != device or crosscoder.W_dec.dtype != dtype:
         crosscoder = copy.deepcopy(crosscoder).to(device=device, dtype=dtype)  # leave the caller's model as it was
     return crosscoder.eval()
+
+
+def _check_acts(acts: Tensor, crosscoder: CrossCoder) -> None:
+    """A cache from other models or another layer fails here, not deep inside a matmul."""
+    expected = (crosscoder.config.n_models, crosscoder.config.d_in)
+    if acts.dim() != 3 or tuple(acts.shape[1:]) != expected:
+        raise CrossdiffError(
+            f"the cache's activations are [tokens, {', '.join(map(str, acts.shape[1:]))}] but the crosscoder "
+            f"reads [tokens, {expected[0]}, {expected[1]}]: wrong cache or crosscoder?"
+        )
 
 
 def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, desc: str,
