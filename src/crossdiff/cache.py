@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import struct
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -117,7 +118,9 @@ class ReadFilters:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Replace ``path`` by ``data`` so that readers see either the old or the new file, whole."""
-    tmp = path.with_name(path.name + ".tmp")
+    # A temporary name of its own per writer: ranks that finish together all write the
+    # merged manifest, and a shared name would let one rank rename another's half-written file.
+    tmp = path.with_name(f"{uuid.uuid4().hex[:12]}.{path.name}.tmp")
     try:
         with open(tmp, "w") as f:
             f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
