@@ -146,8 +146,6 @@ class ShuffledPairLoader:
         # Every shard of a window is read for each batch: keep all their maps open.
         n_streams = len(self.source_ratio) if self.source_ratio else 1
         self.cache.max_open_shards = max(self.cache.max_open_shards, n_streams * window_shards)
-        self.normalization: list[float] = self._normalization() if normalize else [1.0, 1.0]
-        self._scale = torch.tensor(self.normalization, dtype=dtype, device=device).view(1, 2, 1)
 
         if self.source_ratio is None:
             self._streams = [self._stream(list(range(len(self.cache.shards))), 0)]
@@ -162,6 +160,9 @@ class ShuffledPairLoader:
                 f"the cache ({self.cache.path}) has too few tokens for one batch of {batch_size} "
                 "after filters and source ratios"
             )
+        # After the size check: an empty cache has no norms to normalise by.
+        self.normalization: list[float] = self._normalization() if normalize else [1.0, 1.0]
+        self._scale = torch.tensor(self.normalization, dtype=dtype, device=device).view(1, 2, 1)
         self.step = 0
 
     def _stream(self, shards: list[int], stream_id: int) -> _ShardStream:
