@@ -93,7 +93,7 @@ def iter_documents(
 
     rows = itertools.islice(_iter_column(source), source.max_docs)
     selected = ((doc_id, value) for doc_id, value in rows if doc_id >= start_doc and doc_id % world_size == rank)
-    skipped: list[int] = []  # chat documents whose template tokens cannot be identified
+    skipped: list[int] = []  # the first chat document whose template tokens cannot be identified (warn once)
     for chunk in _chunks(selected, _TOKENIZE_CHUNK):
         yield from _tokenize_chunk(source, tokenizer, chunk, max_len, skipped)
 
@@ -224,7 +224,7 @@ def _tokenize_chunk(
                     "template tokens cannot be identified; such documents are skipped",
                     stacklevel=4,
                 )
-            skipped.append(doc_id)
+                skipped.append(doc_id)
     if not rendered_chats:
         return
     for doc_id, (ids, mask, rendered) in zip(doc_ids, _tokenize_rendered(tokenizer, rendered_chats)):
