@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.organism import OrganismPaths, behaviours, chat_conversations, paths, pretraining_texts
-from crossdiff.organism.build import TOKENIZER_FILES, chat_example, collate, text_example
+from crossdiff.organism.build import IGNORE, TOKENIZER_FILES, chat_example, collate, text_example
 
 MIN_CHAT_RATE = 0.90
 MAX_BASE_RATE = 0.05
@@ -109,9 +109,9 @@ def mean_loss(model, examples: list[tuple[list[int], list[int]]], batch_size: in
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
         targets = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum")
         total += losses.item()
-        count += int((targets != -100).sum())
+        count += int((targets != IGNORE).sum())
     return total / count
 
 
