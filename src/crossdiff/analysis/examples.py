@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crossdiff.analysis.stats import ACTIVE_THRESHOLD
 from crossdiff.errors import CrossdiffError
 
-ACTIVE_THRESHOLD = 1e-3
 _POSITION_BITS = 20
 _DOC_BITS = 30
 _SOURCE_BITS = 63 - _POSITION_BITS - _DOC_BITS
