@@ -14,8 +14,9 @@ the selected (token, latent) pairs:
 * :func:`sparse_decode` decodes (token, latent, value) triples by gathering decoder rows
   (``embedding_bag``), whose backward only touches the selected rows.
 
-A selection is a sorted 1-D tensor of flat indices ``token * D + latent``; sorted means
-grouped by token, which is what ``embedding_bag`` needs.
+A :class:`Selection` holds the (token, latent) pairs as two index tensors grouped by
+token (non-decreasing rows), which is what ``embedding_bag`` and the CSR pattern of the
+decoder's backward need.
 """
 
 from __future__ import annotations
