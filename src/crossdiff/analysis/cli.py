@@ -6,7 +6,7 @@ import argparse
 
 from crossdiff.config import from_dict, load_section
 
-# CLI flags that override keys of AnalysisConfig (flag dest -> config key).
+# CLI flags that override the AnalysisConfig key of the same name (the flag's dest).
 _OVERRIDES = ("batch_size", "max_tokens", "device", "dtype", "n_top", "twin_cosine")
 
 
