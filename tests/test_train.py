@@ -91,6 +91,8 @@ def test_resume_after_crash_is_exact(tmp_path, one_thread, activation, sparse):
     with pytest.raises(KeyboardInterrupt):
         Trainer(config, 8, tmp_path / "crashed", quiet=True).fit(Crashing(synthetic_batches(), after=7))
     assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-000004"]
+    with open(tmp_path / "crashed" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "lo')  # a line the crash cut short
     resumed = Trainer(config, 8, tmp_path / "crashed", quiet=True)
     resumed.fit(synthetic_batches())  # a fresh, deterministic stream: the trainer skips 4 batches
 

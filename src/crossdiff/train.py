@@ -355,7 +355,7 @@ class Trainer:
         """Drop lines a crashed run logged after the checkpoint we resume from."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
-            lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+            lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= self.step]
             path.write_text("".join(line + "\n" for line in lines))
 
     # ------------------------------------------------------------------ checkpoints
@@ -418,6 +418,14 @@ class Trainer:
 
     def _stamp_metadata(self) -> None:
         self.model.config.metadata.update({"training": to_dict(self.config), "steps": self.step, "tokens": self.tokens})
+
+
+def _logged_step(line: str) -> float:
+    """Step of a metrics.jsonl line; infinite (dropped) for a blank line or one a crash cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _adam(params: list[Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
