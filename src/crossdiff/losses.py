@@ -37,8 +37,7 @@ Reconstruction = Literal["l2", "squared"]
 # ---------------------------------------------------------------------- loss terms
 def reconstruction_loss(x: Tensor, x_hat: Tensor, kind: Reconstruction = "l2") -> Tensor:
     """Mean over tokens and models of the per-model error norm (``l2``) or squared norm."""
-    error = (x - x_hat).reshape(x.shape[0], -1, x.shape[-1])
-    squared = error.square().sum(dim=-1)
+    squared = (x - x_hat).square().sum(dim=-1)  # [B, n_models]
     return squared.mean() if kind == "squared" else squared.sqrt().mean()
 
 
@@ -103,8 +102,8 @@ class LossTerms(NamedTuple):
     fired: Tensor
     """[d_sae] bool: latents with a positive activation in this batch."""
     min_selected: Tensor
-    """Smallest positive scaled activation kept by the sparsity rule (0 if none): the
-    quantity the BatchTopK threshold averages."""
+    """Smallest positive scaled activation kept by the top-k rule (0 if none, and always 0
+    for relu): the quantity the BatchTopK threshold averages."""
     l0: Tensor
     """Mean number of active latents per token."""
 
