@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "crossdiff-paired-cache"
@@ -364,6 +364,8 @@ class CacheWriter:
         if self.complete:
             raise RuntimeError("cache is already complete")
         n = acts.shape[0]
+        if n == 0:  # nothing to store; opening a shard for it would tie that shard to this source
+            return
         if acts.shape[1:] != (2, self.d_model):
             raise ValueError(f"expected activations [n, 2, {self.d_model}], got {list(acts.shape)}")
         if n > self.room:
@@ -468,9 +470,6 @@ class CacheWriter:
         self.manifest["tokens_per_source"] = _tokens_per_source(self.manifest)
         write_json_atomic(self.path / MANIFEST, self.manifest)
 
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _as_numpy(values: Any) -> np.ndarray:
@@ -668,7 +667,7 @@ class PairedCache:
         except FileNotFoundError:
             raise CrossdiffError(f"{name} is missing") from None
         except Exception as err:  # any failure to parse the header means a damaged file
-            raise CrossdiffError(f"{name} is corrupt ({_first_line(err)})") from None
+            raise CrossdiffError(f"{name} is corrupt ({first_line(err)})") from None
         if len(array) != shard["n_tokens"]:
             raise CrossdiffError(f"{name} is corrupt ({len(array)} rows, manifest says {shard['n_tokens']})")
         return array

@@ -338,12 +338,14 @@ def config_from_args(args: argparse.Namespace) -> CollectConfig:
         data["sources"] = [_parse_source(spec) for spec in args.source]
     for key, env in (("rank", "RANK"), ("world_size", "WORLD_SIZE")):
         if key not in data and env in os.environ:
+            if not os.environ[env].isdigit():
+                raise CrossdiffError(f"environment variable {env}={os.environ[env]!r} is not a non-negative integer")
             data[key] = int(os.environ[env])
     missing = [k for k in ("base", "chat", "layer", "sources", "out") if k not in data]
     if missing and set(data) - {f.name for f in dataclasses.fields(CollectConfig)}:
         from_dict(CollectConfig, data)  # a typo explains the missing key better: report it first
     if missing:
-        flag_names = ", ".join("--" + k.replace("_", "-") for k in missing)
+        flag_names = ", ".join("--source" if k == "sources" else "--" + k.replace("_", "-") for k in missing)
         raise CrossdiffError(f"collect needs {flag_names} (as flags or in --config)")
     return from_dict(CollectConfig, data)
 

@@ -231,15 +231,17 @@ class ShuffledPairLoader:
             "batch_size": self.batch_size,
             "source_ratio": self.source_ratio,
             "window_shards": self.window_shards,
+            "epochs": self.epochs,
+            "drop_last": self.drop_last,
+            "filters": repr(self.filters),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; the loader must be built with the same settings."""
-        for key in ("seed", "batch_size", "source_ratio", "window_shards"):
-            if state.get(key) != getattr(self, key):
-                raise CrossdiffError(
-                    f"cannot resume the data loader: {key} was {state.get(key)!r}, now {getattr(self, key)!r}"
-                )
+        now = self.state_dict()
+        for key in ("seed", "batch_size", "source_ratio", "window_shards", "epochs", "drop_last", "filters"):
+            if key in state and state[key] != now[key]:  # states saved before a key existed skip its check
+                raise CrossdiffError(f"cannot resume the data loader: {key} was {state[key]!r}, now {now[key]!r}")
         if len(state["streams"]) != len(self._streams):
             raise CrossdiffError("cannot resume the data loader: the cache has different sources")
         self.step = int(state["step"])

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -315,7 +315,7 @@ def _load_config(name: str, role: str) -> Any:
     try:
         return AutoConfig.from_pretrained(name)
     except Exception as err:  # OSError, ValueError, HF hub errors: all mean "cannot load"
-        raise CrossdiffError(f"cannot load the {role} model from {name!r}: {_first_line(err)}") from None
+        raise CrossdiffError(f"cannot load the {role} model from {name!r}: {first_line(err)}") from None
 
 
 def _load_tokenizer(name: str, role: str) -> Any:
@@ -324,7 +324,7 @@ def _load_tokenizer(name: str, role: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as err:  # OSError, ValueError, HF hub errors: all mean "cannot load"
-        raise CrossdiffError(f"cannot load the {role} tokenizer from {name!r}: {_first_line(err)}") from None
+        raise CrossdiffError(f"cannot load the {role} tokenizer from {name!r}: {first_line(err)}") from None
 
 
 def _load_model(name: str, role: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -336,7 +336,7 @@ def _load_model(name: str, role: str, dtype: torch.dtype, device: torch.device) 
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **{dtype_kw: dtype})
     except Exception as err:
-        raise CrossdiffError(f"cannot load the {role} model from {name!r}: {_first_line(err)}") from None
+        raise CrossdiffError(f"cannot load the {role} model from {name!r}: {first_line(err)}") from None
     model.to(device).eval().requires_grad_(False)
     return model
 
@@ -361,8 +361,3 @@ def _version_tuple(version: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits or 0))
     return tuple(parts)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, first_line
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -405,7 +405,7 @@ def _read_hf_dataset(source: TextSourceConfig) -> Iterator[Any]:
     except CrossdiffError:
         raise
     except Exception as err:  # hub errors, unknown split, missing config: all one line for the user
-        raise CrossdiffError(f"source '{source.name}': cannot load {where} (split {source.split!r}): {_first_line(err)}") from None
+        raise CrossdiffError(f"source '{source.name}': cannot load {where} (split {source.split!r}): {first_line(err)}") from None
 
     columns = dataset.column_names
     if columns is not None and source.column not in columns:
@@ -421,8 +421,3 @@ def _read_hf_dataset(source: TextSourceConfig) -> Iterator[Any]:
 
 def _unknown_column(source: TextSourceConfig, where: str, columns: Iterable[str]) -> str:
     return f"source '{source.name}': no column '{source.column}' in {where}; available columns: {', '.join(map(str, columns))}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
