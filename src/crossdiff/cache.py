@@ -305,7 +305,7 @@ class CacheWriter:
         manifest_path = self.path / MANIFEST
         if manifest_path.exists():
             self.manifest = _read_manifest(manifest_path)
-            _check_same_header(self.manifest, header, self.path)
+            check_same_settings(self.manifest, header, self.path)
             self._stats = _stats_from_json(self.manifest["stats"])
         else:
             self.manifest = {**header, "complete": False, "n_tokens": 0, "shards": [], "stats": {}}
@@ -497,12 +497,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_same_header(existing: dict[str, Any], header: dict[str, Any], path: Path) -> None:
+def check_same_settings(existing: dict[str, Any], header: dict[str, Any], path: Path) -> None:
+    """CrossdiffError unless every key of ``header`` matches the existing manifest's."""
     for key, value in header.items():
         if existing.get(key) != value:
             if key == "config":
-                diff = sorted(k for k in value.keys() | existing[key].keys() if value.get(k) != existing[key].get(k))
-                what = f"config differs in {', '.join(diff)}"
+                old = existing[key]
+                diff = sorted(k for k in value.keys() | old.keys() if value.get(k) != old.get(k))
+                what = "config differs in " + "; ".join(f"{k}: {old.get(k)!r} there, {value.get(k)!r} now" for k in diff)
             else:
                 what = f"{key} is {existing.get(key)!r} there, {value!r} now"
             raise CrossdiffError(f"{path} holds a cache collected with other settings ({what}); use a new output folder")

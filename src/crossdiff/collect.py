@@ -26,7 +26,15 @@ from typing import Any, Literal
 
 import torch
 
-from crossdiff.cache import MANIFEST, STORAGE_DTYPES, CacheWriter, PairedCache, merge_ranks, rank_folder
+from crossdiff.cache import (
+    MANIFEST,
+    STORAGE_DTYPES,
+    CacheWriter,
+    PairedCache,
+    check_same_settings,
+    merge_ranks,
+    rank_folder,
+)
 from crossdiff.config import from_dict, load_section, to_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents
@@ -199,12 +207,12 @@ def _device(device: str) -> str:
 
 
 def _already_complete(folder: Path, config: CollectConfig) -> bool:
-    """A finished cache with the same settings needs no models at all."""
+    """Whether ``folder`` holds the finished cache of ``config`` (then no model is needed)."""
     if not (folder / MANIFEST).is_file():
         return False
     cache = PairedCache(folder, allow_incomplete=True)
-    if cache.manifest["config"] != config.identity():
-        return False  # the writer explains the difference
+    # Refuse other settings before any model is loaded (that can take minutes).
+    check_same_settings(cache.manifest, {"layer": config.layer, "config": config.identity()}, folder)
     return bool(cache.manifest["complete"])
 
 
