@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--d-in 256] [--d-sae 16384] [--k 32] [--batch 4096] [--reps 3]
 
-Both sides compute the same maths (METHOD.md 3) on the same batch and weights, and both
+Both sides compute the same maths (docs/method.md 3) on the same batch and weights, and both
 include forward, backward, gradient clipping (BatchTopK) and the Adam step:
 
 * dense baseline: the straightforward version: dense encoder, ReLU, flattened top-k over

@@ -82,7 +82,7 @@ def _tiny_model(activation, d_in=3, d_sae=5, k=2, dtype=torch.float64, seed=0):
 
 
 def _brute_force(model, x, *, mu, alpha, k_aux, dead):
-    """METHOD.md 3 written with Python loops over tokens and latents (float64)."""
+    """docs/method.md 3 written with Python loops over tokens and latents (float64)."""
     B, n, d = x.shape
     W_enc, b_enc, W_dec, b_dec = model.W_enc, model.b_enc, model.W_dec, model.b_dec
     D, k = model.config.d_sae, model.config.k

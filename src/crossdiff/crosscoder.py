@@ -1,6 +1,6 @@
 """The crosscoder: one joint sparse dictionary over the activations of several models.
 
-Shapes follow the ecosystem's convention (METHOD.md 2, DESIGN.md):
+Shapes follow the ecosystem's convention (docs/method.md 2, docs/architecture.md):
 
     W_enc [n_models, d_in, d_sae]   b_enc [d_sae]
     W_dec [d_sae, n_models, d_in]   b_dec [n_models, d_in]
@@ -44,7 +44,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_NAME = "crossdiff.crosscoder"
 
-# Default per-latent decoder norm at init (METHOD.md 2): small for L1, unit for top-k.
+# Default per-latent decoder norm at init (docs/method.md 2): small for L1, unit for top-k.
 DEFAULT_NORM_INIT_SCALE = {"relu": 0.005, "batchtopk": 1.0, "topk": 1.0}
 
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import random
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ def describe_top_latents(table, examples_db: Path, limit: int = 6) -> str:
     """The most chat-leaning live latents, with their verdicts and the tokens they fire on most."""
     live = table[~table["dead"]].sort_values("dnorm", ascending=False).head(limit)
     lines = [f"most chat-leaning latents (dnorm, 1 = chat-only; verdict from Latent Scaling):"]
-    with sqlite3.connect(examples_db) as db:
+    with closing(sqlite3.connect(examples_db)) as db:
         for row in live.itertuples():
             lines.append(
                 f"  latent {row.latent:5d}  dnorm {row.dnorm:.2f} {row.tag:9s}  {_verdict(row):18s}  "

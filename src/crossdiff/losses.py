@@ -1,4 +1,4 @@
-"""The training objective of METHOD.md 3, as small functions, and the step that composes them.
+"""The training objective of docs/method.md 3, as small functions, and the step that composes them.
 
 Conventions (all follow the reference code, science-of-finetuning/crosscoder_learning):
 

@@ -1,7 +1,7 @@
 """Training a crosscoder on paired activations: the loop, its state, and `crossdiff train`.
 
 The loop reads top to bottom: take a batch, check it, (first batch only) start b_dec at
-the geometric median, set the learning rate, compute the losses of METHOD.md 3
+the geometric median, set the learning rate, compute the losses of docs/method.md 3
 (:func:`crossdiff.losses.crosscoder_losses`), step Adam with optional clipping, then
 update the dead-latent counters and the BatchTopK threshold. Every ``log_every`` steps a
 line goes to ``metrics.jsonl``; every ``checkpoint_every`` steps a checkpoint folder is
@@ -70,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Every training option; defaults are the paper's BatchTopK run (METHOD.md 3)."""
+    """Every training option; defaults are the paper's BatchTopK run (docs/method.md 3)."""
 
     activation: Literal["batchtopk", "relu", "topk"] = "batchtopk"
     """`batchtopk` (k*B latents per batch), `relu` (the L1 crosscoder) or per-token `topk`."""
@@ -498,7 +498,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a crosscoder on a paired activation cache",
-        description="Train a crosscoder (METHOD.md 3). Resumes automatically from OUT/checkpoints.",
+        description="Train a crosscoder (docs/method.md 3). Resumes automatically from OUT/checkpoints.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cache", help="activation cache folder written by `crossdiff collect`")

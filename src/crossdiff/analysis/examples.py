@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -217,7 +218,7 @@ def write_examples(
         ))
     used_ids = sorted({int(t) for t in np.unique(token_ids) if t >= 0})
     texts = token_text(used_ids) if token_text is not None else []
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:  # commit, then close
         db.executescript(
             """
             CREATE TABLE examples (

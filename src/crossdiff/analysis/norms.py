@@ -1,4 +1,4 @@
-"""Decoder and encoder geometry of every latent: relative norm, tag, cosines (METHOD.md 4).
+"""Decoder and encoder geometry of every latent: relative norm, tag, cosines (docs/method.md 4).
 
 Orientation, stated once and used everywhere in crossdiff: ``dnorm`` is 1 for a latent
 that exists only in the chat model, 0 for one only in the base model, 0.5 for equal

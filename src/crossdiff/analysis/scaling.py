@@ -1,4 +1,4 @@
-"""Latent Scaling for every latent in one streaming pass (METHOD.md 5).
+"""Latent Scaling for every latent in one streaming pass (docs/method.md 5).
 
 For latent j with direction d_j = W_dec[j, chat] (used for both models) and a target
 y(x), Latent Scaling fits one scalar over the tokens:
@@ -165,7 +165,7 @@ class LatentScaling:
 
 @dataclass
 class ScalingThresholds:
-    """The paper's decision rule (METHOD.md 5)."""
+    """The paper's decision rule (docs/method.md 5)."""
 
     nu_error_max: float = 0.2
     """Chat-specific needs nu_error below this; at or above it a chat-only latent is flagged as Complete Shrinkage."""

@@ -1,9 +1,9 @@
 """Per-latent activation statistics, and the crosscoder's overall reconstruction quality.
 
 Every statistic uses the *scaled* activation f~ = f * (||d_base|| + ||d_chat||)
-(METHOD.md 2): frequencies and maxima are comparable across latents whatever their
+(docs/method.md 2): frequencies and maxima are comparable across latents whatever their
 decoder norms. A latent counts as active on a token when f~ > ``active_threshold``
-(1e-3, METHOD.md 4).
+(1e-3, docs/method.md 4).
 """
 
 from __future__ import annotations

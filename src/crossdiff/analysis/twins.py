@@ -1,6 +1,6 @@
 """Twin search: base-only latents that point where a chat-only latent points.
 
-Latent Decoupling (METHOD.md 5) leaves a concept that both models share split over two
+Latent Decoupling (docs/method.md 5) leaves a concept that both models share split over two
 latents: a chat-only one and a base-only "twin" that reconstructs it in the base model.
 The paper's evidence is a base-only latent whose base decoder vector has a high cosine
 with the chat-only latent's chat decoder vector; this module finds all such pairs.
