@@ -87,8 +87,7 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
     tokenizer = _tokenizer(pair.chat)
 
     summaries = {}
-    for activation in ("batchtopk", "relu"):
-        name = "batchtopk" if activation == "batchtopk" else "l1"
+    for name, activation in (("batchtopk", "batchtopk"), ("l1", "relu")):
         _say(quiet, f"[3/4] train: {name} crosscoder -> {out / name}")
         crosscoder = _train(cache, out / name, activation, config, quiet)
         analysis_dir = out / name / "analysis"
