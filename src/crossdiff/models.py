@@ -188,8 +188,8 @@ def check_same_tokenization(pair_or_tokenizers: ModelPair | tuple[Any, Any], tex
     for text in texts:
         text = getattr(text, "text", text)
         for special in (True, False):
-            base_ids = base_tok(text, add_special_tokens=special)["input_ids"]
-            chat_ids = chat_tok(text, add_special_tokens=special)["input_ids"]
+            base_ids = base_tok(text, add_special_tokens=special, verbose=False)["input_ids"]
+            chat_ids = chat_tok(text, add_special_tokens=special, verbose=False)["input_ids"]
             if base_ids != chat_ids:
                 where = next((i for i, (a, b) in enumerate(zip(base_ids, chat_ids)) if a != b), min(len(base_ids), len(chat_ids)))
                 preview = text[:60].replace("\n", "\\n")
