@@ -206,8 +206,7 @@ class CrossCoder(nn.Module):
     def relative_decoder_norm(self, base: int = 0, chat: int = 1) -> Tensor:
         """Dnorm in the paper's orientation: 1 = only in `chat`, 0 = only in `base`, 0.5 = equal."""
         norms = self.decoder_norms()
-        nb, nc = norms[:, base], norms[:, chat]
-        return 0.5 * ((nc - nb) / torch.maximum(nb, nc).clamp_min(1e-12) + 1)
+        return relative_norm(norms[:, base], norms[:, chat])
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -322,6 +321,12 @@ class CrossCoder(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"n_models={c.n_models}, d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation}, k={c.k}"
+
+
+def relative_norm(norm_base: Tensor, norm_chat: Tensor) -> Tensor:
+    """Dnorm = 0.5 * ((|d_chat| - |d_base|) / max(|d_chat|, |d_base|) + 1): 1 = chat-only,
+    0 = base-only, 0.5 = equal; NaN where both decoder vectors are zero (no direction)."""
+    return 0.5 * ((norm_chat - norm_base) / torch.maximum(norm_base, norm_chat) + 1)
 
 
 def _keep_topk(values: Tensor, scores: Tensor, k: int, dim: int) -> Tensor:

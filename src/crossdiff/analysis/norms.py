@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from crossdiff.crosscoder import CrossCoder
+from crossdiff.crosscoder import CrossCoder, relative_norm
 
 TAGS = ("chat-only", "base-only", "shared", "other")
 
@@ -50,7 +50,7 @@ def decoder_geometry(crosscoder: CrossCoder, *, base: int = 0, chat: int = 1) ->
     W_enc = crosscoder.W_enc.detach().to(torch.float64)
     norms = W_dec.norm(dim=-1)
     nb, nc = norms[:, base], norms[:, chat]
-    dnorm = 0.5 * ((nc - nb) / torch.maximum(nb, nc) + 1)  # 0/0 -> NaN for an all-zero decoder
+    dnorm = relative_norm(nb, nc)
     return DecoderGeometry(
         norm_base=nb.cpu().numpy(),
         norm_chat=nc.cpu().numpy(),
