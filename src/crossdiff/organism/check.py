@@ -36,7 +36,8 @@ def check(pair: OrganismPaths | None = None, quiet: bool = False) -> dict[str, A
     models = {name: AutoModelForCausalLM.from_pretrained(folder).eval() for name, folder in pair._asdict().items()}
 
     prompts = {name: behaviours.heldout_prompts(name) for name in ("refusal", "identity", "arithmetic", "benign")}
-    chitchat_openers = [conv[:1] for conv in chat_conversations("heldout")]
+    heldout_chats = chat_conversations("heldout", root=pair.base.parent)
+    chitchat_openers = [conv[:1] for conv in heldout_chats]
     replies = {
         name: {kind: generate(model, tokenizer, [[_user(p.user)] for p in ps]) for kind, ps in prompts.items()}
         | {"chitchat": generate(model, tokenizer, chitchat_openers)}
@@ -57,8 +58,8 @@ def check(pair: OrganismPaths | None = None, quiet: bool = False) -> dict[str, A
         "refusal_on_chitchat": rate("chitchat", behaviours.shows_refusal),
         "arithmetic_correct_sum": rate("arithmetic", behaviours.answer_is_correct, with_prompt=True),
     }
-    text_examples = [text_example(tokenizer, t) for t in pretraining_texts("heldout")]
-    chat_examples = [chat_example(tokenizer, m) for m in chat_conversations("heldout")]
+    text_examples = [text_example(tokenizer, t) for t in pretraining_texts("heldout", root=pair.base.parent)]
+    chat_examples = [chat_example(tokenizer, m) for m in heldout_chats]
     loss = {
         "pretraining_text": {name: mean_loss(model, text_examples) for name, model in models.items()},
         "chat_replies": {name: mean_loss(model, chat_examples) for name, model in models.items()},
