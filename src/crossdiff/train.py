@@ -44,6 +44,7 @@ from crossdiff.losses import (
     geometric_median,
     update_threshold,
 )
+from crossdiff.models import parse_device
 
 STATE_NAME = "training_state.pt"
 SPARSE_MIN_D_SAE = 4096
@@ -180,7 +181,7 @@ class Trainer:
         self.config = config
         self.out = Path(out_dir)
         self.quiet = quiet
-        self.device = _resolve_device(config.device)
+        self.device = parse_device(config.device)
         d_sae = config.d_sae or config.expansion_factor * d_in
         cc_config = CrossCoderConfig(
             d_in=d_in,
@@ -436,18 +437,6 @@ def _adam(params: list[Tensor], lr: float, betas: tuple[float, float]) -> torch.
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, betas=betas)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise CrossdiffError(f"config key 'device' is not a device: {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CrossdiffError(f"device {device!r} requested but CUDA is not available")
-    return resolved
 
 
 def _progress_bar(total: int | None, initial: int, quiet: bool):

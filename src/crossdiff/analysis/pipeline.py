@@ -40,6 +40,7 @@ from crossdiff.analysis.table import build_table, summarize, write_table
 from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
+from crossdiff.models import parse_device
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -52,6 +53,7 @@ class AnalysisConfig:
     max_tokens: int | None = None
     """Analyse only the first tokens of the cache (None = all)."""
     device: str = "cpu"
+    """`cpu`, `cuda`, `cuda:1`, `mps` or `auto` (CUDA if present)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Compute dtype of the crosscoder and activations; sums are always float64."""
     tags: TagThresholds = field(default_factory=TagThresholds)
@@ -225,12 +227,7 @@ def _prepare(crosscoder: CrossCoder, config: AnalysisConfig) -> CrossCoder:
         raise CrossdiffError(
             "this BatchTopK crosscoder has no inference threshold (threshold < 0); analysis needs the trained threshold"
         )
-    try:
-        device = torch.device(config.device)
-    except RuntimeError as err:
-        raise CrossdiffError(f"bad device {config.device!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrossdiffError(f"device {config.device!r} requested but CUDA is not available")
+    device = parse_device(config.device)
     dtype = _DTYPES[config.dtype]
     if crosscoder.W_dec.device != device or crosscoder.W_dec.dtype != dtype:
         crosscoder = copy.deepcopy(crosscoder).to(device=device, dtype=dtype)  # leave the caller's model as it was
