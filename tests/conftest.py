@@ -47,6 +47,16 @@ def _seeded_rng():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models and matrices run fastest, and steadiest on a shared machine, on one
+    thread (the collection crash test's subprocess uses one too: same kernels, same bits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_ARCHS = ("llama", "gemma2", "gpt2", "qwen2")
 TINY_N_LAYERS = 4
 TINY_D_MODEL = 32

@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-import torch
 
 from crossdiff.analysis.artifacts import ArtifactExperiment, compare_sparsity
-
-
-@pytest.fixture
-def one_thread():
-    # Tiny matrices: threads only add contention on a shared CI machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_l1_makes_chat_only_latents_that_latent_scaling_rejects(one_thread, tmp_path):

@@ -58,13 +58,7 @@ def make_config(pair, texts, out, **overrides) -> CollectConfig:
     return from_dict(CollectConfig, {**data, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; the crash test's subprocess uses one too (same kernels, same bits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cached_activations_are_the_models_hidden_states(tmp_path, tiny_pair_paths, tiny_tokenizer, texts):

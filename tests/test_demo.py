@@ -2,18 +2,11 @@
 
 import pandas as pd
 import pytest
-import torch
 
 from crossdiff.cli import main
 from crossdiff.demo import DemoConfig, run_demo, write_demo_data
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_cli_rejects_bad_numbers(capsys):

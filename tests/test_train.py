@@ -15,15 +15,6 @@ from crossdiff.synthetic import SyntheticConfig, SyntheticPair
 from crossdiff.train import TrainConfig, Trainer, build_config, synthetic_recovery
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run fastest (and steadiest on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_config(**overrides) -> TrainConfig:
     base = dict(d_sae=32, k=2, batch_size=16, steps=10, lr=1e-2, warmup_steps=3, decay_fraction=0.3,
                 threshold_start_step=1, dead_after_tokens=32, log_every=2, checkpoint_every=4, seed=3)
