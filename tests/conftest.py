@@ -15,6 +15,9 @@ Fixtures
 ``tiny_pair_paths``       the Llama pair of ``tiny_model_pairs`` (a convenient default).
 ``make_tiny_model_pair``  factory for custom pairs, e.g. mismatched widths or vocabularies:
                           ``make_tiny_model_pair("llama", chat_overrides={"hidden_size": 48})``.
+``organism_demo``         folder of the full ``crossdiff demo`` on the bundled organism, run
+                          once per session (about a minute on an idle 2-core machine); tests
+                          of findings on the organism read its outputs and must not modify it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def organism_demo(tmp_path_factory) -> Path:
+    """The demo's run folder at its default (documented) size, shared by every test that
+    checks what the method finds on the organism. CROSSDIFF_TEST_DEMO_DIR keeps it between
+    sessions while developing; the demo skips stages whose outputs are complete."""
+    from crossdiff.demo import DemoConfig, run_demo
+
+    kept = os.environ.get("CROSSDIFF_TEST_DEMO_DIR")
+    out = Path(kept) if kept else tmp_path_factory.mktemp("organism") / "demo"
+    run_demo(DemoConfig(out=str(out)), quiet=True)
+    return out
 
 
 TINY_ARCHS = ("llama", "gemma2", "gpt2", "qwen2")
