@@ -1,7 +1,7 @@
 """What checking shard checksums while training costs: training steps fed by the loader,
 with sha256 verification on first read (the default) against without (``checksums=False``).
 
-    python benchmarks/verify_cost.py [--d-in 256] [--d-sae 16384] [--k 32] [--batch 4096] [--tokens 131072] [--reps 3]
+    python benchmarks/verify_cost.py [--d-in 256] [--d-sae 16384] [--k 32] [--batch 4096] [--tokens 65536] [--reps 3]
 
 Each repetition opens the cache afresh (so every shard is hashed again, as in a new
 process) and trains one epoch; the two variants alternate so that a busy machine slows
@@ -61,8 +61,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=131072)
-    parser.add_argument("--shard-tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--shard-tokens", type=int, default=8192)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
