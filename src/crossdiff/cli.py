@@ -19,6 +19,7 @@ STAGE_MODULES = [
     "crossdiff.train",
     "crossdiff.analysis.cli",
     "crossdiff.organism",
+    "crossdiff.causal.cli",
     "crossdiff.demo",
 ]
 
