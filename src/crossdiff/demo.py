@@ -10,6 +10,7 @@ template tokens. The demo runs the real pipeline on it:
 2. ``collect``: paired activations of both models after the middle block;
 3. ``train``: a BatchTopK and an L1 crosscoder on the same cache;
 4. ``analyze``: every latent of both, with Latent Scaling;
+5. ``report``: a static HTML report of both (``RUN/report/index.html``);
 
 and prints what it found: how many latents look chat-only, how many Latent Scaling
 confirms for each crosscoder, and the confirmed chat-specific latents with the tokens
@@ -105,7 +106,21 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
             print(describe_top_latents(table, analysis_dir / "examples.sqlite"))
     if not quiet:
         print(compare(summaries))
+    write_report(out, quiet)
     return summaries
+
+
+def write_report(out: Path, quiet: bool) -> Path:
+    """The run's HTML report (both crosscoders side by side) in ``out/report``; kept when it
+    is newer than every analysis and causal output, like every other stage."""
+    from crossdiff.report import build_report
+
+    index = out / "report" / "index.html"
+    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*")]
+    if not index.is_file() or any(path.stat().st_mtime >= index.stat().st_mtime for path in inputs):
+        index = build_report(out, out / "report", say=lambda line: _say(quiet, line))
+    _say(quiet, f"report: {index}  (open it in a browser; no server needed)")
+    return index
 
 
 def write_demo_data(folder: Path, config: DemoConfig) -> tuple[Path, Path]:
