@@ -20,6 +20,7 @@ STAGE_MODULES = [
     "crossdiff.analysis.cli",
     "crossdiff.organism",
     "crossdiff.demo",
+    "crossdiff.run",
 ]
 
 
