@@ -22,6 +22,7 @@ STAGE_MODULES = [
     "crossdiff.organism",
     "crossdiff.causal.cli",
     "crossdiff.demo",
+    "crossdiff.run",
 ]
 
 

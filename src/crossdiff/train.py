@@ -580,6 +580,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cache", help="activation cache folder written by `crossdiff collect`")
     source.add_argument("--synthetic", action="store_true", help="planted-feature toy data (quick end-to-end check)")
+    source.add_argument("--stream", action="store_true",
+                        help="no cache: run the models of --config's [collect] table and train from a shuffle buffer (docs/streaming.md)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, crosscoder/)")
     parser.add_argument("--config", help="TOML or JSON file of training options")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
@@ -592,6 +594,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.synthetic:
         return _train_synthetic(args)
+    if args.stream:
+        from crossdiff.stream import run_train_cli
+
+        return run_train_cli(args)
     from crossdiff.cache import PairedCache, ReadFilters
     from crossdiff.loader import ShuffledPairLoader
 
