@@ -36,6 +36,7 @@ from crossdiff.analysis.examples import (
     write_examples,
 )
 from crossdiff.analysis.findings import find
+from crossdiff.analysis.roles import RoleStats, RoleTagger
 from crossdiff.analysis.norms import TagThresholds, decoder_geometry, tag_latents
 from crossdiff.analysis.scaling import LatentScaling, ScalingThresholds, scaling_flags
 from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
@@ -192,6 +193,8 @@ def analyze(
     stats = ActivationStats(n_latents, source.sources, device=device)
     quality = ReconstructionQuality(crosscoder.config.n_models, crosscoder.config.d_in, device=device)
     top = TopActivations(n_latents, config.n_top, device=device) if config.examples else None
+    roles = RoleStats(n_latents, device=device)
+    role_of = RoleTagger(_token_text(tokenizer) if tokenizer is not None else None)
     with torch.no_grad():
         for batch in _batches(source, config, device, f"pass 1/{n_passes}: statistics + Latent Scaling", progress):
             _check_acts(batch.acts, crosscoder)
@@ -203,6 +206,8 @@ def analyze(
             scaling.update(f, x, x_hat, groups)
             base_scaling.update(f, x, x_hat, groups)
             stats.update(f_scaled, batch.source_ids, batch.positions, batch.template)
+            doc_keys = (batch.source_ids.long() << 40) | batch.doc_ids.long()
+            roles.update(f_scaled, role_of(batch.token_ids, doc_keys, batch.positions, batch.template))
             quality.update(x, x_hat, f)
             if top is not None:
                 top.update(f_scaled, batch.source_ids, batch.doc_ids, batch.positions)
@@ -218,6 +223,8 @@ def analyze(
     twin, twin_cos = best_twin(twins, n_latents)
     table = build_table(geometry, tags, latent_stats, scaling_result, flags, twin, twin_cos)
     add_verdict_columns(table, scaling_result, base_scaling.result(), config.scaling)
+    for name, share in roles.shares().items():
+        table[name] = share
 
     files = {"table": out_dir / "latents.parquet", "summary": out_dir / "summary.json", "twins": out_dir / "twins.parquet"}
     twins.to_parquet(files["twins"], index=False)

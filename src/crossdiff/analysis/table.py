@@ -69,6 +69,12 @@ COLUMNS: dict[str, str] = {
     "base_dir_nu_error_se": "jackknife standard error of base_dir_nu_error",
     "base_dir_nu_recon_se": "jackknife standard error of base_dir_nu_recon",
     "base_dir_verdict": "verdict along the base decoder: base-specific, complete shrinkage, ... (same guards)",
+    "role_bos": "share of the latent's active tokens at position 0 (BOS); the role_* shares add up to 1",
+    "role_template": "share on chat-template tokens (BOS excluded)",
+    "role_user": "share on user message content",
+    "role_assistant": "share on assistant message content",
+    "role_system": "share on system message content",
+    "role_text": "share on plain-text content, and chat content whose role is unknown (no tokenizer)",
 }
 
 
