@@ -370,7 +370,7 @@
         const part = mine.filter((ex) => ex[3] === s);
         columns.append(el("div", { class: "source", "data-source": source },
           el("h4", { text: `${source} (${part.length})` }),
-          part.length ? part.map((ex) => exampleNode(data.vocab, ex, entry.scale, kind))
+          part.length ? part.map((ex) => exampleNode(data, ex, entry.scale, kind))
             : el("p", { class: "muted", text: `none: the latent's ${kind === 0 ? "largest activations" : "samples"} are all on other sources` })));
       });
       blocks.push(el("h3", {}, title, " ", el("span", { class: "muted small", text: note })), columns);
@@ -378,20 +378,27 @@
     return blocks;
   }
 
-  function exampleNode(vocab, ex, scale, kind) {
-    const [, rank, activation, , doc, position, tokenIndex, tokens, acts] = ex;
+  // Examples are packed (see crossdiff/report/bundle.py): `width` base-64 digits per token
+  // index into the chunk's vocabulary, one base-64 digit per activation level (0..63 of scale).
+  const DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_";
+  const LEVELS = 63;
+
+  function exampleNode(data, ex, scale, kind) {
+    const [, rank, activation, , doc, position, tokenIndex, tokens, levels] = ex;
     const label = kind === 0 ? `#${rank + 1}` : `bin ${rank}`;
     const text = el("div", { class: "tokens" });
-    tokens.forEach((token, j) => {
+    for (let j = 0; j < levels.length; j++) {
+      let index = 0;
+      for (let d = 0; d < data.width; d++) index = index * 64 + DIGITS.indexOf(tokens[j * data.width + d]);
       const span = el("span", { class: j === tokenIndex ? "tok peak" : "tok" });
-      span.textContent = visible(vocab[token]);
-      const a = acts[j];
-      if (a !== null && a > 0) {
-        span.style.backgroundColor = `rgba(255, 120, 0, ${Math.min(1, 0.08 + a / 100).toFixed(2)})`;
-        span.title = "\u2248 " + fmt(a / 100 * scale, "float");
+      span.textContent = visible(data.vocab[index]);
+      const level = DIGITS.indexOf(levels[j]);
+      if (level > 0) {
+        span.style.backgroundColor = `rgba(255, 120, 0, ${Math.min(1, 0.08 + level / LEVELS).toFixed(2)})`;
+        span.title = "\u2248 " + fmt(level / LEVELS * scale, "float");
       }
       text.append(span);
-    });
+    }
     return el("div", { class: "example" },
       el("div", { class: "meta", text: `${label} \u00b7 activation ${fmt(activation, "float")} \u00b7 doc ${doc}, position ${position}` }),
       text);
