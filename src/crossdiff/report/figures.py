@@ -137,7 +137,8 @@ def nu_scatter_figure(table: pd.DataFrame, scaling: ScalingThresholds) -> Figure
     ax.set_xlabel(f"nu_error  (>= {scaling.nu_error_max:g}: Complete Shrinkage)")
     ax.set_ylabel(f"nu_recon  (>= {scaling.nu_recon_max:g}: Latent Decoupling)")
     if not chat.any():
-        ax.text(0.5, 0.5, "no chat-only latents", transform=ax.transAxes, ha="center", va="center", color="#d62728")
+        ax.text(0.03, 0.97, "no chat-only latents", transform=ax.transAxes, ha="left", va="top", color="#d62728",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     return fig
 
