@@ -18,8 +18,11 @@ STAGE_MODULES = [
     "crossdiff.collect",
     "crossdiff.train",
     "crossdiff.analysis.cli",
+    "crossdiff.report.cli",
     "crossdiff.organism",
+    "crossdiff.causal.cli",
     "crossdiff.demo",
+    "crossdiff.run",
 ]
 
 

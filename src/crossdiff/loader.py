@@ -70,6 +70,9 @@ class _ShardStream:
         if self._cached is None or self._cached[0] != key:
             order = self._rng(self.pass_).permutation(self.shards)
             members = order[self.window * self.window_shards : (self.window + 1) * self.window_shards]
+            # Checksums of the next window's shards are computed while this window trains.
+            upcoming = order[(self.window + 1) * self.window_shards : (self.window + 2) * self.window_shards]
+            self.cache.verify_ahead([int(i) for i in upcoming])
             shard_ids, rows = [], []
             for s in members:
                 kept = np.flatnonzero(self._keep(s)) if self.filters else np.arange(self.cache.shards[s]["n_tokens"])

@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
 from crossdiff.distributed import DataParallel, local_device, split_batches
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import checksum_problem, write_checksums, write_error, write_text_atomic
+from crossdiff.locks import output_lock
 from crossdiff.losses import (
     Reconstruction,
     crosscoder_losses,
@@ -231,6 +234,11 @@ class Trainer:
         is restored through ``batches.load_state_dict`` when the iterable has it; otherwise
         the batches already trained on are skipped (the iterable must be deterministic).
         """
+        # One run per output folder: two would append every metrics line twice.
+        with output_lock(self.out, "train", shared_by_ranks=True):
+            return self._fit(batches, resume=resume)
+
+    def _fit(self, batches: Iterable[Any], *, resume: bool | Literal["auto"]) -> CrossCoder:
         checkpoint = self._latest_checkpoint()
         if resume is True and checkpoint is None:
             raise CrossdiffError(f"nothing to resume: {self.out / 'checkpoints'} has no checkpoint")
@@ -395,7 +403,8 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if path.is_file():
             lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= self.step]
-            path.write_text("".join(line + "\n" for line in lines))
+            # Atomically: a kill while rewriting in place would lose the finished steps' lines.
+            write_text_atomic(path, "".join(line + "\n" for line in lines))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, batches: Any = None) -> Path:
@@ -421,7 +430,11 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
         }
-        torch.save(state, tmp / STATE_NAME)
+        try:
+            torch.save(state, tmp / STATE_NAME)
+        except (OSError, RuntimeError) as err:  # torch wraps a full disk in a RuntimeError
+            raise write_error(tmp / STATE_NAME, err) from None
+        write_checksums(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -430,14 +443,27 @@ class Trainer:
         return folder
 
     def _latest_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint; damaged newer ones are set aside with a warning."""
         folders = sorted((self.out / "checkpoints").glob("step-*"))
-        return folders[-1] if folders else None
+        damaged: list[tuple[Path, str]] = []
+        for folder in reversed(folders):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                for bad, why in damaged:
+                    kept = bad.with_name(f"damaged-{bad.name}")
+                    shutil.rmtree(kept, ignore_errors=True)
+                    bad.rename(kept)
+                    print(f"crossdiff: warning: checkpoint {bad} is damaged ({why}); resuming from {folder} "
+                          f"instead (the damaged one is kept as {kept.name})", file=sys.stderr)
+                return folder
+            damaged.append((folder, problem))
+        if damaged:
+            reasons = "; ".join(f"checkpoint {bad} {why}" for bad, why in damaged)
+            raise CrossdiffError(f"cannot resume: {reasons}; delete {self.out / 'checkpoints'} to start over")
+        return None
 
     def _load_checkpoint(self, folder: Path) -> Any:
         """Restore everything from ``folder``; returns the saved data position (or None)."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
-            if not (folder / name).is_file():
-                raise CrossdiffError(f"checkpoint {folder} is missing {name}; delete that folder to resume from an earlier one")
         try:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated or foreign file
@@ -468,6 +494,14 @@ class Trainer:
 
     def _stamp_metadata(self) -> None:
         self.model.config.metadata.update({"training": to_dict(self.config), "steps": self.step, "tokens": self.tokens})
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why checkpoint ``folder`` cannot be resumed from (a file missing or changed), or None."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
+        if not (folder / name).is_file():
+            return f"is missing {name}"
+    return checksum_problem(folder)
 
 
 def _batch_rows(batch: Any) -> int:
@@ -546,6 +580,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cache", help="activation cache folder written by `crossdiff collect`")
     source.add_argument("--synthetic", action="store_true", help="planted-feature toy data (quick end-to-end check)")
+    source.add_argument("--stream", action="store_true",
+                        help="no cache: run the models of --config's [collect] table and train from a shuffle buffer (docs/streaming.md)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, crosscoder/)")
     parser.add_argument("--config", help="TOML or JSON file of training options")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
@@ -558,6 +594,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.synthetic:
         return _train_synthetic(args)
+    if args.stream:
+        from crossdiff.stream import run_train_cli
+
+        return run_train_cli(args)
     from crossdiff.cache import PairedCache, ReadFilters
     from crossdiff.loader import ShuffledPairLoader
 
