@@ -68,11 +68,16 @@ class DataParallel:
         self.device = device
         # NCCL moves only GPU tensors; gloo only CPU ones. Scalars and counts travel on the
         # backend's device and come back to the training device.
-        self._comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        self._comm_device = (device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())) if nccl else torch.device("cpu")
 
     @classmethod
     def from_environment(cls, device: torch.device) -> DataParallel | None:
         """Join the process group torchrun describes (None for a single process)."""
+        if not dist.is_available():
+            if launched_world_size() > 1:
+                raise CrossdiffError("this PyTorch build has no torch.distributed: cannot train on several ranks")
+            return None
         if not dist.is_initialized():
             if launched_world_size() <= 1:
                 return None
