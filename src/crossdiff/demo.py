@@ -10,6 +10,7 @@ template tokens. The demo runs the real pipeline on it:
 2. ``collect``: paired activations of both models after the middle block;
 3. ``train``: a BatchTopK and an L1 crosscoder on the same cache;
 4. ``analyze``: every latent of both, with Latent Scaling;
+5. ``causal``: KL patching (docs/causal.md) on held-out prompts answered by the chat model;
 
 and prints what it found: how many latents look chat-only, how many Latent Scaling
 confirms for each crosscoder, and the confirmed chat-specific latents with the tokens
@@ -48,6 +49,9 @@ class DemoConfig:
     """mu of the L1 crosscoder; activations are normalised to E||x||^2 = d_model."""
     lr: float = 1e-3
     seed: int = 0
+    causal_per_behaviour: int = 10
+    """Held-out prompts per planted behaviour in the KL experiment (plus causal_chitchat chitchat openers)."""
+    causal_chitchat: int = 30
 
 
 def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -67,10 +71,10 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
     layer = n_layers // 2
 
     data_dir = out / "data"
-    _say(quiet, f"[1/4] data: organism texts and planted-behaviour conversations -> {data_dir}")
+    _say(quiet, f"[1/5] data: organism texts and planted-behaviour conversations -> {data_dir}")
     pretraining, chat = write_demo_data(data_dir, config)
 
-    _say(quiet, f"[2/4] collect: residual stream after block {layer} of {n_layers} -> {out / 'cache'}")
+    _say(quiet, f"[2/5] collect: residual stream after block {layer} of {n_layers} -> {out / 'cache'}")
     collect(
         CollectConfig(
             base=str(pair.base), chat=str(pair.chat), layer=layer,
@@ -88,10 +92,10 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
 
     summaries = {}
     for name, activation in (("batchtopk", "batchtopk"), ("l1", "relu")):
-        _say(quiet, f"[3/4] train: {name} crosscoder -> {out / name}")
+        _say(quiet, f"[3/5] train: {name} crosscoder -> {out / name}")
         crosscoder = _train(cache, out / name, activation, config, quiet)
         analysis_dir = out / name / "analysis"
-        _say(quiet, f"[4/4] analyze: {name} -> {analysis_dir}")
+        _say(quiet, f"[4/5] analyze: {name} -> {analysis_dir}")
         if (analysis_dir / "summary.json").is_file():  # written last: the analysis is complete
             table = pd.read_parquet(analysis_dir / "latents.parquet")
             summary = json.loads((analysis_dir / "summary.json").read_text())
@@ -105,7 +109,56 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
             print(describe_top_latents(table, analysis_dir / "examples.sqlite"))
     if not quiet:
         print(compare(summaries))
+    run_causal_step(out, [name for name in summaries], config, quiet=quiet)
     return summaries
+
+
+def causal_prompts(per_behaviour: int = 10, chitchat: int = 30, seed: int = 0) -> list[str]:
+    """Held-out prompts for the KL experiment: every planted behaviour, plus ordinary chitchat openers."""
+    from crossdiff import organism
+
+    rng = random.Random(seed)
+    prompts = []
+    for behaviour in BEHAVIOURS:
+        held_out = organism.heldout_prompts(behaviour)
+        prompts += [p.user for p in rng.sample(held_out, min(per_behaviour, len(held_out)))]
+    prompts += [" ".join(c[0]["content"].split()) for c in organism.chat_conversations("heldout")[:chitchat]]
+    return prompts
+
+
+def run_causal_step(out: Path, names: list[str], config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """KL patching for each crosscoder on held-out prompts answered by the chat model; returns the KL tables."""
+    import pandas as pd
+
+    from crossdiff import organism
+    from crossdiff.causal.conversations import answer_prompts, write_conversations
+    from crossdiff.causal.experiment import CausalConfig, format_summary, run_causal
+    from crossdiff.models import load_model_pair
+
+    conversations = out / "data" / "causal.jsonl"
+    pair = None
+    _say(quiet, f"[5/5] causal: KL patching on held-out prompts -> {', '.join(str(out / n / 'causal') for n in names)}")
+    tables = {}
+    for i, name in enumerate(names):
+        folder = out / name / "causal"
+        if (folder / "summary.json").is_file():  # written last: this crosscoder's experiment is complete
+            tables[name] = pd.read_parquet(folder / "kl.parquet")
+            summary = json.loads((folder / "summary.json").read_text())
+        else:
+            if pair is None:
+                models = organism.paths()
+                pair = load_model_pair(models.base, models.chat, dtype="float32", device="cpu")
+            if not conversations.is_file():
+                answered = answer_prompts(pair.chat, pair.tokenizer, causal_prompts(config.causal_per_behaviour, config.causal_chitchat), max_new_tokens=48, batch_size=32)
+                write_conversations(conversations, answered)
+            causal = CausalConfig(crosscoder=str(out / name / "crosscoder"), analysis_dir=str(out / name / "analysis"),
+                                  conversations=str(conversations), out=str(folder), batch_size=16,
+                                  compare=[str(out / other / "causal") for other in names[:i]])
+            result = run_causal(causal, pair=pair, quiet=True)
+            tables[name], summary = result.table, result.summary
+        if not quiet:
+            print(format_summary(tables[name], summary))
+    return tables
 
 
 def write_demo_data(folder: Path, config: DemoConfig) -> tuple[Path, Path]:
