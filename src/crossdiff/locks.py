@@ -35,14 +35,13 @@ def lock_path(folder: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | Path, command: str, *, shared_by_ranks: bool = False) -> Iterator[Path]:
+def output_lock(folder: str | Path, command: str, *, take: bool = True) -> Iterator[Path]:
     """Hold the exclusive lock of output ``folder`` (created if missing) for ``command``.
 
-    ``shared_by_ranks``: the processes of one torchrun job share the folder; only rank 0
-    (or a process outside torchrun) takes the lock.
+    ``take=False``: the other ranks of one data-parallel job share rank 0's lock.
     """
     folder = ensure_output_folder(folder)
-    if shared_by_ranks and os.environ.get("RANK", "0") != "0":
+    if not take:
         yield folder
         return
     path = lock_path(folder)

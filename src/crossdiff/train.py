@@ -235,7 +235,7 @@ class Trainer:
         the batches already trained on are skipped (the iterable must be deterministic).
         """
         # One run per output folder: two would append every metrics line twice.
-        with output_lock(self.out, "train", shared_by_ranks=True):
+        with output_lock(self.out, "train", take=self.is_main):
             return self._fit(batches, resume=resume)
 
     def _fit(self, batches: Iterable[Any], *, resume: bool | Literal["auto"]) -> CrossCoder:
