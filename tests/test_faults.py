@@ -60,23 +60,32 @@ class Ledger:
 def files_of(folder: Path) -> dict[str, bytes]:
     """Every file's bytes; metrics without their timings, training states without the global
     RNG state (a fresh process starts from another one, and training never draws from it)."""
-    import io
-
     import torch
 
     files = {}
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or p.name in ("checksums.json", "metrics.jsonl"):
             continue
-        if p.name == "training_state.pt":
+        if p.name == "training_state.pt":  # compared by content: pickling may lay out storages differently
             state = torch.load(p, weights_only=True)
             state.pop("torch_rng")
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            files[str(p.relative_to(folder))] = buffer.getvalue()
+            files[str(p.relative_to(folder))] = repr(_plain(state)).encode()
         else:
             files[str(p.relative_to(folder))] = p.read_bytes()
     return files
+
+
+def _plain(value):
+    """Nested data with every tensor as (dtype, shape, bytes): equal iff the contents are."""
+    import torch
+
+    if isinstance(value, dict):
+        return sorted((str(k), _plain(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), tuple(value.shape), value.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return value
 
 
 def differing(a: Path, b: Path) -> str:
