@@ -34,7 +34,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         table = pd.read_parquet(tmp_path / "demo" / name / "analysis" / "latents.parquet")
         assert len(table) == 256 and {"dnorm", "nu_error", "nu_recon", "template_share"} <= set(table.columns)
     assert summaries["batchtopk"]["quality"]["l0"] <= 8 * 1.5  # the learned threshold keeps L0 near k
-    for name in summaries:  # the causal step wrote its files (the numbers are checked on the full demo)
+    for name in summaries:  # the causal stage wrote its files (the numbers are checked on the full demo)
         kl = pd.read_parquet(tmp_path / "demo" / name / "causal" / "kl.parquet")
         assert {"None", "All", "eps_chat", "template"} <= set(kl["condition"])
 
@@ -43,3 +43,4 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert again["l1"]["chat_only"] == summaries["l1"]["chat_only"]
     printed = capsys.readouterr().out
     assert "BatchTopK vs L1" in printed and "most chat-leaning latents" in printed and "KL(p_chat || p_patched)" in printed
+    assert f"report: {tmp_path / 'demo' / 'report' / 'index.html'}" in printed
