@@ -3,7 +3,7 @@
 Snippets run per document, in order, in one namespace (a later snippet may use what an
 earlier one defined), inside a scratch folder that holds a small real run on the bundled
 organism under the paths the docs use (``runs/cache``, ``runs/cc/crosscoder``,
-``runs/analysis``, ``caches/gemma2-l13``). A snippet that cannot run offline on a CPU is
+``runs/analysis``, ``caches/gemma2-l13``) and the repository's ``recipes/``. A snippet that cannot run offline on a CPU is
 marked in the document with ``<!-- not run: reason -->`` on the line before its fence.
 """
 
@@ -70,6 +70,7 @@ def test_python_snippets_run(doc: Path, docs_run: Path, tmp_path):
     work.mkdir()
     for name in ("runs", "caches"):  # each document starts from the same run; what it writes stays local
         os.symlink(docs_run / name, work / name) if name == "caches" else _copy(docs_run / name, work / name)
+    os.symlink(ROOT / "recipes", work / "recipes")  # docs name recipes as from the repository's root
     namespace: dict = {"__name__": "__docs__"}
     before = Path.cwd()
     os.chdir(work)
