@@ -40,3 +40,4 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert again["l1"]["chat_only"] == summaries["l1"]["chat_only"]
     printed = capsys.readouterr().out
     assert "BatchTopK vs L1" in printed and "most chat-leaning latents" in printed
+    assert f"report: {tmp_path / 'demo' / 'report' / 'index.html'}" in printed

@@ -73,6 +73,7 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
             print(describe_top_latents(pd.read_parquet(analysis_dir / "latents.parquet"), analysis_dir / "examples.sqlite"))
     if not quiet:
         print(compare(summaries))
+        print(f"report: {recipe.out / 'report' / 'index.html'}  (open it in a browser; no server needed)")
     return summaries
 
 

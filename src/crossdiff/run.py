@@ -14,6 +14,7 @@ Stages, for a recipe with crosscoders ``batchtopk`` and ``l1``::
     train:l1          RUN/l1/crosscoder/
     analyze:batchtopk RUN/batchtopk/analysis/
     analyze:l1        RUN/l1/analysis/
+    report            RUN/report/      (both crosscoders side by side; rebuilt when an input is newer)
 
 Adding a stage is one more ``Stage(...)`` in :func:`plan` (see docs/run.md).
 """
@@ -68,6 +69,7 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
             lambda name=name: _analyze(recipe, name, quiet),
             costs.analyze,
         ))
+    stages.append(Stage("report", lambda: _report_current(out), lambda: _report(out, quiet)))
     return stages
 
 
@@ -120,6 +122,20 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
+def _report_current(out: Path) -> bool:
+    """The report exists and is newer than every analysis and causal output it shows."""
+    index = out / "report" / "index.html"
+    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*")]
+    return index.is_file() and all(path.stat().st_mtime < index.stat().st_mtime for path in inputs)
+
+
+def _report(out: Path, quiet: bool) -> None:
+    from crossdiff.report import build_report
+
+    index = build_report(out, out / "report", say=lambda line: _say(quiet, line))
+    _say(quiet, f"report: {index}  (open it in a browser; no server needed)")
+
+
 def _collect_config(recipe: Recipe):
     """The recipe's collect; when streaming, only ``analysis_tokens`` per source (the analysis cache)."""
     collect = recipe.collect
@@ -150,9 +166,9 @@ def _collect(collect, quiet: bool) -> None:
 def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
     out = recipe.out / name
     if recipe.streaming:
-        from crossdiff.stream import train_streaming, with_rank_from_environment
+        from crossdiff.stream import train_streaming
 
-        train_streaming(with_rank_from_environment(recipe.collect), recipe.stream, config, out, quiet=quiet)
+        train_streaming(recipe.collect, recipe.stream, config, out, quiet=quiet)  # under torchrun: each rank its texts
         return
     from crossdiff.cache import PairedCache, ReadFilters
     from crossdiff.loader import ShuffledPairLoader
