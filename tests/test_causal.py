@@ -149,6 +149,10 @@ def test_identities_on_tiny_models(tiny_model_pairs, arch):
     chat_resid = split.lower(input_ids, attention_mask)
     assert float(kl_per_token(logp_chat, split.upper(chat_resid, input_ids, attention_mask, scored)).abs().max()) < 1e-6
     assert table["n_tokens"][table.subset == "all"].iloc[0] == int(scored.sum())
+    # One condition per upper pass gives the same numbers as conditions stacked in one pass.
+    config.tokens_per_pass = 1
+    single = results_table(score(pair, layer, conditions, conversations, config), conditions)
+    np.testing.assert_allclose(single["kl_mean"], table["kl_mean"], rtol=1e-5, atol=1e-7)
 
 
 def test_paper_sets_and_pool_fallback():

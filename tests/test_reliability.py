@@ -254,3 +254,128 @@ def test_an_empty_text_source_is_an_error(tmp_path, tiny_pair_paths, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(_collect_args(tiny_pair_paths, [f"web:text:{tmp_path / 'empty.txt'}"], tmp_path / "c")) == 2
     assert "source 'web' gave no tokens" in one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------- one clear line, not a traceback
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    cache = _make_cache(tmp_path / "cache")
+    (tmp_path / "file").write_text("not a folder")
+    assert main(train_args(cache, tmp_path / "file")) == 2
+    assert one_line_error(capsys).endswith(f"output folder {tmp_path / 'file'} is a file, not a folder; choose a folder")
+    crosscoder_dir = _crosscoder(layer=3).save_pretrained(tmp_path / "cc")
+    assert main(["analyze", str(crosscoder_dir), str(cache), "--out", str(tmp_path / "file"), "--quiet"]) == 2
+    assert "is a file, not a folder" in one_line_error(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_one_line(tmp_path, capsys):
+    cache = _make_cache(tmp_path / "cache")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert main(train_args(cache, tmp_path / "ro" / "run")) == 2
+    assert "permission denied" in one_line_error(capsys)
+
+
+def test_permission_errors_say_so():
+    from crossdiff.files import read_error, write_error
+
+    assert str(write_error("x", PermissionError(13, "Permission denied"))) == "cannot write x: permission denied"
+    assert str(read_error("x", PermissionError(13, "Permission denied"))) == "cannot read x: permission denied"
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from crossdiff import crosscoder as crosscoder_mod
+
+    def save_to_full_disk(tensors, path, metadata=None):  # what safetensors raises on a full disk
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(crosscoder_mod, "save_file", save_to_full_disk)
+    with pytest.raises(CrossdiffError, match=r"^disk full while writing .*step-000004/model\.safetensors; free space"):
+        Trainer(small_config(), 8, tmp_path, quiet=True).fit(synthetic_batches())
+
+
+def test_disk_full_while_writing_examples_is_one_line(tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    from crossdiff.analysis import examples
+
+    real_connect = sqlite3.connect
+
+    def tiny_disk(path, *args, **kwargs):  # sqlite's own "database or disk is full"
+        db = real_connect(path, *args, **kwargs)
+        db.execute("PRAGMA max_page_count = 3")
+        return db
+
+    monkeypatch.setattr(examples.sqlite3, "connect", tiny_disk)
+    cache = _make_cache(tmp_path / "cache")
+    crosscoder_dir = _crosscoder(layer=3).save_pretrained(tmp_path / "cc")
+    assert main(["analyze", str(crosscoder_dir), str(cache), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert one_line_error(capsys).startswith(f"crossdiff: error: disk full while writing {tmp_path / 'a'}")
+
+
+def test_manifest_damage_is_one_line_in_every_command(tmp_path, capsys):
+    cache = _make_cache(tmp_path / "cache")
+    crosscoder_dir = _crosscoder(layer=3).save_pretrained(tmp_path / "cc")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["shards"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (train_args(cache, tmp_path / "run"), ["collect", "--verify", str(cache)],
+                 ["analyze", str(crosscoder_dir), str(cache), "--out", str(tmp_path / "a"), "--quiet"]):
+        assert main(argv) == 2
+        assert one_line_error(capsys).endswith("is damaged: it lacks the key(s) shards")
+
+
+def test_an_edited_token_count_blames_the_manifest(tmp_path):
+    cache = _make_cache(tmp_path / "cache")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "n_tokens": 150}))
+    with pytest.raises(CrossdiffError, match=r"manifest\.json is inconsistent: n_tokens is 150 but its shards hold 160"):
+        PairedCache(cache)
+    manifest["shards"][1]["n_tokens"] = 30
+    manifest["n_tokens"] = 150
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CrossdiffError, match=r"manifest\.json is inconsistent: it says shard-00001 holds 30 tokens, "
+                                             r"its files hold 40"):
+        PairedCache(cache)
+
+
+def test_a_deleted_shard_folder_on_resume_is_one_line(tmp_path):
+    import shutil
+
+    settings = dict(models=("b", "c"), layer=0, d_model=D, sources=["web"], shard_tokens=8)
+    writer = CacheWriter(tmp_path / "c", **settings)
+    for doc in range(2):
+        writer.append(torch.randn(8, 2, D), range(8), [doc] * 8, range(8), 0, [False] * 8)
+        writer.seal({"next_doc": doc + 1})
+    shutil.rmtree(tmp_path / "c" / "shard-00000")
+    with pytest.raises(CrossdiffError, match=r"^shard-00000/acts\.npy is missing \(the cache at .* is damaged"):
+        CacheWriter(tmp_path / "c", **settings)
+
+
+@pytest.mark.parametrize("content", ["", '{"format": "crossdiff.crosscoder", "d_in": 8,'])
+def test_a_damaged_config_json_is_one_line(tmp_path, content):
+    folder = _crosscoder().save_pretrained(tmp_path / "cc")
+    (folder / "config.json").write_text(content)
+    with pytest.raises(CrossdiffError, match=r"config\.json is damaged \(not valid JSON"):
+        CrossCoder.from_pretrained(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(CrossdiffError, match=r"config\.json is missing"):
+        CrossCoder.from_pretrained(folder)
+
+
+def test_a_damaged_checkpoint_config_is_one_line(tmp_path):
+    Trainer(small_config(steps=4, checkpoint_every=4), 8, tmp_path, quiet=True).fit(synthetic_batches())
+    (tmp_path / "checkpoints" / "step-000004" / "config.json").write_text("")
+    with pytest.raises(CrossdiffError, match=r"step-000004 has a damaged config\.json \(sha256 mismatch\)"):
+        Trainer(small_config(steps=8, checkpoint_every=4), 8, tmp_path, quiet=True).fit(synthetic_batches())
+
+
+def test_source_ids_out_of_range_are_one_line(tmp_path):
+    from crossdiff.analysis import TensorSource
+
+    source = TensorSource(torch.randn(20, 2, D), source_ids=torch.full((20,), 3), sources=["web"])
+    with pytest.raises(CrossdiffError, match=r"source id is outside 0\.\.0"):
+        analyze(_crosscoder(), source, tmp_path / "a", AnalysisConfig(examples=False), progress=False)

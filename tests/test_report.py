@@ -254,3 +254,37 @@ def test_report_in_headless_chromium(small_run, tmp_path):
     assert errors == []
     assert (tmp_path / "latent.png").stat().st_size > 10_000
     assert re.search(r"<script src=\"data/l1/table.js\">", (out / "index.html").read_text())
+
+
+def test_packed_examples_decode_to_the_stored_examples(small_run, tmp_path):
+    """Every example in the report's chunk files decodes to the tokens and activations in examples.sqlite."""
+    from crossdiff.analysis import ExampleStore
+    from crossdiff.report.bundle import ALPHABET, CHUNK, LEVELS, write_examples
+
+    (analysis,) = [a for a in find_analyses(small_run) if a.name == "l1"]
+    digest = write_examples(analysis, "l1", tmp_path)
+    digits = ALPHABET.tobytes().decode()
+    checked = 0
+    with ExampleStore(analysis.examples) as store:
+        for chunk in digest.chunks:
+            text = (tmp_path / f"{chunk}.js").read_text()
+            data = json.loads(text[text.index("{"):text.rindex(")")])
+            for latent, entry in data["latents"].items():
+                stored = store.examples(int(latent))
+                assert int(latent) // CHUNK == chunk and len(entry["examples"]) == len(stored)
+                scale = max(a for ex in stored for a in ex.activations if a is not None)
+                assert entry["scale"] == pytest.approx(scale, rel=1e-3)
+                by_key = {(ex.kind, ex.rank, ex.doc_id, ex.position): ex for ex in stored}
+                for kind, rank, activation, source, doc, position, token_index, tokens, levels in entry["examples"]:
+                    ex = by_key[("top" if kind == 0 else "quantile", rank, doc, position)]
+                    w = data["width"]
+                    index = [sum(digits.index(c) * 64 ** (w - 1 - d) for d, c in enumerate(tokens[j * w:(j + 1) * w]))
+                             for j in range(len(levels))]
+                    assert [data["vocab"][i] for i in index] == ex.tokens
+                    assert [digits.index(c) for c in levels] == [round(LEVELS * a / scale) for a in ex.activations]
+                    assert (activation, token_index) == (pytest.approx(ex.activation, rel=1e-3), ex.token_index)
+                    assert digest.sources[source] == ex.source
+                    checked += 1
+    assert checked > 50
+    table = analysis.table
+    assert set(digest.preview) == set(table.loc[~table["dead"], "latent"])

@@ -59,7 +59,8 @@ def _toy_recipe(tmp_path: Path) -> Path:
     for old, new in [("max_tokens = 40_000", "max_tokens = 2_500"), ("behaviour_conversations = 400", "behaviour_conversations = 10"),
                      ("expansion_factor = 8", "expansion_factor = 2"), ("k = 16", "k = 8"), ("steps = 1000", "steps = 40"),
                      ("batch_size = 512", "batch_size = 128"), ("warmup_steps = 100", "warmup_steps = 4"),
-                     ("threshold_start_step = 200", "threshold_start_step = 8"), ("checkpoint_every = 500", "checkpoint_every = 20")]:
+                     ("threshold_start_step = 200", "threshold_start_step = 8"), ("checkpoint_every = 500", "checkpoint_every = 20"),
+                     ("causal_per_behaviour = 10", "causal_per_behaviour = 1"), ("causal_chitchat = 30", "causal_chitchat = 2")]:
         assert old in text, old
         text = text.replace(old, new)
     path = tmp_path / "toy.toml"
@@ -73,7 +74,7 @@ def test_organism_recipe_end_to_end_then_skips_and_resumes(tmp_path, capsys):
     toy = _toy_recipe(tmp_path)
     out = tmp_path / "run"
     assert main(["run", str(toy), "--out", str(out), "--quiet"]) == 0
-    assert "7 stage(s) ran, 0 already done" in capsys.readouterr().out
+    assert "10 stage(s) ran, 0 already done" in capsys.readouterr().out
     for name in ("batchtopk", "l1"):
         assert (out / name / "crosscoder" / "model.safetensors").is_file()
         assert (out / name / "analysis" / "summary.json").is_file()
@@ -90,7 +91,7 @@ def test_organism_recipe_end_to_end_then_skips_and_resumes(tmp_path, capsys):
     shutil.rmtree(out / "l1" / "crosscoder")
     shutil.rmtree(out / "l1" / "analysis")
     outcome = run_recipe(recipe, quiet=True)
-    assert [n for n, what in outcome.items() if what == "ran"] == ["train:l1", "analyze:l1", "report"]
+    assert [n for n, what in outcome.items() if what == "ran"] == ["train:l1", "analyze:l1", "causal:l1", "report"]
     assert (out / "l1" / "crosscoder" / "model.safetensors").read_bytes() == weights
 
 

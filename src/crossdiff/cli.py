@@ -18,6 +18,7 @@ STAGE_MODULES = [
     "crossdiff.collect",
     "crossdiff.train",
     "crossdiff.analysis.cli",
+    "crossdiff.inspection",
     "crossdiff.report.cli",
     "crossdiff.organism",
     "crossdiff.causal.cli",

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from crossdiff.config import from_dict, to_dict
 from crossdiff.errors import CrossdiffError, first_line
 from crossdiff.files import ensure_output_folder, read_error, sha256_file, share_like_umask, write_error, write_text_atomic
+from crossdiff.importers import read_dictionary_learning
 
 Activation = Literal["relu", "batchtopk", "topk"]
 CodeNormalization = Literal["crosscoder", "sae", "mixed", "none"]
@@ -73,6 +74,11 @@ class CrossCoderConfig:
     """BatchTopK inference threshold in scaled units; negative until training sets it."""
     input_scale: list[float] | None = None
     """Per-model factor that maps model activations into crosscoder space (None = 1)."""
+    input_shift: list[list[float]] | None = None
+    """Per-model vector [n_models][d_in] subtracted before ``input_scale`` (None = 0); set by
+    importing a dictionary_learning crosscoder trained with its activation normaliser."""
+    denormalize_epsilon: float = 0.0
+    """Added to ``input_scale`` when mapping reconstructions back (dictionary_learning adds 1e-8)."""
     model_names: list[str] | None = None
     """Hub ids or paths of the models, base first."""
     layer: int | None = None
@@ -98,6 +104,10 @@ class CrossCoderConfig:
             )
         if self.input_scale is not None and len(self.input_scale) != self.n_models:
             raise CrossdiffError(f"input_scale has {len(self.input_scale)} entries for {self.n_models} models")
+        if self.input_shift is not None and (
+            len(self.input_shift) != self.n_models or any(len(row) != self.d_in for row in self.input_shift)
+        ):
+            raise CrossdiffError(f"input_shift must be {self.n_models} lists of {self.d_in} numbers")
         if self.norm_init_scale is None:
             self.norm_init_scale = DEFAULT_NORM_INIT_SCALE[self.activation]
 
@@ -117,6 +127,9 @@ class CrossCoder(nn.Module):
         self.register_buffer("threshold", torch.tensor(float(config.threshold)))
         scale = config.input_scale or [1.0] * n
         self.register_buffer("input_scale", torch.tensor(scale, dtype=torch.float32))
+        # Not in the state dict (config.json holds it), but moved by .to() like the weights.
+        shift = torch.tensor(config.input_shift, dtype=torch.float32) if config.input_shift is not None else None
+        self.register_buffer("input_shift", shift, persistent=False)
         self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ init
@@ -194,12 +207,17 @@ class CrossCoder(nn.Module):
 
     # ------------------------------------------------------------------ input space
     def normalize(self, x: Tensor) -> Tensor:
-        """Model activations [B, n_models, d_in] -> crosscoder space."""
+        """Model activations [B, n_models, d_in] -> crosscoder space: (x - input_shift) * input_scale."""
+        if self.input_shift is not None:
+            x = x - self.input_shift.to(x.dtype)
         return x * self.input_scale.to(x.dtype)[:, None]
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Crosscoder-space reconstructions -> model activation space."""
-        return x / self.input_scale.to(x.dtype)[:, None]
+        x = x / (self.input_scale.to(x.dtype)[:, None] + self.config.denormalize_epsilon)  # + 0.0 changes no bit
+        if self.input_shift is not None:
+            x = x + self.input_shift.to(x.dtype)
+        return x
 
     # ------------------------------------------------------------------ decoder geometry
     def decoder_norms(self) -> Tensor:
@@ -221,6 +239,8 @@ class CrossCoder(nn.Module):
         folder = ensure_output_folder(folder, "crosscoder folder")
         self.config.threshold = float(self.threshold)
         self.config.input_scale = [float(v) for v in self.input_scale]
+        if self.input_shift is not None:
+            self.config.input_shift = [[float(v) for v in row] for row in self.input_shift.float()]
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         weights, tmp = folder / WEIGHTS_NAME, folder / f".{WEIGHTS_NAME}.tmp"
         try:
@@ -258,9 +278,9 @@ class CrossCoder(nn.Module):
         else:
             if not config_path.is_file() and weights_file is None and _has_native_weights(folder / WEIGHTS_NAME):
                 raise CrossdiffError(f"{config_path} is missing: a crossdiff crosscoder needs its config beside {WEIGHTS_NAME}")
-            from crossdiff.importers import load_dictionary_learning
-
-            model = load_dictionary_learning(weights_file or folder, config_data)
+            imported = read_dictionary_learning(weights_file or folder, config_data)
+            model = cls(CrossCoderConfig(**imported.config))
+            model.load_checked_state_dict(imported.tensors, source=imported.source)
         return model.to(device=device, dtype=dtype)
 
     @classmethod

@@ -52,6 +52,9 @@ class DemoConfig:
     """mu of the L1 crosscoder; activations are normalised to E||x||^2 = d_model."""
     lr: float = 1e-3
     seed: int = 0
+    causal_per_behaviour: int = 10
+    """Held-out prompts per planted behaviour in the KL experiment (plus causal_chitchat chitchat openers)."""
+    causal_chitchat: int = 30
 
 
 def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -73,6 +76,8 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
             print(describe_top_latents(pd.read_parquet(analysis_dir / "latents.parquet"), analysis_dir / "examples.sqlite"))
     if not quiet:
         print(compare(summaries))
+        for name in recipe.crosscoders:
+            print(format_causal(recipe.out / name / "causal"))
         print(f"report: {recipe.out / 'report' / 'index.html'}  (open it in a browser; no server needed)")
     return summaries
 
@@ -87,7 +92,8 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
     epochs = math.ceil(config.steps / max(1, config.tokens_per_source // (config.batch_size // 2))) + 1
     return {
         "run": {"out": config.out, "hardware": "cpu"},
-        "data": {"kind": "organism", "behaviour_conversations": config.behaviour_conversations, "seed": config.seed},
+        "data": {"kind": "organism", "behaviour_conversations": config.behaviour_conversations, "seed": config.seed,
+                 "causal_per_behaviour": config.causal_per_behaviour, "causal_chitchat": config.causal_chitchat},
         "collect": {
             "base": "{organism}/base", "chat": "{organism}/chat", "layer": n_layers // 2,
             "sources": [
@@ -108,13 +114,16 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
         "crosscoders": {"batchtopk": {"activation": "batchtopk"}, "l1": {"activation": "relu"}},
         "stream": {"buffer_tokens": 16_384, "analysis_tokens": config.tokens_per_source},
         "analyze": {"batch_size": 4096, "n_top": 10, "per_bin": 1, "device": "cpu"},
+        "causal": {"prompts": "{run}/data/causal_prompts.jsonl", "max_new_tokens": 48, "batch_size": 16, "device": "cpu"},
     }
 
 
 def write_demo_data(folder: Path, config: Any) -> tuple[Path, Path]:
-    """The demo's two text sources as jsonl files: pretraining text and chat conversations.
+    """The demo's two text sources as jsonl files: pretraining text and chat conversations;
+    beside them, causal_prompts.jsonl: the held-out prompts of the KL experiment.
 
-    ``config`` is a DemoConfig or a recipe's [data] table (behaviour_conversations, seed)."""
+    ``config`` is a DemoConfig or a recipe's [data] table (behaviour_conversations, seed,
+    causal_per_behaviour, causal_chitchat)."""
     from crossdiff import organism
     from crossdiff.organism.behaviours import sample_prompt
 
@@ -131,7 +140,31 @@ def write_demo_data(folder: Path, config: Any) -> tuple[Path, Path]:
     chat = folder / "chat.jsonl"
     _write_jsonl(pretraining, [{"text": text} for text in organism.pretraining_texts("heldout")])
     _write_jsonl(chat, conversations)
+    prompts = causal_prompts(config.causal_per_behaviour, config.causal_chitchat, config.seed)
+    _write_jsonl(folder / "causal_prompts.jsonl", [{"prompt": prompt} for prompt in prompts])
     return pretraining, chat
+
+
+def causal_prompts(per_behaviour: int = 10, chitchat: int = 30, seed: int = 0) -> list[str]:
+    """Held-out prompts for the KL experiment: every planted behaviour, plus ordinary chitchat openers."""
+    from crossdiff import organism
+
+    rng = random.Random(seed)
+    prompts = []
+    for behaviour in BEHAVIOURS:
+        held_out = organism.heldout_prompts(behaviour)
+        prompts += [p.user for p in rng.sample(held_out, min(per_behaviour, len(held_out)))]
+    prompts += [" ".join(c[0]["content"].split()) for c in organism.chat_conversations("heldout")[:chitchat]]
+    return prompts
+
+
+def format_causal(folder: Path) -> str:
+    """The KL table a finished causal stage left in ``folder``."""
+    import pandas as pd
+
+    from crossdiff.causal.experiment import format_summary
+
+    return format_summary(pd.read_parquet(folder / "kl.parquet"), json.loads((folder / "summary.json").read_text()))
 
 
 def describe_top_latents(table, examples_db: Path, limit: int = 6) -> str:

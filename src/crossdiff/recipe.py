@@ -7,6 +7,8 @@
     [train]          TrainConfig keys shared by every crosscoder (with its [train.data] table)
     [crosscoders.NAME]  one table per crosscoder: overrides of [train]; RUN/NAME/ holds it
     [analyze]        AnalysisConfig
+    [causal]         optional: CausalConfig options for the KL experiment on every crosscoder
+                     (``prompts`` are answered once by the chat model and shared by all)
     [models."ID"]    optional known shapes (d_model, n_layers, params, vocab) for --dry-run
 
 Every string may use ``{run}`` (the run folder) and ``{organism}`` (the bundled model
@@ -26,7 +28,9 @@ from typing import Any, Literal
 from crossdiff.config import from_dict, load_file
 from crossdiff.errors import CrossdiffError
 
-TABLES = ("run", "data", "collect", "stream", "train", "crosscoders", "analyze", "models")
+TABLES = ("run", "data", "collect", "stream", "train", "crosscoders", "analyze", "causal", "models")
+# Set by the runner for each crosscoder, never by the recipe's [causal] table.
+CAUSAL_PER_CROSSCODER = ("crosscoder", "analysis_dir", "out", "compare")
 ACTIVATION_NAMES = {"batchtopk": "batchtopk", "relu": "l1", "topk": "topk"}
 
 
@@ -50,6 +54,10 @@ class DataSettings:
     """`organism`: the bundled organism's held-out texts plus planted-behaviour conversations."""
     behaviour_conversations: int = 400
     seed: int = 0
+    causal_per_behaviour: int = 10
+    """Held-out prompts per planted behaviour written to RUN/data/causal_prompts.jsonl."""
+    causal_chitchat: int = 30
+    """Held-out chitchat openers added to those prompts."""
 
 
 @dataclass
@@ -60,6 +68,8 @@ class Recipe:
     crosscoders: dict[str, Any]  # name -> TrainConfig
     analyze: Any  # AnalysisConfig
     data: DataSettings | None = None
+    causal: dict[str, Any] | None = None
+    """The [causal] table (CausalConfig options shared by every crosscoder), or None: no KL experiment."""
     models: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "recipe"
 
@@ -116,11 +126,25 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
             crosscoders[name] = from_dict(TrainConfig, _merge(train_table, overrides), f"crosscoders.{name}")
         analyze = from_dict(AnalysisConfig, data.get("analyze") or {}, "analyze")
         data_settings = from_dict(DataSettings, data["data"], "data") if "data" in data else None
+        causal = _causal_table(data["causal"]) if "causal" in data else None
         models = data.get("models") or {}
     except CrossdiffError as err:
         raise CrossdiffError(f"{source}: {err}") from None
     return Recipe(run=run, collect=collect, stream=stream, crosscoders=crosscoders, analyze=analyze,
-                  data=data_settings, models=models, source=source)
+                  data=data_settings, causal=causal, models=models, source=source)
+
+
+def _causal_table(table: Any) -> dict[str, Any]:
+    """The [causal] table, checked now (unknown keys, bad values) rather than after training."""
+    from crossdiff.causal.experiment import CausalConfig
+
+    if not isinstance(table, dict):
+        raise CrossdiffError("[causal] must be a table of KL-experiment options")
+    fixed = sorted(set(table) & set(CAUSAL_PER_CROSSCODER))
+    if fixed:
+        raise CrossdiffError(f"[causal] {fixed[0]} is set by the runner for each crosscoder; remove it")
+    from_dict(CausalConfig, {"crosscoder": "", "analysis_dir": "", **table}, "causal")
+    return dict(table)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

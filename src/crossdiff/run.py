@@ -14,6 +14,9 @@ Stages, for a recipe with crosscoders ``batchtopk`` and ``l1``::
     train:l1          RUN/l1/crosscoder/
     analyze:batchtopk RUN/batchtopk/analysis/
     analyze:l1        RUN/l1/analysis/
+    causal:answers    RUN/data/causal_conversations.jsonl  (with [causal] prompts: the chat model's answers)
+    causal:batchtopk  RUN/batchtopk/causal/    (with a [causal] table: the KL experiment)
+    causal:l1         RUN/l1/causal/
     report            RUN/report/      (both crosscoders side by side; rebuilt when an input is newer)
 
 Adding a stage is one more ``Stage(...)`` in :func:`plan` (see docs/run.md).
@@ -69,6 +72,8 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
             lambda name=name: _analyze(recipe, name, quiet),
             costs.analyze,
         ))
+    if recipe.causal is not None:
+        stages += _causal_stages(recipe, quiet)
     stages.append(Stage("report", lambda: _report_current(out), lambda: _report(out, quiet)))
     return stages
 
@@ -120,6 +125,66 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- stages
+
+
+def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
+    """The KL experiment on every crosscoder; prompts are answered once and shared by all, and
+    one loaded model pair serves every crosscoder of the run."""
+    out, options = recipe.out, dict(recipe.causal)
+    loaded: dict[str, Any] = {}
+
+    def pair():
+        if "pair" not in loaded:
+            from crossdiff.models import load_model_pair
+
+            loaded["pair"] = load_model_pair(recipe.collect.base, recipe.collect.chat,
+                                             dtype=options.get("model_dtype", "float32"), device=options.get("device", "cpu"))
+        return loaded["pair"]
+
+    stages = []
+    if "prompts" in options:
+        answers = out / "data" / "causal_conversations.jsonl"
+        asked = dict(options)
+        stages.append(Stage("causal:answers", answers.is_file, lambda: _answer_prompts(asked, answers, pair())))
+        options.pop("prompts")
+        options.pop("prompt_column", None)
+        options["conversations"] = str(answers)
+    names = list(recipe.crosscoders)
+    for i, name in enumerate(names):
+        stages.append(Stage(
+            f"causal:{name}",
+            lambda name=name: _newer(out / name / "causal" / "summary.json", out / name / "analysis" / "summary.json"),
+            lambda name=name, i=i: _causal(out, name, names[:i], options, pair(), quiet),
+        ))
+    return stages
+
+
+def _newer(path: Path, than: Path) -> bool:
+    """``path`` exists and was written after ``than`` (summary.json files are written last, so
+    a causal result older than its analysis belongs to an analysis that was since redone)."""
+    return path.is_file() and (not than.is_file() or path.stat().st_mtime_ns > than.stat().st_mtime_ns)
+
+
+def _answer_prompts(options: dict[str, Any], path: Path, pair: Any) -> None:
+    from crossdiff.causal.conversations import answer_prompts, load_prompts, write_conversations
+
+    prompts = load_prompts(options["prompts"], column=options.get("prompt_column", "prompt"), limit=options.get("limit"))
+    answered = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=options.get("max_new_tokens", 64),
+                              batch_size=max(options.get("batch_size", 8), 16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    write_conversations(partial, answered)
+    partial.replace(path)  # the stage is done only once every answer is on disk
+
+
+def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], pair: Any, quiet: bool) -> None:
+    from crossdiff.causal.experiment import CausalConfig, format_summary, run_causal
+
+    config = CausalConfig(crosscoder=str(out / name / "crosscoder"), analysis_dir=str(out / name / "analysis"),
+                          out=str(out / name / "causal"), compare=[str(out / other / "causal") for other in earlier],
+                          **options)
+    result = run_causal(config, pair=pair, quiet=True)
+    _say(quiet, format_summary(result.table, result.summary))
 
 
 def _report_current(out: Path) -> bool:

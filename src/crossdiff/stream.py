@@ -316,6 +316,14 @@ class _Feed(threading.Thread):
         self.stream, self.sources, self.position = stream, sources, position
         self.queue: queue.Queue = queue.Queue(maxsize=stream.prefetch)
         self.stop = threading.Event()
+        self.threads = torch.get_num_threads()  # a new thread would start from the default
+
+    def run(self) -> None:
+        torch.set_num_threads(self.threads)  # same kernels, so the same bits, as `crossdiff collect`
+        try:
+            self._produce()
+        except BaseException as err:  # handed to the trainer's thread, which raises it
+            self._put(err)
 
     def _put(self, item: Any) -> bool:
         while not self.stop.is_set():
@@ -325,12 +333,6 @@ class _Feed(threading.Thread):
             except queue.Full:
                 continue
         return False
-
-    def run(self) -> None:
-        try:
-            self._produce()
-        except BaseException as err:  # handed to the trainer's thread, which raises it
-            self._put(err)
 
     def _produce(self) -> None:
         from crossdiff.collect import _batches, _rank_budget, _rank_documents

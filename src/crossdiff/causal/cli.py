@@ -27,13 +27,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--chat", help="chat model (default: the crosscoder's)")
     parser.add_argument("--layer", type=int, help="patched block; must be the crosscoder's (default: the crosscoder's)")
     parser.add_argument("--k-first", type=int, default=10, help="first assistant tokens per turn, template excluded (default 10)")
-    parser.add_argument("--pool-size", type=int, default=50,
-                        help="candidate pool when fewer latents are chat-only: the N most chat-leaning (default 50)")
+    parser.add_argument("--pool-size", type=int, default=100,
+                        help="candidate pool when fewer latents are chat-only: the N most chat-leaning (default 100)")
     parser.add_argument("--random-seeds", type=int, default=3, help="random halves of the pool, averaged (default 3)")
     parser.add_argument("--latents", action="append", default=[], metavar="IDS_OR_QUERY",
                         help="an extra latent set: ids '3,17,42' or a pandas query on latents.parquet, e.g. "
                         "\"tag == 'chat-only' and template_share > 0.5\" (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--compare", action="append", default=[], metavar="CAUSAL_DIR",
+                        help="another crosscoder's causal folder, drawn beside this one in kl.png (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations per batch (default 8)")
+    parser.add_argument("--tokens-per-pass", type=int, default=16384,
+                        help="conditions share an upper-half pass up to this many tokens (default 16384; lower it if memory runs out)")
     parser.add_argument("--max-len", type=int, default=1024, help="tokens kept per conversation (default 1024)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--model-dtype", default="float32", help="dtype the models run in (default float32)")
@@ -52,8 +56,8 @@ def _run_causal(args: argparse.Namespace) -> int:
         crosscoder=args.crosscoder, analysis_dir=args.analysis_dir, out=args.out, conversations=args.conversations,
         column=args.column, split=args.split, prompts=args.prompts, prompt_column=args.prompt_column,
         max_new_tokens=args.max_new_tokens, limit=args.limit, base=args.base, chat=args.chat, layer=args.layer,
-        k_first=args.k_first, pool_size=args.pool_size, random_seeds=args.random_seeds, latents=args.latents,
-        batch_size=args.batch_size, max_len=args.max_len, device=args.device, model_dtype=args.model_dtype,
+        k_first=args.k_first, pool_size=args.pool_size, random_seeds=args.random_seeds, latents=args.latents, compare=args.compare,
+        batch_size=args.batch_size, tokens_per_pass=args.tokens_per_pass, max_len=args.max_len, device=args.device, model_dtype=args.model_dtype,
     )
     run_causal(config, quiet=args.quiet)
     return 0

@@ -61,7 +61,7 @@ class Pool:
     info: dict = field(default_factory=dict)
 
 
-def candidate_pool(table: pd.DataFrame, *, pool_size: int = 50, chat_only_threshold: float = 0.9) -> Pool:
+def candidate_pool(table: pd.DataFrame, *, pool_size: int = 100, chat_only_threshold: float = 0.9) -> Pool:
     """Live latents with both nu in NU_RANGE: the chat-only ones, or the pool_size most chat-leaning."""
     if pool_size < 2:
         raise CrossdiffError(f"pool size must be at least 2 (two halves), got {pool_size}")
@@ -75,7 +75,8 @@ def candidate_pool(table: pd.DataFrame, *, pool_size: int = 50, chat_only_thresh
                     f"pool: {len(chat_only)} chat-only latents (dnorm > {chat_only_threshold}, live, nu in [{lo}, {hi}])", n_chat_only)
     pool = usable.head(pool_size)
     if len(pool) < 2:
-        raise CrossdiffError("fewer than 2 live latents with Latent Scaling estimates in range; no latent sets to compare")
+        return Pool(pool["latent"].to_numpy(), "none", "pool: fewer than 2 live latents with both nu in "
+                    f"[{lo}, {hi}]; no latent halves to compare (baselines only)", n_chat_only)
     note = (f"pool: only {n_chat_only} latents have dnorm > {chat_only_threshold} ({len(chat_only)} usable), fewer than "
             f"--pool-size {pool_size}; using the {len(pool)} most chat-leaning live latents instead "
             f"(dnorm {pool['dnorm'].min():.3f}..{pool['dnorm'].max():.3f})")
@@ -84,6 +85,8 @@ def candidate_pool(table: pd.DataFrame, *, pool_size: int = 50, chat_only_thresh
 
 def paper_sets(table: pd.DataFrame, pool: Pool, *, random_seeds: int = 3) -> list[LatentSet]:
     """Best/worst half by Latent Scaling rank, top/bottom half by dnorm, random halves."""
+    if len(pool.latents) < 2:
+        return []
     rows = table.set_index("latent").loc[pool.latents]
     half = len(rows) // 2
     rank = rows["nu_recon"].rank() + rows["nu_error"].rank()  # low = chat-specific (the reference's rank_sum)

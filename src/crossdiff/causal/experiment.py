@@ -40,6 +40,7 @@ from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 
 SUBSETS = ("all", "first_k", "rest")
+SPARSITY_NAMES = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
 KL_COLUMNS = ["condition", "subset", "kl_mean", "ci_low", "ci_high", "n_tokens", "n_latents", "form", "closed"]
 
 
@@ -67,11 +68,15 @@ class CausalConfig:
     layer: int | None = None
     """Block whose output is patched; must be the crosscoder's (default: the crosscoder's)."""
     k_first: int = 10
-    pool_size: int = 50
+    pool_size: int = 100
     random_seeds: int = 3
     latents: list[str] = field(default_factory=list)
     """Extra latent sets: ``"3,17,42"`` or a pandas query on the latent table."""
+    compare: list[str] = field(default_factory=list)
+    """Other causal folders (another crosscoder's results) drawn beside this one in kl.png."""
     batch_size: int = 8
+    tokens_per_pass: int = 16384
+    """Upper passes stack several conditions up to this many (padded) tokens."""
     max_len: int = 1024
     device: str = "cpu"
     model_dtype: str = "float32"
@@ -105,6 +110,13 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
     sets += [user_set(table, spec, crosscoder.config.d_sae, name=f"user-{i}" if len(config.latents) > 1 else "user")
              for i, spec in enumerate(config.latents)]
     out = Path(config.out) if config.out else Path(config.analysis_dir).resolve().parent / "causal"
+    others = {}
+    for folder in config.compare:
+        other = Path(folder)
+        if not (other / "kl.parquet").is_file() or not (other / "summary.json").is_file():
+            raise CrossdiffError(f"--compare {folder}: not a finished causal folder (needs kl.parquet and summary.json)")
+        activation = json.loads((other / "summary.json").read_text())["activation"]
+        others[SPARSITY_NAMES.get(activation, activation)] = pd.read_parquet(other / "kl.parquet")
     messages = (load_conversations(config.conversations, column=config.column, split=config.split, limit=config.limit)
                 if config.conversations else None)
     prompts = load_prompts(config.prompts, column=config.prompt_column, limit=config.limit) if config.prompts else None
@@ -132,7 +144,7 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
     accumulator = score(pair, layer, conditions, conversations, config, quiet=quiet)
     kl_table = results_table(accumulator, conditions)
     summary = build_summary(config, crosscoder, layer, (base_name, chat_name), pool, sets, kl_table, accumulator, len(conversations))
-    files = write_outputs(out, kl_table, summary)
+    files = write_outputs(out, kl_table, summary, others)
     _say(quiet, summary["text"])
     return CausalResult(kl_table, summary, files)
 
@@ -175,16 +187,23 @@ def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Con
             flat_template = template[real].to(conditions.delta.device)
             logp_chat = torch.log_softmax(chat_half.upper(chat, input_ids, attention_mask, scored).float(), dim=-1)
             p_chat = logp_chat.exp()
-            for key, _, _, _ in keys:
-                patched = conditions.residual(key, h_base, h_chat, f, flat_template)
-                full = base.float().clone()
-                full[real.to(full.device)] = patched.to(full.device)
-                kl = kl_per_token(logp_chat, chat_half.upper(full, input_ids, attention_mask, scored), p_chat).cpu()
-                for subset in SUBSETS:
-                    sel = member[subset]
-                    sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of[sel], kl[sel].double())
-                    for row in torch.unique(row_of[sel]).tolist():
-                        accumulator.add(key, subset, batch[row].index, float(sums[row]))
+            # Several conditions share one upper pass, stacked along the batch: a small model's
+            # forward costs mostly fixed overhead, a large one's is bounded by tokens_per_pass.
+            per_pass = max(1, config.tokens_per_pass // input_ids.numel())
+            for first in range(0, len(keys), per_pass):
+                chunk = [key for key, _, _, _ in keys[first:first + per_pass]]
+                stacked = base.float().repeat(len(chunk), 1, 1)
+                stacked_real = real.repeat(len(chunk), 1).to(stacked.device)
+                stacked[stacked_real] = torch.cat([conditions.residual(key, h_base, h_chat, f, flat_template) for key in chunk]).to(stacked.device)
+                logits = chat_half.upper(stacked, input_ids.repeat(len(chunk), 1), attention_mask.repeat(len(chunk), 1),
+                                         scored.repeat(len(chunk), 1))
+                for key, rows in zip(chunk, logits.split(len(logp_chat))):  # row-major: one block of rows per condition
+                    kl = kl_per_token(logp_chat, rows, p_chat).cpu()
+                    for subset in SUBSETS:
+                        sel = member[subset]
+                        sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of[sel], kl[sel].double())
+                        for row in torch.unique(row_of[sel]).tolist():
+                            accumulator.add(key, subset, batch[row].index, float(sums[row]))
         bar.update(len(batch))
     bar.close()
     return accumulator
@@ -256,13 +275,13 @@ def _kl(table: pd.DataFrame, condition: str, form: str | None, subset: str) -> f
     return float(rows.kl_mean.iloc[0]) if len(rows) else math.nan
 
 
-def write_outputs(out: Path, kl_table: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Path]:
+def write_outputs(out: Path, kl_table: pd.DataFrame, summary: dict[str, Any], others: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
     from crossdiff.causal.plot import plot_kl
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"kl": out / "kl.parquet", "figure": out / "kl.png", "summary": out / "summary.json"}
     _atomic(files["kl"], lambda tmp: kl_table.to_parquet(tmp, index=False))
-    _atomic(files["figure"], lambda tmp: plot_kl({summary["activation"]: kl_table}, tmp, k_first=summary["k_first"]))
+    _atomic(files["figure"], lambda tmp: plot_kl({**(others or {}), SPARSITY_NAMES.get(summary["activation"], summary["activation"]): kl_table}, tmp, k_first=summary["k_first"]))
     _atomic(files["summary"], lambda tmp: tmp.write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
     return files
 

@@ -52,7 +52,7 @@ def thresholds(summary: dict[str, Any]) -> tuple[TagThresholds, ScalingThreshold
 
 def dnorm_histogram_figure(table: pd.DataFrame, tags: TagThresholds) -> Figure:
     """Relative decoder norm of every latent, log counts, the tag regions shaded."""
-    fig, ax = plt.subplots(figsize=_SIZE, layout="constrained")
+    fig, ax = _axes()
     regions = {"base-only": (0, tags.base_only), "shared": (tags.shared_low, tags.shared_high),
                "chat-only": (tags.chat_only, 1)}
     for tag, (lo, hi) in regions.items():
@@ -74,7 +74,7 @@ def dnorm_histogram_figure(table: pd.DataFrame, tags: TagThresholds) -> Figure:
 
 def decoder_cosine_figure(table: pd.DataFrame) -> Figure:
     """Cosine between the base and chat decoder vectors, one histogram per tag."""
-    fig, ax = plt.subplots(figsize=_SIZE, layout="constrained")
+    fig, ax = _axes()
     bins = np.linspace(-1, 1, 41)
     tag = table["tag"].astype(str).to_numpy()
     cos = table["dec_cos"].to_numpy(dtype=float)
@@ -111,7 +111,7 @@ def verdicts(table: pd.DataFrame) -> pd.Series:
 def nu_scatter_figure(table: pd.DataFrame, scaling: ScalingThresholds) -> Figure:
     """nu_error against nu_recon: chat-only latents as points by verdict, shared latents as
     the reference distribution behind them, the two thresholds drawn."""
-    fig, ax = plt.subplots(figsize=_SIZE, layout="constrained")
+    fig, ax = _axes()
     tag = table["tag"].astype(str).to_numpy()
     x, y = table["nu_error"].to_numpy(dtype=float), table["nu_recon"].to_numpy(dtype=float)
     finite = np.isfinite(x) & np.isfinite(y)
@@ -137,14 +137,15 @@ def nu_scatter_figure(table: pd.DataFrame, scaling: ScalingThresholds) -> Figure
     ax.set_xlabel(f"nu_error  (>= {scaling.nu_error_max:g}: Complete Shrinkage)")
     ax.set_ylabel(f"nu_recon  (>= {scaling.nu_recon_max:g}: Latent Decoupling)")
     if not chat.any():
-        ax.text(0.5, 0.5, "no chat-only latents", transform=ax.transAxes, ha="center", va="center", color="#d62728")
+        ax.text(0.03, 0.97, "no chat-only latents", transform=ax.transAxes, ha="left", va="top", color="#d62728",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     return fig
 
 
 def template_share_figure(table: pd.DataFrame, tags: TagThresholds) -> Figure:
     """Share of activations on chat-template tokens, for the chat-leaning latents."""
-    fig, ax = plt.subplots(figsize=_SIZE, layout="constrained")
+    fig, ax = _axes()
     share = table["template_share"].to_numpy(dtype=float)
     dnorm = table["dnorm"].to_numpy(dtype=float)
     tag = table["tag"].astype(str).to_numpy()
@@ -229,6 +230,13 @@ def write_figures(table: pd.DataFrame, summary: dict[str, Any], folder: str | Pa
             plt.close(fig)
             written.append(FigureFile(name, *FIGURE_TEXT[name], png, svg))
     return written
+
+
+def _axes():
+    """A figure with fixed margins (a layout engine would cost a second full draw per save)."""
+    fig, ax = plt.subplots(figsize=_SIZE)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.87)
+    return fig, ax
 
 
 def _robust_limits(values: np.ndarray, threshold: float) -> tuple[float, float]:

@@ -10,6 +10,7 @@
   const C = window.CROSSDIFF;
   C.search = {};
   C.examples = {};
+  C.timing = {};  // ms: ready = since navigation start; refresh = the last table update (benchmarks/report.py)
   const loading = {};
   const views = {};
   const PREFERRED = ["latent", "tag", "verdict", "dnorm", "dec_cos", "freq", "max_act", "nu_error", "nu_error_se",
@@ -52,6 +53,10 @@
     const a = Math.abs(value);
     if (a >= 1e5 || a < 1e-3) return value.toExponential(2);
     return String(Number(value.toPrecision(3)));
+  }
+
+  function tagClass(label) {
+    return "tag tag-" + String(label).replace(/[^A-Za-z0-9]+/g, "-");
   }
 
   function oneLine(text) {
@@ -242,6 +247,7 @@
   }
 
   function refreshTable(key) {
+    const started = performance.now();
     const t = table(key), v = view(key);
     const rows = filteredRows(key);
     v.rows = rows;
@@ -270,7 +276,7 @@
         let cell;
         if (name === "latent") cell = el("a", { href: `#latent/${key}/${latent}`, text: String(latent) });
         else if (name === "twin") cell = x !== null && x >= 0 ? el("a", { href: `#latent/${key}/${x}`, text: String(x) }) : "";
-        else if (name === "tag" || name === "verdict") cell = x ? el("span", { class: "tag tag-" + x, text: x }) : "";
+        else if (name === "tag" || name === "verdict") cell = x ? el("span", { class: tagClass(x), text: x }) : "";
         else cell = fmt(x, col.type);
         tr.append(el("td", { class: col.type === "cat" ? "" : "num" }, cell));
       }
@@ -289,6 +295,7 @@
       el("button", { id: "next-page", disabled: v.page >= pages - 1, onclick: () => go(v.page + 1) }, "next \u203a"),
       el("label", {}, " rows per page ", el("select", { onchange: (e) => { v.size = Number(e.target.value); go(0); } },
         PAGE_SIZES.map((s) => el("option", { value: s, selected: s === v.size, text: String(s) })))));
+    C.timing.refresh = performance.now() - started;
   }
 
   C.addSearch = function (key, texts) {
@@ -321,8 +328,8 @@
         link(r + 1 < rows.length ? rows[r + 1] : undefined, "next \u203a", "next-latent"),
         el("span", { class: "muted", text: ` (${r + 1} of ${rows.length} in the table's order)` })] : ""));
     root.append(el("h2", {}, `Latent ${latent} `, el("span", { class: "muted", text: t.name }), " ",
-      tag ? el("span", { class: "tag tag-" + tag, text: tag }) : "", " ",
-      verdict ? el("span", { class: "tag tag-" + verdict, text: verdict }) : ""));
+      tag ? el("span", { class: tagClass(tag), text: tag }) : "", " ",
+      verdict ? el("span", { class: tagClass(verdict), text: verdict }) : ""));
 
     const numbers = el("table", { class: "kv numbers" });
     for (const [name, col] of Object.entries(t.columns)) {
@@ -370,7 +377,7 @@
         const part = mine.filter((ex) => ex[3] === s);
         columns.append(el("div", { class: "source", "data-source": source },
           el("h4", { text: `${source} (${part.length})` }),
-          part.length ? part.map((ex) => exampleNode(data.vocab, ex, entry.scale, kind))
+          part.length ? part.map((ex) => exampleNode(data, ex, entry.scale, kind))
             : el("p", { class: "muted", text: `none: the latent's ${kind === 0 ? "largest activations" : "samples"} are all on other sources` })));
       });
       blocks.push(el("h3", {}, title, " ", el("span", { class: "muted small", text: note })), columns);
@@ -378,20 +385,27 @@
     return blocks;
   }
 
-  function exampleNode(vocab, ex, scale, kind) {
-    const [, rank, activation, , doc, position, tokenIndex, tokens, acts] = ex;
+  // Examples are packed (see crossdiff/report/bundle.py): `width` base-64 digits per token
+  // index into the chunk's vocabulary, one base-64 digit per activation level (0..63 of scale).
+  const DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_";
+  const LEVELS = 63;
+
+  function exampleNode(data, ex, scale, kind) {
+    const [, rank, activation, , doc, position, tokenIndex, tokens, levels] = ex;
     const label = kind === 0 ? `#${rank + 1}` : `bin ${rank}`;
     const text = el("div", { class: "tokens" });
-    tokens.forEach((token, j) => {
+    for (let j = 0; j < levels.length; j++) {
+      let index = 0;
+      for (let d = 0; d < data.width; d++) index = index * 64 + DIGITS.indexOf(tokens[j * data.width + d]);
       const span = el("span", { class: j === tokenIndex ? "tok peak" : "tok" });
-      span.textContent = visible(vocab[token]);
-      const a = acts[j];
-      if (a !== null && a > 0) {
-        span.style.backgroundColor = `rgba(255, 120, 0, ${Math.min(1, 0.08 + a / 100).toFixed(2)})`;
-        span.title = "\u2248 " + fmt(a / 100 * scale, "float");
+      span.textContent = visible(data.vocab[index]);
+      const level = DIGITS.indexOf(levels[j]);
+      if (level > 0) {
+        span.style.backgroundColor = `rgba(255, 120, 0, ${Math.min(1, 0.08 + level / LEVELS).toFixed(2)})`;
+        span.title = "\u2248 " + fmt(level / LEVELS * scale, "float");
       }
       text.append(span);
-    });
+    }
     return el("div", { class: "example" },
       el("div", { class: "meta", text: `${label} \u00b7 activation ${fmt(activation, "float")} \u00b7 doc ${doc}, position ${position}` }),
       text);
@@ -460,5 +474,6 @@
 
   window.addEventListener("hashchange", route);
   route();
+  C.timing.ready = performance.now();
   document.body.dataset.ready = "1";
 })();
