@@ -13,8 +13,6 @@
   C.timing = {};  // ms: ready = since navigation start; refresh = the last table update (benchmarks/report.py)
   const loading = {};
   const views = {};
-  const PREFERRED = ["latent", "tag", "verdict", "dnorm", "dec_cos", "freq", "max_act", "nu_error", "nu_error_se",
-                     "nu_recon", "nu_recon_se", "template_share", "twin"];
   const PAGE_SIZES = [25, 50, 100, 500];
 
   // ---------- small helpers ----------
@@ -69,14 +67,43 @@
   }
 
   // ---------- one table's data and view state ----------
+  // Columns arrive as little-endian binary in base 64 (crossdiff/report/bundle.py): decoding
+  // them into typed arrays is much faster than parsing lists of numbers. Missing = NaN.
+  const TYPED = { u1: Uint8Array, i2: Int16Array, i4: Int32Array, f4: Float32Array, f8: Float64Array };
+
+  function decodeColumns(columns) {
+    for (const col of Object.values(columns)) {
+      if (!col.b64) continue;
+      const text = atob(col.b64), bytes = new Uint8Array(text.length);
+      for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+      const array = new TYPED[col.dtype](bytes.buffer);
+      if (col.type === "cat") col.codes = array; else col.values = array;
+      delete col.b64;
+    }
+    return columns;
+  }
+
   function table(key) { return C.tables[key]; }
 
   function value(t, name, i) {
     const col = t.columns[name];
     if (!col) return null;
     if (col.type === "cat") return col.codes[i] < 0 ? null : col.labels[col.codes[i]];
-    return col.values[i];
+    const x = col.values[i];
+    return x !== x ? null : x;
   }
+
+  function moreScript(key) { return `data/${key}/more.js`; }
+
+  C.addMore = function (key, more) {
+    const t = table(key);
+    Object.assign(t.columns, decodeColumns(more.columns));
+    t.preview = more.preview;
+    if (currentRoute.view === "latents" && currentRoute.key === key) {
+      const typing = document.activeElement && document.activeElement.closest(".filters");
+      if (typing) refreshTable(key); else renderLatents(key, new URLSearchParams());
+    }
+  };
 
   function rowOfLatent(t, id) {
     if (!t._rowOf) {
@@ -89,7 +116,7 @@
   function view(key) {
     if (!views[key]) {
       const t = table(key);
-      const shown = PREFERRED.filter((name) => t.columns[name]);
+      const shown = t.shown.slice();
       views[key] = {
         sort: { col: "dnorm", dir: -1 }, tag: "", verdict: "", flags: {}, ranges: [], text: "",
         page: 0, size: 50, shown, rows: null, sorted: null, sortedBy: "",
@@ -114,7 +141,7 @@
       sortByKeys(order, keys, dir);
     } else if (col) {
       const keys = new Float64Array(n);
-      for (let i = 0; i < n; i++) { const x = col.values[i]; keys[i] = x === null ? NaN : x; }
+      for (let i = 0; i < n; i++) keys[i] = col.values[i];
       sortByKeys(order, keys, dir);
     }
     v.sorted = order;
@@ -156,7 +183,7 @@
       const lo = range.min === "" ? -Infinity : Number(range.min);
       const hi = range.max === "" ? Infinity : Number(range.max);
       if (lo === -Infinity && hi === Infinity) continue;
-      tests.push((i) => { const x = col.values[i]; return x !== null && x >= lo && x <= hi; });
+      tests.push((i) => { const x = col.values[i]; return x >= lo && x <= hi; });
     }
     const text = v.text.trim().toLowerCase();
     if (text && C.search[key]) {
@@ -228,9 +255,9 @@
     filters.append(ranges);
 
     const chooser = el("details", { class: "columns-chooser" }, el("summary", { text: "columns" }),
-      Object.keys(t.columns).map((name) => el("label", { title: t.columns[name].desc },
+      t.order.filter((name) => t.columns[name]).map((name) => el("label", { title: t.columns[name].desc },
         el("input", { type: "checkbox", checked: v.shown.includes(name), onchange: (e) => {
-          if (e.target.checked) v.shown = Object.keys(t.columns).filter((n) => n === name || v.shown.includes(n));
+          if (e.target.checked) v.shown = t.order.filter((n) => n === name || v.shown.includes(n));
           else v.shown = v.shown.filter((n) => n !== name);
           refreshTable(key);
         } }), name)));
@@ -240,10 +267,12 @@
       el("div", { class: "table-wrap" }, el("table", { class: "grid latents", id: "latent-table" })),
       el("div", { class: "pager", id: "pager" }));
     refreshTable(key);
-    if (t.preview !== null && !C.search[key]) {
-      // The search text is loaded after the table is on screen: it is not needed to look.
-      setTimeout(() => loadScript(`data/${key}/search.js`).catch(showError), 0);
-    }
+    // The other columns, the previews and the search text load once the rows are on screen.
+    setTimeout(() => {
+      let next = loadScript(moreScript(key));
+      if (t.examples) next = next.then(() => loadScript(`data/${key}/search.js`));
+      next.catch(showError);
+    }, 0);
   }
 
   function refreshTable(key) {
@@ -309,6 +338,13 @@
   };
 
   function renderLatent(key, latent) {
+    // A shared link opens the panel directly: it needs every column first.
+    loadScript(moreScript(key)).then(() => {
+      if (currentRoute.view === "latent" && currentRoute.key === key && currentRoute.latent === latent) drawLatent(key, latent);
+    }).catch(showError);
+  }
+
+  function drawLatent(key, latent) {
     const t = table(key), v = view(key);
     const root = document.getElementById("view-latent");
     root.replaceChildren();
@@ -332,8 +368,9 @@
       verdict ? el("span", { class: tagClass(verdict), text: verdict }) : ""));
 
     const numbers = el("table", { class: "kv numbers" });
-    for (const [name, col] of Object.entries(t.columns)) {
-      if (name === "latent") continue;
+    for (const name of t.order) {
+      const col = t.columns[name];
+      if (name === "latent" || !col) continue;
       numbers.append(el("tr", {}, el("th", { title: col.desc, text: name }), el("td", { text: fmt(value(t, name, i), col.type) })));
     }
     const side = el("div", { class: "side" }, el("h3", { text: "Numbers" }), numbers);
@@ -472,6 +509,7 @@
     document.body.dataset.view = next.view;
   }
 
+  for (const t of Object.values(C.tables)) decodeColumns(t.columns);
   window.addEventListener("hashchange", route);
   route();
   C.timing.ready = performance.now();
