@@ -234,7 +234,8 @@ def test_report_in_headless_chromium(small_run, tmp_path):
         page.click(".range button")  # remove the range
 
         # Text search in top examples: latent 1's top example (max token and the tokens after it) finds it.
-        page.wait_for_function("CROSSDIFF.search && CROSSDIFF.search.l1")  # loaded after the first rows
+        page.focus("#filter-text")  # the search text loads on first use
+        page.wait_for_function("CROSSDIFF.search && CROSSDIFF.search.l1 && CROSSDIFF.tables.l1.preview")
         peak = page.evaluate("CROSSDIFF.tables.l1.preview[1][1] + CROSSDIFF.tables.l1.preview[1][2]")
         page.fill("#filter-text", peak)
         found = shown()

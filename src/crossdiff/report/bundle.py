@@ -9,7 +9,7 @@ So every data file is a script that hands its payload to the page
 * ``data/<key>/more.js``: the other columns and a preview of each latent's top example;
   loaded right after the first rows are drawn (it is half the data of a large table);
 * ``data/<key>/search.js``: the text around each latent's top examples, for the table's
-  text search; loaded right after the table is shown;
+  text search; loaded when the search box is first used;
 * ``data/<key>/examples/<chunk>.js``: the examples of ``CHUNK`` consecutive latents with
   the token texts they use; loaded when a latent's panel opens, so a report of 100k
   latents loads only what is looked at.
@@ -36,7 +36,7 @@ CHUNK = 128
 """Latents per examples file."""
 PREVIEW_BEFORE, PREVIEW_AFTER = 10, 3
 """Tokens around the max token in the table's preview of the top example."""
-SEARCH_EXAMPLES, SEARCH_BEFORE, SEARCH_AFTER = 5, 8, 3
+SEARCH_EXAMPLES, SEARCH_BEFORE, SEARCH_AFTER = 3, 8, 3
 """Top examples, and tokens around their max token, that the text search looks at."""
 
 
@@ -204,7 +204,8 @@ def table_payload(analysis: Analysis, digest: ExampleDigest) -> tuple[dict[str, 
 
 
 def search_payload(analysis: Analysis, digest: ExampleDigest) -> list[str]:
-    return [digest.search.get(int(i), "") for i in analysis.table["latent"]]
+    """Per latent (table order), the lowercased text the table's search looks in."""
+    return [digest.search.get(int(i), "").lower() for i in analysis.table["latent"]]
 
 
 def encode_column(series: pd.Series) -> dict[str, Any]:

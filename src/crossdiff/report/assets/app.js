@@ -10,7 +10,7 @@
   const C = window.CROSSDIFF;
   C.search = {};
   C.examples = {};
-  C.timing = {};  // ms: ready = since navigation start; refresh = the last table update (benchmarks/report.py)
+  C.timing = {};  // ms, for benchmarks/report.py: ready = since navigation start; sort, filter, search = the update
   const loading = {};
   const views = {};
   const PAGE_SIZES = [25, 50, 100, 500];
@@ -218,7 +218,7 @@
 
     if (t.columns.tag) {
       filters.append(select("tag", [["", "all"], ...t.columns.tag.labels.map((l) => [l, l])], v.tag,
-        (x) => { v.tag = x; update(); }, { id: "filter-tag" }));
+        (x) => { v.tag = x; timed("filter", update); }, { id: "filter-tag" }));
     }
     if (t.columns.verdict) {
       filters.append(select("verdict", [["", "all"], ...t.columns.verdict.labels.map((l) => [l, l]), ["(none)", "(none)"]],
@@ -229,9 +229,11 @@
       filters.append(select(name, [["any", "any"], ["yes", "yes"], ["no", "no"]], v.flags[name] || "any",
         (x) => { v.flags[name] = x; update(); }, { "data-flag": name, title: col.desc }));
     }
+    // The search text (a large file for a large table) loads when the search box is first used.
+    const loadSearch = () => { if (t.examples) loadScript(`data/${key}/search.js`).catch(showError); };
     const search = el("input", {
       type: "search", id: "filter-text", placeholder: "text in top examples", value: v.text,
-      oninput: (e) => { v.text = e.target.value; update(); },
+      onfocus: loadSearch, oninput: (e) => { v.text = e.target.value; loadSearch(); timed("search", update); },
     });
     filters.append(el("label", {}, "search ", search));
 
@@ -267,16 +269,18 @@
       el("div", { class: "table-wrap" }, el("table", { class: "grid latents", id: "latent-table" })),
       el("div", { class: "pager", id: "pager" }));
     refreshTable(key);
-    // The other columns, the previews and the search text load once the rows are on screen.
-    setTimeout(() => {
-      let next = loadScript(moreScript(key));
-      if (t.examples) next = next.then(() => loadScript(`data/${key}/search.js`));
-      next.catch(showError);
-    }, 0);
+    // The other columns and the previews load once the rows are on screen.
+    setTimeout(() => loadScript(moreScript(key)).catch(showError), 0);
+    if (v.text.trim()) loadSearch();
+  }
+
+  function timed(label, work) {
+    const started = performance.now();
+    work();
+    C.timing[label] = performance.now() - started;
   }
 
   function refreshTable(key) {
-    const started = performance.now();
     const t = table(key), v = view(key);
     const rows = filteredRows(key);
     v.rows = rows;
@@ -289,11 +293,11 @@
     const tableNode = document.getElementById("latent-table");
     const head = el("tr", {}, v.shown.map((name) => {
       const arrow = v.sort.col === name ? (v.sort.dir < 0 ? " \u25bc" : " \u25b2") : "";
-      return el("th", { title: t.columns[name].desc, "data-col": name, class: "sortable", onclick: () => {
+      return el("th", { title: t.columns[name].desc, "data-col": name, class: "sortable", onclick: () => timed("sort", () => {
         v.sort = { col: name, dir: v.sort.col === name ? -v.sort.dir : (t.columns[name].type === "cat" ? 1 : -1) };
         v.page = 0;
         refreshTable(key);
-      } }, name + arrow);
+      }) }, name + arrow);
     }), t.preview ? el("th", { text: "top example" }) : null);
     const body = el("tbody");
     const start = v.page * v.size, end = Math.min(rows.length, start + v.size);
@@ -324,11 +328,10 @@
       el("button", { id: "next-page", disabled: v.page >= pages - 1, onclick: () => go(v.page + 1) }, "next \u203a"),
       el("label", {}, " rows per page ", el("select", { onchange: (e) => { v.size = Number(e.target.value); go(0); } },
         PAGE_SIZES.map((s) => el("option", { value: s, selected: s === v.size, text: String(s) })))));
-    C.timing.refresh = performance.now() - started;
   }
 
   C.addSearch = function (key, texts) {
-    C.search[key] = texts.map((s) => s.toLowerCase());
+    C.search[key] = texts;  // lowercased when written
     if (currentRoute.view === "latents" && currentRoute.key === key && view(key).text.trim()) refreshTable(key);
   };
 
