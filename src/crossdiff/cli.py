@@ -18,9 +18,12 @@ STAGE_MODULES = [
     "crossdiff.collect",
     "crossdiff.train",
     "crossdiff.analysis.cli",
+    "crossdiff.inspection",
     "crossdiff.report.cli",
     "crossdiff.organism",
+    "crossdiff.causal.cli",
     "crossdiff.demo",
+    "crossdiff.run",
 ]
 
 
