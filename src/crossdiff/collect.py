@@ -19,6 +19,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,17 @@ class CollectConfig:
     shard_tokens: int = 2**20  # tokens per shard (the last shard of each source is smaller)
     rank: int = 0  # this process's part, 0 <= rank < world_size
     world_size: int = 1
+    bos: Literal["auto", "always", "never"] = "auto"
+    """BOS at the start of documents (docs/models-and-texts.md): auto adds it to plain text when the
+    tokenizer has one (even if it does not add it itself), always also to chat, never adds none."""
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the cache's contents (checked when resuming)."""
         data = to_dict(self)
         for volatile in ("out", "device", "rank"):
             data.pop(volatile)
+        if data["bos"] == "auto":  # the default; caches from before the setting existed resume unchanged
+            data.pop("bos")
         return data
 
 
@@ -100,6 +106,7 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
     from crossdiff.models import ResidualExtractor, check_same_tokenization, pad_batch
 
     pair = _load_pair(config, quiet)
+    max_len = _fit_max_len(config.max_len, pair)
     extractor = ResidualExtractor(pair, config.layer)
     tokenizer = pair.tokenizer
     writer = CacheWriter(
@@ -128,7 +135,7 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
             source = config.sources[index]
             progress.set_postfix_str(source.name)
             tokens = source_tokens if index == first_source else 0
-            docs = _rank_documents(config, source, tokenizer, next_doc if index == first_source else 0)
+            docs = _rank_documents(config, source, tokenizer, next_doc if index == first_source else 0, max_len)
             last_doc = -1
             for batch_index, batch in enumerate(_batches(docs, config.batch_size, budgets[index], tokens)):
                 if batch_index == 0:  # both models must see the same ids for this source's texts
@@ -211,6 +218,11 @@ def _already_complete(folder: Path, config: CollectConfig) -> bool:
     if not (folder / MANIFEST).is_file():
         return False
     cache = PairedCache(folder, allow_incomplete=True)
+    if cache.n_tokens == 0 and not cache.shards:
+        # A first run that failed before storing anything (a wrong column, say): nothing to keep,
+        # so the corrected command may start afresh with its own settings.
+        (folder / MANIFEST).unlink()
+        return False
     # Refuse other settings before any model is loaded (that can take minutes).
     check_same_settings(cache.manifest, {"layer": config.layer, "config": config.identity()}, folder)
     return bool(cache.manifest["complete"])
@@ -236,11 +248,28 @@ def _rank_budget(config: CollectConfig, source: str) -> int | None:
     return budget * (r + 1) // w - budget * r // w
 
 
-def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: Any, first_doc: int) -> Iterator[TokenizedDoc]:
+def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: Any, first_doc: int,
+                    max_len: int) -> Iterator[TokenizedDoc]:
     # Rows before the resume point and other ranks' rows are dropped before tokenizing.
     return iter_documents(
-        source, tokenizer, config.max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size
+        source, tokenizer, max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size, bos=config.bos
     )
+
+
+def _fit_max_len(max_len: int, pair: Any) -> int:
+    """``max_len``, capped (with a warning) at the positions both models were built for."""
+    limits = []
+    for model in (pair.base, pair.chat):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0), None)
+        if limit is not None:
+            limits.append(limit)
+    if limits and max_len > min(limits):
+        warnings.warn(f"max_len {max_len} exceeds the models' max_position_embeddings ({min(limits)}); "
+                      f"documents are cut at {min(limits)} tokens", UserWarning, stacklevel=3)
+        return min(limits)
+    return max_len
 
 
 def _batches(docs: Iterator[TokenizedDoc], batch_size: int, budget: int | None, tokens: int) -> Iterator[list[TokenizedDoc]]:
@@ -315,6 +344,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-tokens", type=int, help="tokens per shard (default 1048576)")
     parser.add_argument("--rank", type=int, help="this process's part (default: $RANK or 0)")
     parser.add_argument("--world-size", type=int, help="number of parts (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--bos", choices=["auto", "always", "never"],
+                        help="BOS at document starts: auto (default; plain text gets the tokenizer's BOS even if it "
+                        "does not add it), always (chat too), never")
     parser.add_argument("--verify", metavar="CACHE", help="only check an existing cache's checksums and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(func=run_cli)
@@ -339,7 +371,7 @@ def config_from_args(args: argparse.Namespace) -> CollectConfig:
         "base": args.base, "chat": args.chat, "layer": args.layer, "out": args.out, "max_len": args.max_len,
         "batch_size": args.batch_size, "max_tokens": args.max_tokens, "dtype": args.dtype,
         "model_dtype": args.model_dtype, "device": args.device, "shard_tokens": args.shard_tokens,
-        "rank": args.rank, "world_size": args.world_size,
+        "rank": args.rank, "world_size": args.world_size, "bos": args.bos,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.source:
