@@ -78,3 +78,19 @@ def test_settings_mismatch_names_only_the_differing_keys(tmp_path, tiny_pair_pat
     message = str(err.value)
     assert "config differs in sources[1].split: 'train' there, 'test' now)" in message
     assert "hf_config" not in message and "column" not in message
+
+
+def test_holdout_splits_documents_into_disjoint_parts(tmp_path, tiny_tokenizer):
+    from crossdiff.texts import is_heldout
+
+    lines = tmp_path / "docs.txt"
+    lines.write_text("".join(f"document number {i}\n" for i in range(400)))
+    source = TextSourceConfig(name="web", kind="text", path=str(lines))
+    train = {doc.doc_id for doc in iter_documents(source, tiny_tokenizer, 16, holdout=0.2)}
+    heldout = {doc.doc_id for doc in iter_documents(source, tiny_tokenizer, 16, holdout=0.2, part="heldout")}
+    assert not train & heldout and train | heldout == set(range(400))
+    assert 0.15 < len(heldout) / 400 < 0.25
+    assert heldout == {i for i in range(400) if is_heldout(i, 0.2)}
+    # Resuming mid-source keeps the split.
+    assert {doc.doc_id for doc in iter_documents(source, tiny_tokenizer, 16, holdout=0.2, start_doc=200)} == \
+        {i for i in train if i >= 200}

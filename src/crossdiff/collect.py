@@ -62,14 +62,20 @@ class CollectConfig:
     bos: Literal["auto", "always", "never"] = "auto"
     """BOS at the start of documents (docs/models-and-texts.md): auto adds it to plain text when the
     tokenizer has one (even if it does not add it itself), always also to chat, never adds none."""
+    holdout: float = 0.0
+    """Fraction of every source's documents set aside for a held-out cache (chosen by document
+    index, the same documents in every run); 0 keeps all."""
+    part: Literal["train", "heldout"] = "train"
+    """With ``holdout``: collect the documents kept for training, or the held-out ones."""
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the cache's contents (checked when resuming)."""
         data = to_dict(self)
         for volatile in ("out", "device", "rank"):
             data.pop(volatile)
-        if data["bos"] == "auto":  # the default; caches from before the setting existed resume unchanged
-            data.pop("bos")
+        for key, default in (("bos", "auto"), ("holdout", 0.0), ("part", "train")):
+            if data[key] == default:  # defaults: caches from before these settings existed resume unchanged
+                data.pop(key)
         return data
 
 
@@ -202,6 +208,10 @@ def _validate(config: CollectConfig) -> None:
         )
     if not 0 <= config.rank < config.world_size:
         raise CrossdiffError(f"rank must be in 0..world_size-1, got rank {config.rank} of {config.world_size}")
+    if not 0.0 <= config.holdout < 1.0:
+        raise CrossdiffError(f"holdout must be a fraction in [0, 1), got {config.holdout}")
+    if config.part == "heldout" and config.holdout == 0.0:
+        raise CrossdiffError("part = 'heldout' needs holdout > 0 (the fraction of documents set aside)")
     if config.dtype not in STORAGE_DTYPES:
         raise CrossdiffError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {config.dtype!r}")
 
@@ -252,7 +262,8 @@ def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: 
                     max_len: int) -> Iterator[TokenizedDoc]:
     # Rows before the resume point and other ranks' rows are dropped before tokenizing.
     return iter_documents(
-        source, tokenizer, max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size, bos=config.bos
+        source, tokenizer, max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size, bos=config.bos,
+        holdout=config.holdout, part=config.part,
     )
 
 
@@ -347,6 +358,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bos", choices=["auto", "always", "never"],
                         help="BOS at document starts: auto (default; plain text gets the tokenizer's BOS even if it "
                         "does not add it), always (chat too), never")
+    parser.add_argument("--holdout", type=float, metavar="FRACTION",
+                        help="set aside this fraction of every source's documents (same ones in every run)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="with --holdout: collect the held-out documents instead of the training ones")
     parser.add_argument("--verify", metavar="CACHE", help="only check an existing cache's checksums and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(func=run_cli)
@@ -371,7 +386,8 @@ def config_from_args(args: argparse.Namespace) -> CollectConfig:
         "base": args.base, "chat": args.chat, "layer": args.layer, "out": args.out, "max_len": args.max_len,
         "batch_size": args.batch_size, "max_tokens": args.max_tokens, "dtype": args.dtype,
         "model_dtype": args.model_dtype, "device": args.device, "shard_tokens": args.shard_tokens,
-        "rank": args.rank, "world_size": args.world_size, "bos": args.bos,
+        "rank": args.rank, "world_size": args.world_size, "bos": args.bos, "holdout": args.holdout,
+        "part": "heldout" if args.heldout else None,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.source:

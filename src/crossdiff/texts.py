@@ -73,7 +73,7 @@ class TokenizedDoc:
 
 def iter_documents(
     source: TextSourceConfig, tokenizer: Any, max_len: int, *, start_doc: int = 0, rank: int = 0, world_size: int = 1,
-    bos: str = "auto",
+    bos: str = "auto", holdout: float = 0.0, part: str = "train",
 ) -> Iterator[TokenizedDoc]:
     """Yield the documents of ``source`` in a deterministic order, tokenized and truncated to ``max_len``.
 
@@ -88,6 +88,10 @@ def iter_documents(
     it); chat documents are as the template writes them, with BOS added when the tokenizer
     adds BOS to plain text. "always" adds a missing BOS to chat documents too. "never" adds
     none (a template that writes BOS itself keeps it).
+
+    ``holdout`` sets aside that fraction of the documents (by a hash of ``doc_id``, so the
+    same ones in every run and for every budget); ``part`` selects the "train" documents or
+    the "heldout" ones.
     """
     if bos not in ("auto", "always", "never"):
         raise CrossdiffError(f"bos must be auto, always or never, got {bos!r}")
@@ -101,10 +105,16 @@ def iter_documents(
         raise CrossdiffError(f"source '{source.name}' is a chat source but the chat tokenizer has no chat template")
 
     rows = itertools.islice(_iter_column(source), source.max_docs)
-    selected = ((doc_id, value) for doc_id, value in rows if doc_id >= start_doc and doc_id % world_size == rank)
+    selected = ((doc_id, value) for doc_id, value in rows if doc_id >= start_doc and doc_id % world_size == rank
+                and (holdout <= 0 or is_heldout(doc_id, holdout) == (part == "heldout")))
     skipped: list[int] = []  # the first chat document whose template tokens cannot be identified (warn once)
     for chunk in _chunks(selected, _TOKENIZE_CHUNK):
         yield from _tokenize_chunk(source, tokenizer, chunk, max_len, skipped, bos)
+
+
+def is_heldout(doc_id: int, fraction: float) -> bool:
+    """Whether document ``doc_id`` is in the held-out ``fraction`` (a fixed multiplicative hash)."""
+    return ((doc_id * 2654435761 + 12345) % 2**32) / 2**32 < fraction
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
