@@ -19,8 +19,11 @@ STAGE_MODULES = [
     "crossdiff.train",
     "crossdiff.analysis.cli",
     "crossdiff.inspection",
+    "crossdiff.report.cli",
     "crossdiff.organism",
+    "crossdiff.causal.cli",
     "crossdiff.demo",
+    "crossdiff.run",
 ]
 
 

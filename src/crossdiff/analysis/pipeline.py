@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol
@@ -44,6 +45,8 @@ from crossdiff.analysis.table import add_verdict_columns, build_table, summarize
 from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
+from crossdiff.locks import output_lock
 from crossdiff.models import parse_device
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -73,6 +76,8 @@ class AnalysisConfig:
     window_before: int = 32
     window_after: int = 8
     seed: int = 0
+    allow_mismatch: bool = False
+    """Analyse a cache collected at another layer or from other models than the crosscoder's."""
     n_findings: int = 20
     """Latents listed in each ranked list of the summary (top by dnorm, by rank-sum, chat-specific)."""
 
@@ -173,6 +178,8 @@ def analyze(
 ) -> AnalysisResult:
     """Run the full analysis and write its files into ``out_dir``.
 
+    The files are written into a folder beside ``out_dir`` that replaces it once complete:
+    an interrupted run leaves the previous analysis (or none), never a mix of both.
     ``tokenizer`` gives examples their token text: ``"auto"`` loads the chat model's
     tokenizer named by the cache (``source.model_names``) when it can be loaded, None stores
     token ids only.
@@ -182,7 +189,51 @@ def analyze(
         names = getattr(source, "model_names", None) or crosscoder.config.model_names
         tokenizer = load_tokenizer(names[-1]) if config.examples and names and names[-1] else None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_cache_matches(crosscoder, source, config.allow_mismatch)
+    with output_lock(out_dir, "analyze"):
+        staging = begin_staging(out_dir)
+        try:
+            result = _analyze_into(crosscoder, source, staging, config, tokenizer=tokenizer, progress=progress)
+        except (OSError, sqlite3.Error) as err:
+            if is_disk_full(err):
+                raise write_error(out_dir, err) from None
+            raise
+        commit_staging(staging, out_dir)
+    return result._replace(files={name: out_dir / path.name for name, path in result.files.items()})
+
+
+def check_cache_matches(crosscoder: CrossCoder, source: Any, allow_mismatch: bool = False) -> None:
+    """CrossdiffError when the cache was collected at another layer or from other models
+    than the crosscoder was trained on (both record theirs); sources without records pass."""
+    if allow_mismatch:
+        return
+    cc = crosscoder.config
+    layer, models = getattr(source, "layer", None), getattr(source, "model_names", None)
+    problems = []
+    if cc.layer is not None and layer is not None and cc.layer != layer:
+        problems.append(f"layer {cc.layer} for the crosscoder, {layer} for the cache")
+    if cc.model_names and models and [_model_id(m) for m in cc.model_names] != [_model_id(m) for m in models]:
+        problems.append(f"models {list(cc.model_names)} for the crosscoder, {list(models)} for the cache")
+    if problems:
+        raise CrossdiffError(
+            "the cache does not match the crosscoder: " + "; ".join(problems) + " (--allow-mismatch to analyse anyway)"
+        )
+
+
+def _model_id(name: str) -> str:
+    """A model's name without the folder or hub owner it was loaded from ("google/gemma-2-2b" -> "gemma-2-2b")."""
+    return Path(str(name).rstrip("/")).name.lower()
+
+
+def _analyze_into(
+    crosscoder: CrossCoder,
+    source: BatchSource,
+    out_dir: Path,
+    config: AnalysisConfig,
+    *,
+    tokenizer: Any,
+    progress: bool,
+) -> AnalysisResult:
     crosscoder = _prepare(crosscoder, config)
     n_latents = crosscoder.config.d_sae
     device = crosscoder.W_dec.device
@@ -198,6 +249,7 @@ def analyze(
     with torch.no_grad():
         for batch in _batches(source, config, device, f"pass 1/{n_passes}: statistics + Latent Scaling", progress):
             _check_acts(batch.acts, crosscoder)
+            _check_values(batch, len(source.sources))
             x = crosscoder.normalize(batch.acts)
             f = crosscoder.encode(x)
             x_hat = crosscoder.decode(f)
@@ -275,6 +327,19 @@ def _check_acts(acts: Tensor, crosscoder: CrossCoder) -> None:
             f"the cache's activations are [tokens, {', '.join(map(str, acts.shape[1:]))}] but the crosscoder "
             f"reads [tokens, {expected[0]}, {expected[1]}]: wrong cache or crosscoder?"
         )
+
+
+def _check_values(batch: Batch, n_sources: int) -> None:
+    """Damaged activations would turn every beta into NaN and the summary into "confirms 0"."""
+    bad = ~torch.isfinite(batch.acts).all(dim=(1, 2))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise CrossdiffError(
+            f"the cache holds NaN or inf activations ({int(bad.sum())} tokens in one batch, the first in document "
+            f"{int(batch.doc_ids[first])} of source {int(batch.source_ids[first])}, position {int(batch.positions[first])})"
+        )
+    if len(batch.source_ids) and (int(batch.source_ids.min()) < 0 or int(batch.source_ids.max()) >= n_sources):
+        raise CrossdiffError(f"the cache is damaged: a token's source id is outside 0..{n_sources - 1}")
 
 
 def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, desc: str,
