@@ -18,6 +18,7 @@ STAGE_MODULES = [
     "crossdiff.collect",
     "crossdiff.train",
     "crossdiff.analysis.cli",
+    "crossdiff.autointerp.cli",
     "crossdiff.organism",
     "crossdiff.demo",
 ]
