@@ -239,8 +239,20 @@ class LocalClient:
         self._lock = threading.Lock()
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the loaded weights and tokenizer as a plain model folder (e.g. for a server)."""
-        self.model.save_pretrained(folder)
+        """Write the loaded weights and tokenizer as a plain model folder (float32 safetensors),
+        which loads in seconds where a GGUF file is parsed and dequantized again each time."""
+        model, config = self.model, self.model.config
+        # GGUF weights are dequantized on load; transformers still tags the model as quantized and refuses to save it.
+        quantizer, quantization = getattr(model, "hf_quantizer", None), getattr(config, "quantization_config", None)
+        model.hf_quantizer = None
+        if quantization is not None:
+            del config.quantization_config
+        try:
+            model.save_pretrained(folder)
+        finally:
+            model.hf_quantizer = quantizer
+            if quantization is not None:
+                config.quantization_config = quantization
         self.tokenizer.save_pretrained(folder)
         return Path(folder)
 

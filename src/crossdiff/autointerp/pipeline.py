@@ -227,7 +227,7 @@ class _Runner:
         return [s.score[i:i + size] for i in range(0, len(s.score), size)]
 
     def detect_request(self, explanation: str, batch: list[ScoreItem]) -> ChatRequest:
-        return ChatRequest(prompts.detection_messages(explanation, [i.text for i in batch]), 4 * len(batch) + 8,
+        return ChatRequest(prompts.detection_messages(explanation, [i.text for i in batch]), _answer_tokens(len(batch)),
                            top_logprobs=self.config.top_logprobs)
 
     def map(self, fn, items: list, what: str) -> list:
@@ -276,7 +276,12 @@ def _estimated_tokens(s: LatentSamples, config: ExplainConfig) -> int:
     batches = math.ceil(len(s.score) / size)
     header = sum(len(c) for _, c in prompts.detection_messages("x" * 4 * config.explain_max_tokens, [""] * size))
     detect = batches * header + sum(len(i.text) for i in s.score)
-    return explain_prompt // 4 + config.explain_max_tokens + 3 * (detect // 4 + 4 * len(s.score) + 8 * batches)
+    return explain_prompt // 4 + config.explain_max_tokens + 3 * (detect // 4 + batches * _answer_tokens(size))
+
+
+def _answer_tokens(n: int) -> int:
+    """Room for the answer: "Yes"/"No" for one excerpt, a list of n 0/1 for a batch."""
+    return 3 if n == 1 else 4 * n + 8
 
 
 def _parse_explanation(completion, s: LatentSamples) -> tuple[str | None, bool, bool]:

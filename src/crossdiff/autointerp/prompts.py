@@ -14,17 +14,16 @@ from __future__ import annotations
 import math
 import re
 
-PROMPT_VERSION = "crossdiff-autointerp-1"
+PROMPT_VERSION = "crossdiff-autointerp-2"
 ABSTAIN = "NO CONSISTENT PATTERN"
 
 
 def explainer_messages(excerpts: list[str]) -> tuple[tuple[str, str], ...]:
     numbered = "\n".join(f"{i}. {text}" for i, text in enumerate(excerpts, 1))
     return (("user",
-             "One hidden feature of a language model is active on the tokens marked <<like this>> in these "
-             f"excerpts:\n{numbered}\n"
-             "What do the marked tokens have in common? Answer in one short sentence, without quoting the excerpts. "
-             f"If they share no consistent pattern, answer exactly: {ABSTAIN}."),)
+             f"Here are text excerpts. Some tokens are marked <<like this>>.\n{numbered}\n"
+             "What do the marked tokens have in common? Answer in one short sentence. "
+             f"Only if they have nothing in common, answer: {ABSTAIN}."),)
 
 
 def detection_messages(explanation: str, excerpts: list[str]) -> tuple[tuple[str, str], ...]:

@@ -35,6 +35,8 @@ class ScoreItem:
     """1 = the latent is active in the excerpt."""
     kind: str
     """"activating", "similar" or "random"."""
+    ref: tuple[str, int, int]
+    """(source, document, position) of the excerpt's focus token."""
 
 
 @dataclass
@@ -46,6 +48,8 @@ class LatentSamples:
     """The detection batch, in the (seeded) order it is shown."""
     top_tokens: list[str]
     """The tokens the latent fires on most among the explainer's examples, most frequent first."""
+    explain_refs: list[tuple[str, int, int]]
+    """(source, document, position) of each explainer excerpt's focus token."""
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,16 @@ def _excerpt(example: Example, config: SampleConfig, *, mark: bool) -> str:
     return render(example, start, end, mark=mark, mark_fraction=config.mark_fraction)
 
 
-def _zero_span(example: Example, config: SampleConfig) -> str | None:
-    """The first span of the window on which the latent is known to be zero throughout."""
+def _zero_span(example: Example, config: SampleConfig) -> tuple[str, int] | None:
+    """The first span of the window on which the latent is known to be zero throughout:
+    (text, document position of the span's focus token)."""
     width = config.before + 1 + config.after
     acts = example.activations
     run = 0
     for i, activation in enumerate(acts):
         run = run + 1 if activation is not None and activation <= ACTIVE_THRESHOLD else 0
         if run == width:
-            return render(example, i + 1 - width, i + 1, mark=False)
+            return render(example, i + 1 - width, i + 1, mark=False), example.window_start + i - config.after
     return None
 
 
@@ -119,23 +124,29 @@ def latent_samples(store: ExampleStore, latent: int, config: SampleConfig, seed:
     examples = store.examples(latent)
     explain_examples, held_out = _split(examples)
     explain_examples = explain_examples[: config.n_explain]
+    seen = {_ref(e) for e in explain_examples}  # a top token can also be drawn as a quantile sample
+    held_out = [e for e in held_out if _ref(e) not in seen]
     if len(explain_examples) < 2 or not held_out:
         return None
     counts = Counter(clean(e.tokens[e.token_index].strip()) for e in explain_examples if e.tokens[e.token_index].strip())
-    items = [ScoreItem(_excerpt(e, config, mark=False), 1, "activating") for e in held_out[: config.n_score_activating]]
+    items: list[ScoreItem] = []
+    for example in held_out:  # the same text can recur (fixed replies): show it once
+        text = _excerpt(example, config, mark=False)
+        if len(items) < config.n_score_activating and text not in {i.text for i in items}:
+            items.append(ScoreItem(text, 1, "activating", _ref(example)))
 
-    similar = []
+    similar: list[ScoreItem] = []
     for example in held_out + explain_examples:  # held-out windows first: the explainer never saw them
         span = _zero_span(example, config)
-        if span and span not in similar:
-            similar.append(span)
+        if span and span[0] not in {i.text for i in similar}:
+            similar.append(ScoreItem(span[0], 0, "similar", (example.source, example.doc_id, span[1])))
         if len(similar) == config.n_score_similar:
             break
-    items += [ScoreItem(text, 0, "similar") for text in similar]
+    items += similar
 
     documents = {(e.source, e.doc_id) for e in examples}
     n_random = config.n_score_random + config.n_score_similar - len(similar)  # fill up what similar lacks
-    random_items: list[str] = []
+    random_items: list[ScoreItem] = []
     n_rows = store.db.execute("SELECT MAX(rowid) FROM examples").fetchone()[0] or 0
     for _ in range(50 * n_random):
         if len(random_items) >= n_random or n_rows == 0:
@@ -144,14 +155,19 @@ def latent_samples(store: ExampleStore, latent: int, config: SampleConfig, seed:
         if other is None or other.latent == latent or (other.source, other.doc_id) in documents:
             continue
         text = _excerpt(other, config, mark=False)
-        if text and text not in random_items:
-            random_items.append(text)
-    items += [ScoreItem(text, 0, "random") for text in random_items]
+        if text and text not in {i.text for i in random_items}:
+            random_items.append(ScoreItem(text, 0, "random", _ref(other)))
+    items += random_items
     if not any(item.label == 0 for item in items):
         return None
     rng.shuffle(items)
     return LatentSamples(latent, [_excerpt(e, config, mark=True) for e in explain_examples], items,
-                         [token for token, _ in counts.most_common(config.n_top_tokens)])
+                         [token for token, _ in counts.most_common(config.n_top_tokens)],
+                         [_ref(e) for e in explain_examples])
+
+
+def _ref(example: Example) -> tuple[str, int, int]:
+    return example.source, example.doc_id, example.position
 
 
 def _example_at(store: ExampleStore, rowid: int) -> Example | None:
