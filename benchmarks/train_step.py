@@ -1,6 +1,14 @@
 """Tokens/s of one crosscoder training step: crossdiff's step against a dense implementation.
 
     python benchmarks/train_step.py [--d-in 256] [--d-sae 16384] [--k 32] [--batch 4096] [--reps 3]
+    python benchmarks/train_step.py --scaling [--threads 2]    # bf16 vs fp32, 2 gloo ranks vs 1
+
+``--scaling`` measures, in one run, (a) the BatchTopK step with ``precision = "bf16"``
+against the same step in float32 (same weights and batch, interleaved repetitions; at a
+smaller shape, ``--bf16-*``, because a CPU without native bf16 matmuls is slow at it), and
+(b) the step of 2 data-parallel ranks (torchrun, gloo, one thread each, half the global
+batch each, gradients all-reduced) against 1 process with the same global batch and
+``--threads`` threads: same cores, same work.
 
 Both sides compute the same maths (docs/method.md 3) on the same batch and weights, and both
 include forward, backward, gradient clipping (BatchTopK) and the Adam step:
@@ -22,7 +30,10 @@ reported.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +82,90 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def scaling_trainer(args, out: Path, precision: str = "fp32", d_in=None, d_sae=None, batch=None) -> Trainer:
+    config = TrainConfig(
+        activation="batchtopk", d_sae=d_sae or args.d_sae, k=args.k, batch_size=batch or args.batch, warmup_steps=0,
+        threshold_start_step=10**9, sparse=True, device="cpu", precision=precision,
+    )
+    return Trainer(config, d_in or args.d_in, out, quiet=True)
+
+
+def global_batch(args, d_in: int, batch: int) -> torch.Tensor:
+    return torch.randn(batch, 2, d_in, generator=torch.Generator().manual_seed(0))
+
+
+def bench_precision(args, tmp: Path) -> tuple[float, float]:
+    """Median step seconds of float32 and bf16 on the same weights and batch."""
+    x = global_batch(args, args.bf16_d_in, args.bf16_batch)
+    shape = dict(d_in=args.bf16_d_in, d_sae=args.bf16_d_sae, batch=args.bf16_batch)
+    fp32, bf16 = scaling_trainer(args, tmp / "fp32", "fp32", **shape), scaling_trainer(args, tmp / "bf16", "bf16", **shape)
+    bf16.model.load_state_dict(fp32.model.state_dict())
+    fp32._train_step(x), bf16._train_step(x)  # warm-up
+    t32, t16 = [], []
+    for _ in range(args.reps):
+        t32.append(timed(lambda: fp32._train_step(x)))
+        t16.append(timed(lambda: bf16._train_step(x)))
+    return statistics.median(t32), statistics.median(t16)
+
+
+def bench_one_process(args, tmp: Path) -> float:
+    x = global_batch(args, args.d_in, args.batch)
+    trainer = scaling_trainer(args, tmp / "one")
+    trainer._train_step(x)
+    return statistics.median(timed(lambda: trainer._train_step(x)) for _ in range(args.reps))
+
+
+def bench_ranks(args, tmp: Path, n_ranks: int = 2) -> float:
+    """Median step seconds of ``n_ranks`` gloo ranks on the global batch (slowest rank)."""
+    result = tmp / "ranks.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_ranks}", __file__,
+               "--rank-worker", str(result), "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k),
+               "--batch", str(args.batch), "--reps", str(args.reps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(result.read_text())["step_s"]
+
+
+def rank_worker(args) -> None:
+    """One rank of bench_ranks: its part of the global batch, full data-parallel steps."""
+    import torch.distributed as dist
+
+    from crossdiff.distributed import rank_slice
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    x = global_batch(args, args.d_in, args.batch)
+    x = x[rank_slice(args.batch, dist.get_rank(), dist.get_world_size())].contiguous()
+    trainer = scaling_trainer(args, Path(tempfile.mkdtemp()) / "rank")
+    trainer._train_step(x, args.batch)
+    times = []
+    for _ in range(args.reps):
+        dist.barrier()
+        start = time.perf_counter()
+        trainer._train_step(x, args.batch)
+        elapsed = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+    if dist.get_rank() == 0:
+        Path(args.rank_worker).write_text(json.dumps({"step_s": statistics.median(times)}))
+    dist.destroy_process_group()
+
+
+def scaling(args) -> None:
+    tmp = Path(tempfile.mkdtemp())
+    t32, t16 = bench_precision(args, tmp)
+    B = args.bf16_batch
+    print(f"precision (d_in {args.bf16_d_in}, d_sae {args.bf16_d_sae}, k {args.k}, batch {B}, {args.threads} threads): "
+          f"fp32 {B / t32:,.0f} tok/s ({t32:.2f} s), bf16 {B / t16:,.0f} tok/s ({t16:.2f} s), bf16/fp32 speed {t32 / t16:.3f}x",
+          flush=True)
+    t_one = bench_one_process(args, tmp)
+    t_two = bench_ranks(args, tmp)
+    B = args.batch
+    print(f"ranks (d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, global batch {B}): 1 process x {args.threads} threads "
+          f"{B / t_one:,.0f} tok/s ({t_one:.2f} s), 2 gloo ranks x 1 thread {B / t_two:,.0f} tok/s ({t_two:.2f} s), "
+          f"2 ranks / 1 process speed {t_one / t_two:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=256)
@@ -79,8 +174,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scaling", action="store_true", help="bf16 vs fp32 and 2 gloo ranks vs 1 instead")
+    parser.add_argument("--bf16-d-in", type=int, default=64)
+    parser.add_argument("--bf16-d-sae", type=int, default=4096)
+    parser.add_argument("--bf16-batch", type=int, default=1024)
+    parser.add_argument("--rank-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rank_worker:
+        return rank_worker(args)
     torch.set_num_threads(args.threads)
+    if args.scaling:
+        return scaling(args)
     B, nd, D = args.batch, 2 * args.d_in, args.d_sae
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 2, args.d_in, generator=g)

@@ -3,6 +3,7 @@ planted artifacts (Complete Shrinkage, Latent Decoupling, genuine chat-only late
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -157,3 +158,58 @@ def test_planted_artifacts_are_recognised(planted, tmp_path):
     co = result.summary["chat_only"]
     assert (co["total"], co["chat_specific"], co["complete_shrinkage"], co["latent_decoupling"], co["with_twin"]) == (
         3, 1, 1, 1, 1)
+
+
+def test_summary_ranks_and_finds_chat_specific_latents_below_the_tag_threshold(planted, tmp_path):
+    cc, acts = planted
+    cc = copy.deepcopy(cc)
+    with torch.no_grad():
+        cc.W_dec[5, 0] = 0.4 * cc.W_dec[5, 1]  # the genuine chat-only latent now has dnorm 0.8
+    result = analyze(cc, TensorSource(acts), tmp_path, AnalysisConfig(batch_size=4096, examples=False), progress=False)
+    t = result.table.set_index("latent")
+    assert t.loc[5, "dnorm"] == pytest.approx(0.8) and t.loc[5, "tag"] == "other"
+    assert t.loc[5, "verdict"] == "chat-specific" and t.loc[5, "nu_recon"] == pytest.approx(0.4, abs=0.03)
+    assert list(t.loc[[3, 6], "verdict"]) == ["latent decoupling", "complete shrinkage"]
+    findings = result.summary["findings"]
+    assert findings["chat_specific"]["total"] == 1 and findings["chat_specific"]["latents"][0]["latent"] == 5
+    assert findings["chat_specific"]["by_tag"]["other"] == 1
+    for group, counts in findings["verdicts"].items():  # disjoint: the counts add up
+        size = {"all": 7, "chat_only": 2, "chat_leaning": int((t["dnorm"] > 0.5).sum())}[group]
+        assert sum(counts.values()) == size, group
+    by_dnorm = [row["latent"] for row in findings["top_by_dnorm"]]
+    assert by_dnorm[:2] in ([3, 6], [6, 3]) and 5 in by_dnorm
+    assert findings["top_by_rank_sum"][0]["latent"] == 5
+    assert sum(findings["dnorm"]["histogram"]["counts"][15:17]) == 1  # dnorm 0.8, at the edge of two bins
+    assert sum(findings["dnorm"]["histogram"]["counts"]) == findings["dnorm"]["n"] == 7
+    from crossdiff.analysis.table import format_summary
+
+    text = format_summary(result.summary)
+    assert "chat-specific latents at any dnorm: 1" in text and "verdicts, all latents: 7 =" in text
+
+
+def test_base_direction_betas_equal_brute_force(tmp_path, monkeypatch):
+    """The mirrored Latent Scaling (base decoder as the direction) against lstsq."""
+    cc = random_crosscoder("relu")
+    acts = torch.randn(500, 2, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = cc.normalize(acts)
+    f = cc.encode(x)
+    x_hat = cc.decode(f)
+    result = analyze(cc, TensorSource(acts), tmp_path, AnalysisConfig(batch_size=97, dtype="float64", examples=False),
+                     progress=False)
+    table = result.table
+    checked = 0
+    for j in range(2, cc.config.d_sae):
+        d = cc.W_dec[j, 0]
+        if not (f[:, j] > 0).any():
+            continue
+        design = (f[:, j, None] * d).reshape(-1, 1)
+        for m, model in enumerate(["base", "chat"]):
+            targets = {f"error_{model}": x[:, m] - x_hat[:, m] + f[:, j, None] * cc.W_dec[j, m],
+                       f"recon_{model}": x_hat[:, m], f"act_{model}": x[:, m]}
+            for name, y in targets.items():
+                expected = torch.linalg.lstsq(design, y.reshape(-1, 1)).solution.item()
+                assert table.loc[j, f"base_dir_beta_{name}"] == pytest.approx(expected, rel=1e-8, abs=1e-12), (j, name)
+                checked += 1
+        assert table.loc[j, "base_dir_nu_error"] == pytest.approx(
+            table.loc[j, "base_dir_beta_error_chat"] / table.loc[j, "base_dir_beta_error_base"], rel=1e-12)
+    assert checked > 100

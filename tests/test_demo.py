@@ -25,7 +25,7 @@ def test_demo_data_holds_planted_behaviours(tmp_path):
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     config = DemoConfig(out=str(tmp_path / "demo"), tokens_per_source=2500, behaviour_conversations=10,
-                        steps=40, batch_size=128, expansion_factor=2, k=8)
+                        steps=40, batch_size=128, expansion_factor=2, k=8, causal_per_behaviour=1, causal_chitchat=2)
     summaries = run_demo(config, quiet=True)
     assert set(summaries) == {"batchtopk", "l1"}
     for name, summary in summaries.items():
@@ -34,9 +34,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         table = pd.read_parquet(tmp_path / "demo" / name / "analysis" / "latents.parquet")
         assert len(table) == 256 and {"dnorm", "nu_error", "nu_recon", "template_share"} <= set(table.columns)
     assert summaries["batchtopk"]["quality"]["l0"] <= 8 * 1.5  # the learned threshold keeps L0 near k
+    for name in summaries:  # the causal stage wrote its files (the numbers are checked on the full demo)
+        kl = pd.read_parquet(tmp_path / "demo" / name / "causal" / "kl.parquet")
+        assert {"None", "All", "eps_chat", "template"} <= set(kl["condition"])
 
     # Rerunning skips finished stages (same results) and prints the report.
     again = run_demo(config)
     assert again["l1"]["chat_only"] == summaries["l1"]["chat_only"]
     printed = capsys.readouterr().out
-    assert "BatchTopK vs L1" in printed and "most chat-leaning latents" in printed
+    assert "BatchTopK vs L1" in printed and "most chat-leaning latents" in printed and "KL(p_chat || p_patched)" in printed
+    assert f"report: {tmp_path / 'demo' / 'report' / 'index.html'}" in printed

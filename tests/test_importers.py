@@ -100,3 +100,111 @@ def test_import_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(CrossdiffError, match="holds no crosscoder weights"):
         CrossCoder.from_pretrained(empty)
+
+
+# ---------------------------------------------------------------------- which file, which path
+def test_training_folder_prefers_the_final_model_then_the_highest_step(tmp_path, capsys):
+    untrained, middle, final = (random_state(batchtopk=True, seed=s) for s in (0, 1, 2))
+    torch.save(untrained, tmp_path / "checkpoint_0.pt")
+    torch.save(middle, tmp_path / "checkpoint_10.pt")
+    torch.save(middle, tmp_path / "checkpoint_9.pt")
+    torch.save({"loss": torch.tensor(1.0)}, tmp_path / "eval_logs_10.pt")  # logs are not weights
+    (tmp_path / "config.json").write_text(json.dumps({"activation_dim": 5, "dict_size": 16, "num_layers": 2}))
+    model = CrossCoder.from_pretrained(tmp_path)
+    assert torch.equal(model.W_enc, middle["encoder.weight"])  # checkpoint_10, not _9 nor _0
+    assert model.config.metadata["imported_from"] == str(tmp_path / "checkpoint_10.pt")
+    assert "importing " + str(tmp_path / "checkpoint_10.pt") in capsys.readouterr().err
+    torch.save(final, tmp_path / "model_final.pt")
+    model = CrossCoder.from_pretrained(tmp_path)
+    assert torch.equal(model.W_enc, final["encoder.weight"])
+    assert model.config.metadata["imported_from"] == str(tmp_path / "model_final.pt")
+
+
+def test_ambiguous_folder_is_refused_listing_the_candidates(tmp_path):
+    torch.save(random_state(), tmp_path / "a.pt")
+    torch.save(random_state(), tmp_path / "b.pt")
+    with pytest.raises(CrossdiffError, match=r"several crosscoder weight files \(a\.pt, b\.pt\)"):
+        CrossCoder.from_pretrained(tmp_path)
+    model = CrossCoder.from_pretrained(tmp_path / "b.pt")  # a file path is accepted
+    assert model.config.metadata["imported_from"] == str(tmp_path / "b.pt")
+
+
+# ---------------------------------------------------------------------- the activation normaliser
+def normalised_state(target_rms=10.0):
+    """A 2-model, d=2 crosscoder with dictionary_learning's normaliser buffers, values chosen by hand."""
+    state = random_state(n=2, d=2, D=4, batchtopk=True)
+    state["threshold"] = torch.tensor(0.5)
+    state["activation_mean"] = torch.tensor([[1.0, 2.0], [-1.0, 0.0]])
+    state["activation_std"] = torch.tensor([[3.0, 4.0], [0.6, 0.8]])  # total variance 25 and 1
+    state["target_rms"] = torch.tensor(target_rms)
+    total_var = (state["activation_std"] ** 2).sum(-1)
+    state["activation_global_scale"] = target_rms / torch.sqrt(total_var + 1e-8)  # as dictionary_learning computes it
+    return state
+
+
+def test_normaliser_is_imported_as_the_input_transform(tmp_path):
+    state = normalised_state()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model = CrossCoder.from_pretrained(tmp_path)
+    # By hand: global scales are 10 / 5 = 2 and 10 / 1 = 10.
+    x = torch.tensor([[[6.0, 7.0], [0.0, 1.0]]])
+    expected = torch.tensor([[[(6 - 1) * 2.0, (7 - 2) * 2.0], [(0 + 1) * 10.0, (1 - 0) * 10.0]]])
+    torch.testing.assert_close(model.normalize(x), expected, rtol=1e-6, atol=0)
+    # Bit for bit what dictionary_learning computes: (x - mean) * scale, y / (scale + 1e-8) + mean.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 2, 2, generator=g) * 5
+    scale = state["activation_global_scale"].view(1, 2, 1)
+    assert torch.equal(model.normalize(x), (x - state["activation_mean"]) * scale)
+    y = torch.randn(64, 2, 2, generator=g)
+    assert torch.equal(model.denormalize(y), y / (scale + 1e-8) + state["activation_mean"])
+    # The whole forward pass, against the reference (matmul order differs: float rounding only).
+    reference = ReferenceDictionaryLearning(state)
+    f = model.encode(model.normalize(x))
+    torch.testing.assert_close(f, reference.encode((x - state["activation_mean"]) * scale), rtol=1e-5, atol=1e-5)
+    assert 0 < int((f != 0).sum()) < f.numel()
+    torch.testing.assert_close(model.denormalize(model.decode(f)),
+                               reference.decode(f) / (scale + 1e-8) + state["activation_mean"], rtol=1e-5, atol=1e-5)
+    # Saved and loaded again, a crossdiff checkpoint keeps the transform.
+    again = CrossCoder.from_pretrained(model.save_pretrained(tmp_path / "native"))
+    assert torch.equal(again.normalize(x), model.normalize(x))
+    assert again.config.denormalize_epsilon == 1e-8
+
+
+def test_unused_normaliser_is_identity_and_a_partial_one_is_refused(tmp_path):
+    state = normalised_state()
+    for key in ("activation_mean", "activation_std"):
+        state[key] = torch.full((2, 2), float("nan"))  # dictionary_learning's "no normaliser"
+    save_file(state, str(tmp_path / "model.safetensors"))
+    x = torch.randn(4, 2, 2)
+    assert torch.equal(CrossCoder.from_pretrained(tmp_path).normalize(x), x)
+    state = normalised_state()
+    del state["activation_global_scale"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CrossdiffError, match="incomplete activation normaliser \\(lacks activation_global_scale\\)"):
+        CrossCoder.from_pretrained(tmp_path)
+
+
+def test_crosscoder_and_cache_import_nothing_above_them():
+    """crosscoder.py and cache.py sit at the bottom of the import graph (even lazily)."""
+    import ast
+    from pathlib import Path
+
+    import crossdiff
+
+    root = Path(crossdiff.__file__).parent
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((root / f"{module}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("crossdiff"):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("crossdiff"))
+        return found
+
+    leaves = {"crossdiff.errors", "crossdiff.files", "crossdiff.config"}
+    assert imports("importers") <= leaves
+    assert imports("crosscoder") <= leaves | {"crossdiff.importers"}
+    assert imports("cache") <= leaves
+    assert imports("files") <= {"crossdiff.errors"}

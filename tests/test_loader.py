@@ -146,6 +146,7 @@ def test_resume_from_state_dict_sees_the_same_batches(tmp_path, ratio):
 
 
 def _loader_peak_bytes(cache: PairedCache, window_shards: int = 2, max_batches: int | None = None) -> int:
+    cache = PairedCache(cache.path)  # freshly opened: each measurement hashes its shards once, alike
     tracemalloc.start()
     tracemalloc.reset_peak()
     loader = ShuffledPairLoader(cache, 256, window_shards=window_shards, seed=0, filters=ReadFilters(drop_bos=True))

@@ -20,15 +20,15 @@ numpy has no bfloat16, so bf16 activations are stored as their raw uint16 bit pa
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import struct
-import uuid
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from crossdiff.errors import CrossdiffError, first_line
+from crossdiff.files import fsync_dir, remove_stray_temporaries, sha256_stream, write_error, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "crossdiff-paired-cache"
@@ -116,37 +117,6 @@ class ReadFilters:
 # ----------------------------------------------------------------------------- files
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` by ``data`` so that readers see either the old or the new file, whole."""
-    # A temporary name of its own per writer: ranks that finish together all write the
-    # merged manifest, and a shared name would let one rank rename another's half-written file.
-    tmp = path.with_name(f"{uuid.uuid4().hex[:12]}.{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(path, err) from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_error(path: Path, err: OSError) -> CrossdiffError:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CrossdiffError(f"disk full while writing {path}; free space and rerun the same command to resume")
-    return CrossdiffError(f"cannot write {path}: {err.strerror or err}")
-
-
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int | None = None) -> bytes:
     """A .npy (version 1.0) header, padded to ``size`` bytes (default: the next multiple of 64).
 
@@ -223,10 +193,7 @@ def _check_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str 
         if actual != expected:
             raise CrossdiffError(f"{name} is corrupt (size {actual} bytes, expected {expected})")
         if sha256 is not None:
-            digest = hashlib.sha256()
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-            if digest.hexdigest() != sha256:
+            if sha256_stream(f) != sha256:
                 raise CrossdiffError(f"{name} is corrupt (sha256 mismatch)")
 
 
@@ -301,12 +268,16 @@ class CacheWriter:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise _write_error(self.path, err) from None
+            raise write_error(self.path, err) from None
         manifest_path = self.path / MANIFEST
+        remove_stray_temporaries(self.path, MANIFEST)  # left by a kill before the rename
         if manifest_path.exists():
             self.manifest = _read_manifest(manifest_path)
             check_same_settings(self.manifest, header, self.path)
             self._stats = _stats_from_json(self.manifest["stats"])
+            # Resuming on top of a sealed shard that is gone or cut short would finish a
+            # cache that lacks data; say so now (sizes only: cheap).
+            check_shard_sizes(self.path, self.manifest)
         else:
             self.manifest = {**header, "complete": False, "n_tokens": 0, "shards": [], "stats": {}}
             self._stats = {m: _empty_stats(d_model) for m in MODELS}
@@ -402,7 +373,7 @@ class CacheWriter:
             files[0].append(raw_np)
             files[1].append(records)
         except OSError as err:
-            raise _write_error(files[0].path.parent, err) from None
+            raise write_error(files[0].path.parent, err) from None
 
     def seal(self, resume: dict[str, Any] | None = None) -> str | None:
         """Close the open shard and record it (with ``resume``) in the manifest.
@@ -414,9 +385,9 @@ class CacheWriter:
         name = self._files[0].path.parent.name
         try:
             sha = {f.path.name: f.close() for f in self._files}
-            _fsync_dir(self._files[0].path.parent)
+            fsync_dir(self._files[0].path.parent)
         except OSError as err:
-            raise _write_error(self._files[0].path.parent, err) from None
+            raise write_error(self._files[0].path.parent, err) from None
         n = self._files[0].rows
         self._files = None
         source = self.sources[self._shard_source]
@@ -455,7 +426,7 @@ class CacheWriter:
                     _AppendOnlyArray(folder / TOKENS_FILE, TOKEN_DTYPE, (), self.shard_tokens),
                 )
             except OSError as err:
-                raise _write_error(folder, err) from None
+                raise write_error(folder, err) from None
             self._shard_source = source_id
         return self._files
 
@@ -494,7 +465,68 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CrossdiffError(f"{path} is not a crossdiff paired-activation cache manifest")
     if manifest.get("version") != VERSION:
         raise CrossdiffError(f"{path} has cache format version {manifest.get('version')}, this crossdiff reads {VERSION}")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise CrossdiffError(f"{path} is damaged: it lacks the key(s) {', '.join(missing)}")
+    if manifest["dtype"] not in STORAGE_DTYPES:
+        raise CrossdiffError(f"{path} is damaged: unknown storage dtype {manifest['dtype']!r}")
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict) or any(k not in shard for k in ("name", "n_tokens", "sha256", "source")):
+            raise CrossdiffError(f"{path} is damaged: a shard entry lacks name, n_tokens, sha256 or source")
+    held = sum(shard["n_tokens"] for shard in manifest["shards"])
+    if manifest["n_tokens"] != held:
+        raise CrossdiffError(f"{path} is inconsistent: n_tokens is {manifest['n_tokens']} but its shards hold {held} (was it edited?)")
     return manifest
+
+
+_MANIFEST_KEYS = ("models", "layer", "d_model", "dtype", "sources", "shard_tokens", "complete", "n_tokens", "shards", "stats")
+
+
+def _row_shapes(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    return {ACTS_FILE: (STORAGE_DTYPES[manifest["dtype"]][0], (2, manifest["d_model"])), TOKENS_FILE: (TOKEN_DTYPE, ())}
+
+
+def check_shard_sizes(path: Path, manifest: dict[str, Any]) -> None:
+    """CrossdiffError unless every shard file the manifest lists exists with the size it implies.
+
+    A size that disagrees is blamed on the file when its own header disagrees too (a
+    truncated or damaged file), and on the manifest when the file is self-consistent."""
+    for shard in manifest["shards"]:
+        n = shard["n_tokens"]
+        for file, (dtype, row) in _row_shapes(manifest).items():
+            name = f"{shard['name']}/{file}"
+            target = path / shard["name"] / file
+            try:
+                size = target.stat().st_size
+            except FileNotFoundError:
+                raise CrossdiffError(f"{name} is missing (the cache at {path} is damaged; collect it again)") from None
+            except OSError as err:
+                raise CrossdiffError(f"cannot read {target}: {err.strerror}") from None
+            payload = n * int(np.prod(row, dtype=np.int64)) * dtype.itemsize
+            headers = {len(_npy_header(dtype, (n, *row))), len(_npy_header(dtype, (manifest["shard_tokens"], *row)))}
+            if size - payload in headers:
+                continue
+            rows_in_file = _rows_in_file(target, dtype, row, size)
+            if rows_in_file is not None:
+                raise CrossdiffError(
+                    f"{path / MANIFEST} is inconsistent: it says {shard['name']} holds {n} tokens, "
+                    f"its files hold {rows_in_file} (was the manifest edited?)"
+                )
+            raise CrossdiffError(f"{name} is corrupt (size {size} bytes, expected {payload + min(headers)})")
+
+
+def _rows_in_file(path: Path, dtype: np.dtype, row: tuple[int, ...], size: int) -> int | None:
+    """Rows of a .npy file whose header matches ``dtype``/``row`` and its size; else None."""
+    try:
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape, _, file_dtype = np.lib.format.read_array_header_1_0(f)
+            header = f.tell()
+    except Exception:  # numpy parses the header as a Python literal: any failure means garbage
+        return None
+    if file_dtype != dtype or tuple(shape[1:]) != row:
+        return None
+    return shape[0] if header + shape[0] * int(np.prod(row, dtype=np.int64)) * dtype.itemsize == size else None
 
 
 def check_same_settings(existing: dict[str, Any], header: dict[str, Any], path: Path) -> None:
@@ -552,9 +584,16 @@ def merge_ranks(out: str | Path, world_size: int) -> bool:
 
 
 class PairedCache:
-    """Read access to a finished cache: manifest, statistics, shards as memory maps."""
+    """Read access to a finished cache: manifest, statistics, shards as memory maps.
 
-    def __init__(self, path: str | Path, verify: bool = False, allow_incomplete: bool = False):
+    Nothing damaged is ever read silently. Opening checks that every shard file exists
+    with the size the manifest implies (a stat per file); each file's sha256 is then
+    checked the first time this process reads it (``checksums=False`` skips that), and
+    :meth:`verify_ahead` hashes shards about to be read in a background thread so that
+    training rarely waits. ``verify=True`` checks every checksum at once.
+    """
+
+    def __init__(self, path: str | Path, verify: bool = False, allow_incomplete: bool = False, checksums: bool = True):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -585,6 +624,12 @@ class PairedCache:
         for shard in self.shards:
             if ".." in Path(shard["name"]).parts or Path(shard["name"]).is_absolute():
                 raise CrossdiffError(f"{manifest_path} names a shard outside the cache: {shard['name']}")
+        check_shard_sizes(self.path, self.manifest)
+        # (shard index, file) -> True once its checksum matched, or the Future of a background check.
+        self.checksums = checksums
+        self._verified: dict[tuple[int, str], bool | Future] = {}
+        self._verify_lock = threading.Lock()
+        self._verifier: ThreadPoolExecutor | None = None
         if verify:
             self.verify()
 
@@ -602,6 +647,40 @@ class PairedCache:
         """Check every shard file against the manifest (size, header, sha256)."""
         for shard in self.shards:
             self._check_shard(shard, with_checksum=True)
+        self._verified.update({(i, f): True for i in range(len(self.shards)) for f in (ACTS_FILE, TOKENS_FILE)})
+
+    def verify_ahead(self, shard_indices: Sequence[int]) -> None:
+        """Start checking these shards' files in a background thread (hashlib releases the
+        GIL), so that reading them later does not wait for the hash."""
+        if not self.checksums:
+            return
+        with self._verify_lock:
+            if self._verifier is None:
+                self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossdiff-verify")
+            for i in shard_indices:
+                for file in (TOKENS_FILE, ACTS_FILE):
+                    if (i, file) not in self._verified:
+                        self._verified[i, file] = self._verifier.submit(self._check_file, i, file)
+
+    def _ensure_verified(self, shard_index: int, file: str) -> None:
+        if not self.checksums:
+            return
+        with self._verify_lock:
+            state = self._verified.get((shard_index, file))
+        if state is True:
+            return
+        if state is None:
+            self._check_file(shard_index, file)
+        else:
+            state.result()  # re-raises the background check's CrossdiffError here, in the reader
+        with self._verify_lock:
+            self._verified[shard_index, file] = True
+
+    def _check_file(self, shard_index: int, file: str) -> None:
+        shard = self.shards[shard_index]
+        dtype, row = _row_shapes(self.manifest)[file]
+        n = shard["n_tokens"]
+        _check_npy(self.path / shard["name"] / file, dtype, (n, *row), shard["sha256"][file], f"{shard['name']}/{file}")
 
     def _check_shard(self, shard: dict[str, Any], with_checksum: bool) -> None:
         n = shard["n_tokens"]
@@ -662,6 +741,7 @@ class PairedCache:
         return array
 
     def _map(self, shard_index: int, file: str) -> np.ndarray:
+        self._ensure_verified(shard_index, file)
         shard = self.shards[shard_index]
         name = f"{shard['name']}/{file}"
         try:
@@ -710,26 +790,18 @@ class PairedCache:
         self,
         batch_size: int,
         *,
-        shuffle: bool = False,
-        seed: int = 0,
         filters: ReadFilters | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> Iterator[CacheBatch]:
-        """One pass over the cache: in stored order, or shuffled as the training loader does.
+        """One pass over the cache in stored order (crossdiff.loader shuffles for training).
 
         Batches have ``batch_size`` tokens except possibly the last.
         """
-        if shuffle:
-            from crossdiff.loader import ShuffledPairLoader
-
-            yield from ShuffledPairLoader(
-                self, batch_size, seed=seed, epochs=1, filters=filters, device=device, dtype=dtype
-            )
-            return
         pending: list[CacheBatch] = []
         pending_n = 0
         for i, shard in enumerate(self.shards):
+            self.verify_ahead([i + 1] if i + 1 < len(self.shards) else [])  # hash the next shard meanwhile
             keep = filters.keep_mask(np.asarray(self.tokens(i)), self) if filters else None
             for start in range(0, shard["n_tokens"], batch_size):
                 rows: slice | np.ndarray = slice(start, min(start + batch_size, shard["n_tokens"]))

@@ -19,8 +19,12 @@ STAGE_MODULES = [
     "crossdiff.train",
     "crossdiff.analysis.cli",
     "crossdiff.autointerp.cli",
+    "crossdiff.inspection",
+    "crossdiff.report.cli",
     "crossdiff.organism",
+    "crossdiff.causal.cli",
     "crossdiff.demo",
+    "crossdiff.run",
 ]
 
 

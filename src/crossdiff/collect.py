@@ -37,6 +37,7 @@ from crossdiff.cache import (
 )
 from crossdiff.config import from_dict, load_section, to_dict
 from crossdiff.errors import CrossdiffError
+from crossdiff.locks import output_lock
 from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents
 
 
@@ -93,6 +94,11 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
     """Collect (or resume collecting) the cache described by ``config``."""
     _validate(config)
     folder = rank_folder(config.out, config.rank, config.world_size)
+    with output_lock(folder, "collect"):  # two collects into one folder would interleave shards
+        return _collect(config, folder, quiet)
+
+
+def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary:
     start = time.perf_counter()
     if _already_complete(folder, config):
         return _finish(config, folder, start, new_tokens=0, quiet=quiet)
@@ -150,6 +156,8 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
                 tokens += n
                 last_doc = batch[-1].doc_id
                 progress.update(n)
+            if tokens == 0 and config.world_size == 1:
+                raise CrossdiffError(f"source {source.name!r} gave no tokens: is {source.path} empty (or its column)?")
             writer.seal({"source": source.name, "next_doc": last_doc + 1, "source_tokens": tokens, "done": True})
         writer.finish()
     finally:
@@ -213,6 +221,8 @@ def _already_complete(folder: Path, config: CollectConfig) -> bool:
     cache = PairedCache(folder, allow_incomplete=True)
     # Refuse other settings before any model is loaded (that can take minutes).
     check_same_settings(cache.manifest, {"layer": config.layer, "config": config.identity()}, folder)
+    if cache.manifest["complete"]:
+        cache.verify()  # a rerun over a finished cache is the moment to say it is damaged
     return bool(cache.manifest["complete"])
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from crossdiff.config import from_dict, to_dict
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, first_line
+from crossdiff.files import ensure_output_folder, read_error, sha256_file, share_like_umask, write_error, write_text_atomic
+from crossdiff.importers import read_dictionary_learning
 
 Activation = Literal["relu", "batchtopk", "topk"]
 CodeNormalization = Literal["crosscoder", "sae", "mixed", "none"]
@@ -43,6 +46,7 @@ CodeNormalization = Literal["crosscoder", "sae", "mixed", "none"]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_NAME = "crossdiff.crosscoder"
+WEIGHTS_SHA_KEY = "weights_sha256"  # in config.json, beside the config: the sha256 of model.safetensors
 
 # Default per-latent decoder norm at init (docs/method.md 2): small for L1, unit for top-k.
 DEFAULT_NORM_INIT_SCALE = {"relu": 0.005, "batchtopk": 1.0, "topk": 1.0}
@@ -70,6 +74,11 @@ class CrossCoderConfig:
     """BatchTopK inference threshold in scaled units; negative until training sets it."""
     input_scale: list[float] | None = None
     """Per-model factor that maps model activations into crosscoder space (None = 1)."""
+    input_shift: list[list[float]] | None = None
+    """Per-model vector [n_models][d_in] subtracted before ``input_scale`` (None = 0); set by
+    importing a dictionary_learning crosscoder trained with its activation normaliser."""
+    denormalize_epsilon: float = 0.0
+    """Added to ``input_scale`` when mapping reconstructions back (dictionary_learning adds 1e-8)."""
     model_names: list[str] | None = None
     """Hub ids or paths of the models, base first."""
     layer: int | None = None
@@ -95,6 +104,10 @@ class CrossCoderConfig:
             )
         if self.input_scale is not None and len(self.input_scale) != self.n_models:
             raise CrossdiffError(f"input_scale has {len(self.input_scale)} entries for {self.n_models} models")
+        if self.input_shift is not None and (
+            len(self.input_shift) != self.n_models or any(len(row) != self.d_in for row in self.input_shift)
+        ):
+            raise CrossdiffError(f"input_shift must be {self.n_models} lists of {self.d_in} numbers")
         if self.norm_init_scale is None:
             self.norm_init_scale = DEFAULT_NORM_INIT_SCALE[self.activation]
 
@@ -114,6 +127,9 @@ class CrossCoder(nn.Module):
         self.register_buffer("threshold", torch.tensor(float(config.threshold)))
         scale = config.input_scale or [1.0] * n
         self.register_buffer("input_scale", torch.tensor(scale, dtype=torch.float32))
+        # Not in the state dict (config.json holds it), but moved by .to() like the weights.
+        shift = torch.tensor(config.input_shift, dtype=torch.float32) if config.input_shift is not None else None
+        self.register_buffer("input_shift", shift, persistent=False)
         self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ init
@@ -191,12 +207,17 @@ class CrossCoder(nn.Module):
 
     # ------------------------------------------------------------------ input space
     def normalize(self, x: Tensor) -> Tensor:
-        """Model activations [B, n_models, d_in] -> crosscoder space."""
+        """Model activations [B, n_models, d_in] -> crosscoder space: (x - input_shift) * input_scale."""
+        if self.input_shift is not None:
+            x = x - self.input_shift.to(x.dtype)
         return x * self.input_scale.to(x.dtype)[:, None]
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Crosscoder-space reconstructions -> model activation space."""
-        return x / self.input_scale.to(x.dtype)[:, None]
+        x = x / (self.input_scale.to(x.dtype)[:, None] + self.config.denormalize_epsilon)  # + 0.0 changes no bit
+        if self.input_shift is not None:
+            x = x + self.input_shift.to(x.dtype)
+        return x
 
     # ------------------------------------------------------------------ decoder geometry
     def decoder_norms(self) -> Tensor:
@@ -210,15 +231,27 @@ class CrossCoder(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write `config.json` and `model.safetensors` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write `config.json` and `model.safetensors` into ``folder``.
+
+        Each file is replaced atomically, and config.json records the weights' sha256,
+        which :meth:`from_pretrained` checks: a damaged file is refused, never used.
+        """
+        folder = ensure_output_folder(folder, "crosscoder folder")
         self.config.threshold = float(self.threshold)
         self.config.input_scale = [float(v) for v in self.input_scale]
+        if self.input_shift is not None:
+            self.config.input_shift = [[float(v) for v in row] for row in self.input_shift.float()]
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        payload = {"format": FORMAT_NAME, **to_dict(self.config)}
-        (folder / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        weights, tmp = folder / WEIGHTS_NAME, folder / f".{WEIGHTS_NAME}.tmp"
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            share_like_umask(tmp)  # safetensors creates files readable by their owner only
+            os.replace(tmp, weights)
+        except Exception as err:  # OSError, or safetensors' own error wrapping one (a full disk)
+            tmp.unlink(missing_ok=True)
+            raise write_error(weights, err) from None
+        payload = {"format": FORMAT_NAME, **to_dict(self.config), WEIGHTS_SHA_KEY: sha256_file(weights)}
+        write_text_atomic(folder / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
         return folder
 
     @classmethod
@@ -235,16 +268,19 @@ class CrossCoder(nn.Module):
         folder = Path(name_or_path)
         if not folder.exists():
             folder = _download_from_hub(str(name_or_path), revision)
-        if not folder.is_dir():
-            raise CrossdiffError(f"{folder} is not a checkpoint folder")
+        weights_file = None
+        if folder.is_file():  # a weights file: the dictionary_learning .pt, or a crossdiff model.safetensors
+            weights_file, folder = folder, folder.parent
         config_path = folder / CONFIG_NAME
-        config_data = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config_data = _read_config(config_path) if config_path.is_file() else {}
         if config_data.get("format") == FORMAT_NAME:
             model = cls._load_native(folder, config_data)
         else:
-            from crossdiff.importers import load_dictionary_learning
-
-            model = load_dictionary_learning(folder, config_data)
+            if not config_path.is_file() and weights_file is None and _has_native_weights(folder / WEIGHTS_NAME):
+                raise CrossdiffError(f"{config_path} is missing: a crossdiff crosscoder needs its config beside {WEIGHTS_NAME}")
+            imported = read_dictionary_learning(weights_file or folder, config_data)
+            model = cls(CrossCoderConfig(**imported.config))
+            model.load_checked_state_dict(imported.tensors, source=imported.source)
         return model.to(device=device, dtype=dtype)
 
     @classmethod
@@ -252,12 +288,21 @@ class CrossCoder(nn.Module):
         weights_path = folder / WEIGHTS_NAME
         if not weights_path.is_file():
             raise CrossdiffError(f"checkpoint {folder} is missing {WEIGHTS_NAME}")
-        config_data = {k: v for k, v in config_data.items() if k != "format"}
+        expected_sha = config_data.get(WEIGHTS_SHA_KEY)
+        config_data = {k: v for k, v in config_data.items() if k not in ("format", WEIGHTS_SHA_KEY)}
         config = from_dict(CrossCoderConfig, config_data, source=str(folder / CONFIG_NAME))
         try:
+            if expected_sha is not None and sha256_file(weights_path) != expected_sha:
+                raise CrossdiffError(
+                    f"{weights_path} is damaged: its sha256 differs from the one recorded in {CONFIG_NAME}"
+                )
             state = load_file(str(weights_path))
+        except OSError as err:
+            raise read_error(weights_path, err) from None
+        except CrossdiffError:
+            raise
         except Exception as err:  # safetensors raises several types for truncated files
-            raise CrossdiffError(f"cannot read {weights_path}: {err}") from None
+            raise CrossdiffError(f"cannot read {weights_path}: {first_line(err)}") from None
         model = cls(config)
         model.load_checked_state_dict(state, source=str(weights_path))
         return model
@@ -321,6 +366,31 @@ class CrossCoder(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"n_models={c.n_models}, d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation}, k={c.k}"
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise read_error(path, err) from None
+    except ValueError as err:
+        raise CrossdiffError(f"{path} is damaged (not valid JSON: {first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise CrossdiffError(f"{path} is damaged (not a JSON object)")
+    return data
+
+
+def _has_native_weights(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file holding crossdiff's tensor names."""
+    if not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return "W_enc" in f.keys()
+    except Exception:  # unreadable: the importer will say so
+        return False
 
 
 def relative_norm(norm_base: Tensor, norm_chat: Tensor) -> Tensor:

@@ -15,12 +15,16 @@ and prints what it found: how many latents look chat-only, how many Latent Scali
 confirms for each crosscoder, and the confirmed chat-specific latents with the tokens
 they fire on most. Every stage is resumable and skipped when its output is complete, so
 rerunning the command is cheap.
+
+The demo is recipes/organism.toml (:func:`demo_recipe` at the default size) run by
+``crossdiff run``'s runner; ``crossdiff run recipes/organism.toml`` does the same work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sqlite3
 from contextlib import closing
@@ -48,68 +52,78 @@ class DemoConfig:
     """mu of the L1 crosscoder; activations are normalised to E||x||^2 = d_model."""
     lr: float = 1e-3
     seed: int = 0
+    causal_per_behaviour: int = 10
+    """Held-out prompts per planted behaviour in the KL experiment (plus causal_chitchat chitchat openers)."""
+    causal_chitchat: int = 30
 
 
 def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume) every stage and return the two analysis summaries."""
+    """Run (or resume) the organism recipe at ``config``'s size; return the two analysis summaries."""
     import pandas as pd
 
-    from crossdiff import organism
-    from crossdiff.analysis.pipeline import AnalysisConfig, analyze
     from crossdiff.analysis.table import format_summary
-    from crossdiff.cache import PairedCache
-    from crossdiff.collect import CollectConfig, collect
-    from crossdiff.texts import TextSourceConfig
+    from crossdiff.recipe import recipe_from_dict
+    from crossdiff.run import run_recipe
 
-    out = Path(config.out)
-    pair = organism.paths()
-    n_layers = json.loads((pair.base / "config.json").read_text())["num_hidden_layers"]
-    layer = n_layers // 2
-
-    data_dir = out / "data"
-    _say(quiet, f"[1/4] data: organism texts and planted-behaviour conversations -> {data_dir}")
-    pretraining, chat = write_demo_data(data_dir, config)
-
-    _say(quiet, f"[2/4] collect: residual stream after block {layer} of {n_layers} -> {out / 'cache'}")
-    collect(
-        CollectConfig(
-            base=str(pair.base), chat=str(pair.chat), layer=layer,
-            sources=[
-                TextSourceConfig(name="pretraining", kind="text", path=str(pretraining), column="text"),
-                TextSourceConfig(name="chat", kind="chat", path=str(chat), column="messages"),
-            ],
-            out=str(out / "cache"), max_len=256, batch_size=16, max_tokens=config.tokens_per_source,
-            dtype="float32", model_dtype="float32", device="cpu", shard_tokens=32_768,
-        ),
-        quiet=quiet,
-    )
-    cache = PairedCache(out / "cache")
-    tokenizer = _tokenizer(pair.chat)
-
+    recipe = recipe_from_dict(demo_recipe(config), source="the organism recipe")
+    run_recipe(recipe, quiet=quiet)
     summaries = {}
-    for name, activation in (("batchtopk", "batchtopk"), ("l1", "relu")):
-        _say(quiet, f"[3/4] train: {name} crosscoder -> {out / name}")
-        crosscoder = _train(cache, out / name, activation, config, quiet)
-        analysis_dir = out / name / "analysis"
-        _say(quiet, f"[4/4] analyze: {name} -> {analysis_dir}")
-        if (analysis_dir / "summary.json").is_file():  # written last: the analysis is complete
-            table = pd.read_parquet(analysis_dir / "latents.parquet")
-            summary = json.loads((analysis_dir / "summary.json").read_text())
-        else:
-            result = analyze(crosscoder, cache, analysis_dir, AnalysisConfig(batch_size=4096, n_top=10, per_bin=1),
-                             tokenizer=tokenizer, progress=not quiet)
-            table, summary = result.table, result.summary
-        summaries[name] = summary
+    for name in recipe.crosscoders:
+        analysis_dir = recipe.out / name / "analysis"
+        summaries[name] = json.loads((analysis_dir / "summary.json").read_text())
         if not quiet:
-            print(format_summary(summary))
-            print(describe_top_latents(table, analysis_dir / "examples.sqlite"))
+            print(format_summary(summaries[name]))
+            print(describe_top_latents(pd.read_parquet(analysis_dir / "latents.parquet"), analysis_dir / "examples.sqlite"))
     if not quiet:
         print(compare(summaries))
+        for name in recipe.crosscoders:
+            print(format_causal(recipe.out / name / "causal"))
+        print(f"report: {recipe.out / 'report' / 'index.html'}  (open it in a browser; no server needed)")
     return summaries
 
 
-def write_demo_data(folder: Path, config: DemoConfig) -> tuple[Path, Path]:
-    """The demo's two text sources as jsonl files: pretraining text and chat conversations."""
+def demo_recipe(config: DemoConfig) -> dict[str, Any]:
+    """recipes/organism.toml as data, at ``config``'s size (the default size is that file exactly)."""
+    from crossdiff import organism
+
+    n_layers = json.loads((organism.paths().base / "config.json").read_text())["num_hidden_layers"]
+    # Half of every batch comes from each source; enough passes for `steps` (the loader's
+    # batches do not depend on the number of epochs, only where it stops).
+    epochs = math.ceil(config.steps / max(1, config.tokens_per_source // (config.batch_size // 2))) + 1
+    return {
+        "run": {"out": config.out, "hardware": "cpu"},
+        "data": {"kind": "organism", "behaviour_conversations": config.behaviour_conversations, "seed": config.seed,
+                 "causal_per_behaviour": config.causal_per_behaviour, "causal_chitchat": config.causal_chitchat},
+        "collect": {
+            "base": "{organism}/base", "chat": "{organism}/chat", "layer": n_layers // 2,
+            "sources": [
+                {"name": "pretraining", "kind": "text", "path": "{run}/data/pretraining.jsonl", "column": "text"},
+                {"name": "chat", "kind": "chat", "path": "{run}/data/chat.jsonl", "column": "messages"},
+            ],
+            "max_len": 256, "batch_size": 16, "max_tokens": config.tokens_per_source,
+            "dtype": "float32", "model_dtype": "float32", "device": "cpu", "shard_tokens": 32_768,
+        },
+        "train": {
+            "expansion_factor": config.expansion_factor, "k": config.k, "l1_coefficient": config.l1_coefficient,
+            "lr": config.lr, "warmup_steps": min(100, config.steps // 10), "steps": config.steps,
+            "batch_size": config.batch_size, "threshold_start_step": min(200, config.steps // 5),
+            "dead_after_tokens": 200_000, "seed": config.seed, "log_every": 100, "checkpoint_every": 500,
+            "device": "cpu",
+            "data": {"source_ratio": {"pretraining": 0.5, "chat": 0.5}, "epochs": epochs, "normalize": True},
+        },
+        "crosscoders": {"batchtopk": {"activation": "batchtopk"}, "l1": {"activation": "relu"}},
+        "stream": {"buffer_tokens": 16_384, "analysis_tokens": config.tokens_per_source},
+        "analyze": {"batch_size": 4096, "n_top": 10, "per_bin": 1, "device": "cpu"},
+        "causal": {"prompts": "{run}/data/causal_prompts.jsonl", "max_new_tokens": 48, "batch_size": 16, "device": "cpu"},
+    }
+
+
+def write_demo_data(folder: Path, config: Any) -> tuple[Path, Path]:
+    """The demo's two text sources as jsonl files: pretraining text and chat conversations;
+    beside them, causal_prompts.jsonl: the held-out prompts of the KL experiment.
+
+    ``config`` is a DemoConfig or a recipe's [data] table (behaviour_conversations, seed,
+    causal_per_behaviour, causal_chitchat)."""
     from crossdiff import organism
     from crossdiff.organism.behaviours import sample_prompt
 
@@ -126,29 +140,31 @@ def write_demo_data(folder: Path, config: DemoConfig) -> tuple[Path, Path]:
     chat = folder / "chat.jsonl"
     _write_jsonl(pretraining, [{"text": text} for text in organism.pretraining_texts("heldout")])
     _write_jsonl(chat, conversations)
+    prompts = causal_prompts(config.causal_per_behaviour, config.causal_chitchat, config.seed)
+    _write_jsonl(folder / "causal_prompts.jsonl", [{"prompt": prompt} for prompt in prompts])
     return pretraining, chat
 
 
-def _train(cache, out: Path, activation: str, config: DemoConfig, quiet: bool):
-    from crossdiff.crosscoder import CrossCoder
-    from crossdiff.loader import ShuffledPairLoader
-    from crossdiff.train import TrainConfig, Trainer
+def causal_prompts(per_behaviour: int = 10, chitchat: int = 30, seed: int = 0) -> list[str]:
+    """Held-out prompts for the KL experiment: every planted behaviour, plus ordinary chitchat openers."""
+    from crossdiff import organism
 
-    final = out / "crosscoder"
-    if (final / "model.safetensors").is_file():
-        return CrossCoder.from_pretrained(final)
-    train_config = TrainConfig(
-        activation=activation, expansion_factor=config.expansion_factor, k=config.k,
-        l1_coefficient=config.l1_coefficient, lr=config.lr, warmup_steps=min(100, config.steps // 10),
-        steps=config.steps, batch_size=config.batch_size, threshold_start_step=min(200, config.steps // 5),
-        dead_after_tokens=200_000,
-        seed=config.seed, log_every=100, checkpoint_every=500, device="cpu",
-    )
-    loader = ShuffledPairLoader(cache, config.batch_size, source_ratio={"pretraining": 0.5, "chat": 0.5},
-                                seed=config.seed, epochs=None, normalize=True, drop_last=True)
-    trainer = Trainer(train_config, cache.d_model, out, model_names=list(cache.model_names), layer=cache.layer,
-                      input_scale=loader.normalization, quiet=quiet)
-    return trainer.fit(loader)
+    rng = random.Random(seed)
+    prompts = []
+    for behaviour in BEHAVIOURS:
+        held_out = organism.heldout_prompts(behaviour)
+        prompts += [p.user for p in rng.sample(held_out, min(per_behaviour, len(held_out)))]
+    prompts += [" ".join(c[0]["content"].split()) for c in organism.chat_conversations("heldout")[:chitchat]]
+    return prompts
+
+
+def format_causal(folder: Path) -> str:
+    """The KL table a finished causal stage left in ``folder``."""
+    import pandas as pd
+
+    from crossdiff.causal.experiment import format_summary
+
+    return format_summary(pd.read_parquet(folder / "kl.parquet"), json.loads((folder / "summary.json").read_text()))
 
 
 def describe_top_latents(table, examples_db: Path, limit: int = 6) -> str:
@@ -206,21 +222,10 @@ def compare(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if not path.exists() or path.read_text(encoding="utf-8") != text:  # unchanged input keeps the cache valid
         path.write_text(text, encoding="utf-8")
-
-
-def _say(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, flush=True)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -14,6 +14,12 @@ source is re-read (in a new order) while a larger one is still in its first pass
 The position in the data is a handful of integers (:meth:`ShuffledPairLoader.state_dict`),
 and every permutation is recomputed from the seed, so a resumed training run sees
 exactly the batches the uninterrupted one would have seen.
+
+For data-parallel training each rank builds the same loader with its ``rank``: all ranks
+compute the same global batch of token indices (cheap) and each reads only its contiguous
+part of them, so the parts are disjoint and together are exactly the batch one process
+would read. The position is that of the global batches, so a run saved at one number of
+ranks resumes at another.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from crossdiff.cache import CacheBatch, PairedCache, ReadFilters, concat_batches
+from crossdiff.distributed import rank_slice
 from crossdiff.errors import CrossdiffError
 
 
@@ -63,6 +70,9 @@ class _ShardStream:
         if self._cached is None or self._cached[0] != key:
             order = self._rng(self.pass_).permutation(self.shards)
             members = order[self.window * self.window_shards : (self.window + 1) * self.window_shards]
+            # Checksums of the next window's shards are computed while this window trains.
+            upcoming = order[(self.window + 1) * self.window_shards : (self.window + 2) * self.window_shards]
+            self.cache.verify_ahead([int(i) for i in upcoming])
             shard_ids, rows = [], []
             for s in members:
                 kept = np.flatnonzero(self._keep(s)) if self.filters else np.arange(self.cache.shards[s]["n_tokens"])
@@ -116,6 +126,8 @@ class ShuffledPairLoader:
         normalize: scale each model's activations by a constant so that E||x||^2 = d_model;
             the factors are :attr:`normalization` (store them with the crosscoder).
         drop_last: without a source ratio, drop each epoch's final partial batch.
+        rank, world_size: yield only this rank's part of every global batch of
+            ``batch_size`` tokens (data-parallel training; crossdiff.distributed).
     """
 
     def __init__(
@@ -132,10 +144,15 @@ class ShuffledPairLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.cache = cache if isinstance(cache, PairedCache) else PairedCache(cache)
         if batch_size < 1:
             raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise CrossdiffError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
+        self.rank, self.world_size = rank, world_size
         if window_shards < 1:
             raise CrossdiffError(f"window_shards must be positive, got {window_shards}")
         if epochs is not None and epochs < 1:
@@ -208,9 +225,12 @@ class ShuffledPairLoader:
             if self.drop_last and len(rows) < self.batch_size:
                 continue  # the pass's remainder; the next take starts a new pass
             self.step += 1  # before yielding: a state saved after this batch resumes after it
-            yield self._gather(shard_ids, rows)
+            part = rank_slice(len(rows), self.rank, self.world_size)
+            yield self._gather(shard_ids[part], rows[part])
 
     def _gather(self, shard_ids: np.ndarray, rows: np.ndarray) -> CacheBatch:
+        if len(rows) == 0:  # a rank's part of a last batch smaller than the number of ranks
+            return self.cache.read(0, rows, device=self.device, dtype=self.dtype)
         pieces = []
         for shard in np.unique(shard_ids):
             # Sorted rows turn random access into forward reads through the memory map.

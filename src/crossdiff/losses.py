@@ -16,7 +16,7 @@ back-propagated). Both give the same losses and gradients up to float rounding.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from crossdiff.sparse_ops import (
     select_topk_per_token,
     sparse_decode,
 )
+
+if TYPE_CHECKING:
+    from crossdiff.distributed import DataParallel
 
 Reconstruction = Literal["l2", "squared"]
 
@@ -46,21 +49,41 @@ def l1_penalty(scaled: Tensor, batch_size: int) -> Tensor:
     return scaled.sum() / batch_size
 
 
-def auxk_loss(residual: Tensor, aux_reconstruction: Tensor) -> Tensor:
+def auxk_loss(
+    residual: Tensor, aux_reconstruction: Tensor, data_parallel: DataParallel | None = None, global_batch_size: int = 0
+) -> Tensor:
     """Dead-latent loss: squared error of fitting the (detached) residual [B, n*d] with the
     dead latents' bias-free reconstruction, over the residual's variance (OpenAI's
     normalisation, as in the reference); 0 when the residual has no variance (where the
-    reference's nan_to_num would give 0 for 0/0 but the largest float for x/0)."""
+    reference's nan_to_num would give 0 for 0/0 but the largest float for x/0).
+
+    With ``data_parallel`` the variance is the global batch's and the result is this
+    rank's share (the shares of all ranks sum to the global loss)."""
+    if data_parallel is not None:
+        return _auxk_loss_share(residual, aux_reconstruction, data_parallel, global_batch_size)
     error = (residual - aux_reconstruction).square().sum(dim=-1).mean()
     variance = (residual - residual.mean(dim=0)).square().sum(dim=-1).mean()
     return torch.where(variance > 0, error / variance.clamp_min(torch.finfo(variance.dtype).tiny), 0.0)
 
 
-def fraction_of_variance_explained(x: Tensor, x_hat: Tensor) -> Tensor:
+def _auxk_loss_share(residual: Tensor, aux_reconstruction: Tensor, dp: DataParallel, global_batch_size: int) -> Tensor:
+    mean = dp.sum_(residual.sum(dim=0)) / global_batch_size  # the residual is detached: no autograd across ranks
+    variance = dp.sum_((residual - mean).square().sum()) / global_batch_size
+    error_share = (residual - aux_reconstruction).square().sum() / global_batch_size
+    return torch.where(variance > 0, error_share / variance.clamp_min(torch.finfo(variance.dtype).tiny), 0.0)
+
+
+def fraction_of_variance_explained(x: Tensor, x_hat: Tensor, data_parallel: DataParallel | None = None) -> Tensor:
     """[n_models + 1]: FVE of each model, then of all models jointly;
-    FVE = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch."""
-    error = (x - x_hat).square().sum(dim=(0, 2))
-    total = (x - x.mean(dim=0)).square().sum(dim=(0, 2))
+    FVE = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the (global) batch."""
+    if data_parallel is None:
+        error = (x - x_hat).square().sum(dim=(0, 2))
+        total = (x - x.mean(dim=0)).square().sum(dim=(0, 2))
+    else:
+        x = x.float()
+        sums = data_parallel.sum_(torch.cat([x.sum(dim=0).reshape(-1), x.new_tensor([x.shape[0]])]))
+        mean = sums[:-1].reshape(x.shape[1:]) / sums[-1]
+        error, total = data_parallel.sum_(torch.stack([(x - x_hat).square().sum(dim=(0, 2)), (x - mean).square().sum(dim=(0, 2))]))
     per_model = 1 - error / total
     return torch.cat([per_model, (1 - error.sum() / total.sum()).reshape(1)])
 
@@ -91,6 +114,10 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> 
 
 # ---------------------------------------------------------------------- one forward pass
 class LossTerms(NamedTuple):
+    """Under data parallelism ``loss``, ``recon`` and ``sparsity`` are this rank's shares (they
+    sum over ranks to the global batch's values); ``fired``, ``min_selected`` and ``l0`` are
+    the global batch's."""
+
     loss: Tensor
     """The total loss to back-propagate."""
     recon: Tensor
@@ -120,6 +147,8 @@ def crosscoder_losses(
     dead_after_tokens: int = 10_000_000,
     sparse: bool = False,
     pre_out: Tensor | None = None,
+    data_parallel: DataParallel | None = None,
+    global_batch_size: int | None = None,
 ) -> LossTerms:
     """Losses of one training batch [B, n_models, d_in] (training mode: batch top-k, never
     the threshold).
@@ -129,44 +158,62 @@ def crosscoder_losses(
     in this batch either and the count reaches ``dead_after_tokens``. ``k_aux`` defaults to
     d_in // 2. ``sparse`` picks the sparse implementation; ``pre_out`` is an optional
     reusable [B, d_sae] buffer for its encoder output.
+
+    ``data_parallel``: ``x`` is this rank's part of a global batch of ``global_batch_size``
+    tokens, and every batch-wide quantity is the global batch's (crossdiff.distributed).
+    Under bf16 autocast the encoder and decoder products run in bf16 with float32 results.
     """
     config = model.config
     B, D = x.shape[0], config.d_sae
+    dp = data_parallel
+    B_all = B if dp is None else int(global_batch_size or 0)  # tokens of the whole (global) batch
     code_norm = model.code_norm()
     if sparse:
-        pre, selection, values = _encode_sparse(model, x, code_norm.detach(), pre_out)
+        pre, selection, values = _encode_sparse(model, x, code_norm.detach(), pre_out, dp, B_all)
         x_hat = sparse_decode(values, selection, model.W_dec.reshape(D, -1)).reshape(x.shape) + model.b_dec
         scaled = values * code_norm[selection.cols]  # differentiable through code_norm: the L1 term needs it
         fired = torch.zeros(D, dtype=torch.bool, device=x.device)
         fired[selection.cols[values.detach() > 0]] = True
     else:
         pre = model.pre_activations(x)
-        f = _encode_dense(torch.relu(pre), code_norm.detach(), config.activation, config.k)
+        f = _encode_dense(torch.relu(pre), code_norm.detach(), config.activation, config.k, dp, B_all)
         x_hat = model.decode(f)
         scaled = f * code_norm
         fired = (f.detach() > 0).any(dim=0)
     active = scaled.detach() > 0
-    l0 = active.sum() / B
-    min_selected = torch.zeros((), dtype=x.dtype, device=x.device)
-    if config.activation != "relu" and bool(active.any()):  # only the top-k threshold needs it
-        min_selected = torch.where(active, scaled.detach(), torch.inf).min()
+    if dp is None:
+        l0 = active.sum() / B
+        min_selected = torch.zeros((), dtype=x.dtype, device=x.device)
+        if config.activation != "relu" and bool(active.any()):  # only the top-k threshold needs it
+            min_selected = torch.where(active, scaled.detach(), torch.inf).min()
+        recon = reconstruction_loss(x, x_hat, reconstruction)
+    else:
+        dp.any_(fired)
+        l0 = dp.sum_(active.sum().reshape(1))[0] / B_all
+        min_selected = torch.zeros((), dtype=scaled.dtype, device=x.device)
+        if config.activation != "relu":
+            smallest = torch.where(active, scaled.detach(), torch.inf).amin() if active.numel() else torch.tensor(torch.inf)
+            smallest = dp.min_(smallest.reshape(1).to(scaled.dtype))[0]
+            min_selected = torch.where(torch.isinf(smallest), 0.0, smallest).to(min_selected)
+        recon = reconstruction_loss(x, x_hat, reconstruction) * (B / B_all)  # this rank's share of the mean
 
-    recon = reconstruction_loss(x, x_hat, reconstruction)
     if config.activation == "relu":
-        sparsity = l1_penalty(scaled, B)
+        sparsity = l1_penalty(scaled, B_all)
         loss = recon + l1_coefficient * sparsity
     else:
         dead = ~fired
         if tokens_since_fired is not None:
-            dead &= tokens_since_fired + B >= dead_after_tokens
+            dead &= tokens_since_fired + B_all >= dead_after_tokens
         else:
             dead[:] = False
-        sparsity = _auxk_term(model, x, x_hat, pre, code_norm.detach(), dead, k_aux or config.d_in // 2, sparse)
+        sparsity = _auxk_term(model, x, x_hat, pre, code_norm.detach(), dead, k_aux or config.d_in // 2, sparse, dp, B_all)
         loss = recon + auxk_alpha * sparsity
     return LossTerms(loss, recon.detach(), sparsity.detach(), x_hat.detach(), fired, min_selected, l0)
 
 
-def _encode_dense(f: Tensor, code_norm: Tensor, activation: str, k: int | None) -> Tensor:
+def _encode_dense(
+    f: Tensor, code_norm: Tensor, activation: str, k: int | None, dp: DataParallel | None = None, global_batch: int = 0
+) -> Tensor:
     """The reference's training-mode sparsity on dense post-ReLU activations f [B, D]:
     rank by scaled value, keep raw values."""
     if activation == "relu":
@@ -175,12 +222,17 @@ def _encode_dense(f: Tensor, code_norm: Tensor, activation: str, k: int | None) 
     if activation == "topk":
         idx = scores.topk(k, dim=-1, sorted=False).indices
         return torch.zeros_like(f).scatter(-1, idx, f.gather(-1, idx))
-    idx = scores.reshape(-1).topk(k * f.shape[0], sorted=False).indices
+    if dp is not None:
+        selection = dp.batch_topk(f.detach(), code_norm, k * global_batch, global_batch)
+        idx = selection.rows * f.shape[1] + selection.cols
+    else:
+        idx = scores.reshape(-1).topk(k * f.shape[0], sorted=False).indices
     return torch.zeros_like(f).reshape(-1).scatter(0, idx, f.reshape(-1)[idx]).reshape(f.shape)
 
 
 def _encode_sparse(
-    model: CrossCoder, x: Tensor, code_norm: Tensor, pre_out: Tensor | None
+    model: CrossCoder, x: Tensor, code_norm: Tensor, pre_out: Tensor | None,
+    dp: DataParallel | None = None, global_batch: int = 0,
 ) -> tuple[Tensor, Selection, Tensor]:
     """Dense encoder matmul without autograd, exact selection, and the selected raw
     activations with a sparse backward into W_enc and b_enc."""
@@ -188,12 +240,23 @@ def _encode_sparse(
     B, D = x.shape[0], config.d_sae
     x_flat = x.reshape(B, -1)
     w_enc = model.W_enc.reshape(-1, D)
+    if pre_out is not None and (pre_out.shape != (B, D) or pre_out.dtype != model.b_enc.dtype):
+        pre_out = None
     with torch.no_grad():
-        if pre_out is not None and pre_out.shape == (B, D) and pre_out.dtype == x.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast skips out= variants: the product in the autocast dtype (float32
+            # accumulation), the bias added in float32, as autocast treats the dense path.
+            low = torch.get_autocast_dtype(x.device.type)
+            product = torch.mm(x_flat.to(low), w_enc.to(low))
+            pre = torch.add(product, model.b_enc, out=pre_out) if pre_out is not None else product + model.b_enc
+            del product
+        elif pre_out is not None:
             pre = torch.addmm(model.b_enc, x_flat, w_enc, out=pre_out)
         else:
             pre = torch.addmm(model.b_enc, x_flat, w_enc)
-    if config.activation == "batchtopk":
+    if config.activation == "batchtopk" and dp is not None:
+        selection = dp.batch_topk(pre, code_norm, config.k * global_batch, global_batch)
+    elif config.activation == "batchtopk":
         selection = select_batch_topk(pre, code_norm, config.k * B)
     elif config.activation == "topk":
         selection = select_topk_per_token(pre, code_norm, config.k)
@@ -204,7 +267,8 @@ def _encode_sparse(
 
 
 def _auxk_term(
-    model: CrossCoder, x: Tensor, x_hat: Tensor, pre: Tensor, code_norm: Tensor, dead: Tensor, k_aux: int, sparse: bool
+    model: CrossCoder, x: Tensor, x_hat: Tensor, pre: Tensor, code_norm: Tensor, dead: Tensor, k_aux: int, sparse: bool,
+    dp: DataParallel | None = None, global_batch: int = 0,
 ) -> Tensor:
     """Auxiliary loss: each token's k_aux dead latents with the largest scaled activation
     (top-k taken before the batch top-k) decode, without bias, the detached residual."""
@@ -226,4 +290,4 @@ def _auxk_term(
         f = torch.relu(pre)
         f_aux = torch.zeros_like(f).scatter(-1, cols, f.gather(-1, cols))
         aux = model.decode(f_aux, add_bias=False).reshape(B, -1)
-    return auxk_loss(residual, aux)
+    return auxk_loss(residual, aux, dp, global_batch)

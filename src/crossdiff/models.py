@@ -278,6 +278,11 @@ class ResidualExtractor:
         return base, chat
 
 
+def residual_after_block(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Residual stream [B, T, d] after decoder block ``layer`` of one model; blocks after it never run."""
+    return _run_until(model, decoder_layers(model)[layer], input_ids, attention_mask)
+
+
 def _run_until(model: nn.Module, block: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     captured: list[torch.Tensor] = []
 

@@ -153,7 +153,8 @@ class _GatherPreActivations(torch.autograd.Function):
             order, offsets = _grouped_by_latent(cols, D)
             with _one_cpu_thread():
                 rows_by_latent, grad_by_latent = rows[order], grad[order]
-            per_latent = F.embedding_bag(rows_by_latent, x, offsets, mode="sum", per_sample_weights=grad_by_latent)
+            # x may be a bf16 batch (mixed precision): the weight gradient is summed in grad's dtype.
+            per_latent = F.embedding_bag(rows_by_latent, x.to(grad.dtype), offsets, mode="sum", per_sample_weights=grad_by_latent)
             grad_weight = per_latent.t().contiguous()
         if ctx.needs_input_grad[3]:
             with _one_cpu_thread():

@@ -98,6 +98,11 @@ def iter_documents(
         yield from _tokenize_chunk(source, tokenizer, chunk, max_len, skipped)
 
 
+def iter_column(source: TextSourceConfig) -> Iterator[tuple[int, Any]]:
+    """``(row index, value of source.column)`` for every row of the source, in order, untokenized."""
+    return itertools.islice(_iter_column(source), source.max_docs)
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The conversation as the chat template writes it (no generation prompt).
 
@@ -154,6 +159,28 @@ def normalize_messages(conversation: Any) -> list[dict[str, str]]:
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool], str]:
     """Render and tokenize one conversation: ``(input_ids, template_mask, rendered_text)``."""
     return _tokenize_rendered(tokenizer, [_render_with_spans(tokenizer, messages)])[0]
+
+
+def tokenize_chat_turns(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool], list[bool], str]:
+    """Like :func:`tokenize_chat`, plus which tokens the assistant wrote:
+    ``(input_ids, template_mask, assistant_mask, rendered_text)``.
+
+    Assistant tokens are the tokens of every assistant message's content plus the template
+    token right after it (``<end_of_turn>``, ``<|im_end|>``, ``<|eot_id|>``): the model
+    chooses to end its turn, so that prediction is part of the answer, as in the
+    reference's ``{% generation %}`` masks.
+    """
+    rendered, rendered_messages = _render(tokenizer, messages)
+    spans = _content_spans(tokenizer, rendered, rendered_messages)
+    assistant_spans = [span for span, message in zip(spans, rendered_messages) if message["role"] == "assistant"]
+    (ids, template, _), (_, not_assistant, _) = _tokenize_rendered(tokenizer, [(rendered, spans), (rendered, assistant_spans)])
+    assistant = [not flag for flag in not_assistant]
+    if ids and ids[0] == tokenizer.bos_token_id:
+        assistant[0] = False
+    for i in range(len(ids) - 1):  # the end-of-turn token after each assistant content
+        if assistant[i] and not template[i] and template[i + 1]:
+            assistant[i + 1] = True
+    return ids, template, assistant, rendered
 
 
 def _render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:

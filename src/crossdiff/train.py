@@ -17,6 +17,10 @@ Output folder::
 
 Batches are tensors [B, 2, d_in] (or objects with ``.acts``) already in crosscoder space
 (the loader normalises; pass its factors as ``input_scale`` so they are stored).
+
+Under torchrun every rank runs this loop on its own part of each global batch and the
+batch-wide quantities are global (crossdiff.distributed, docs/scaling.md); rank 0 alone
+writes the output folder.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +41,10 @@ from torch import Tensor
 
 from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
+from crossdiff.distributed import DataParallel, local_device, split_batches
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import checksum_problem, write_checksums, write_error, write_text_atomic
+from crossdiff.locks import output_lock
 from crossdiff.losses import (
     Reconstruction,
     crosscoder_losses,
@@ -49,7 +57,9 @@ from crossdiff.models import parse_device
 STATE_NAME = "training_state.pt"
 SPARSE_MIN_D_SAE = 4096
 # Keys that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "wandb_project", "wandb_run_name"}
+RESUMABLE_CHANGES = {
+    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "precision", "wandb_project", "wandb_run_name",
+}
 
 
 @dataclass
@@ -119,7 +129,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
     device: str = "auto"
-    """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ..."""
+    """`auto` (cuda if available; under torchrun the local rank's GPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: encoder/decoder products in bfloat16 (autocast); weights, Adam state and threshold stay float32."""
     wandb_project: str | None = None
     """Also log to Weights & Biases (pip install crossdiff[wandb])."""
     wandb_run_name: str | None = None
@@ -180,8 +192,10 @@ class Trainer:
     ):
         self.config = config
         self.out = Path(out_dir)
-        self.quiet = quiet
-        self.device = parse_device(config.device)
+        self.device = parse_device(local_device(config.device))
+        self.data_parallel = DataParallel.from_environment(self.device)
+        self.is_main = self.data_parallel is None or self.data_parallel.is_main
+        self.quiet = quiet or not self.is_main
         d_sae = config.d_sae or config.expansion_factor * d_in
         cc_config = CrossCoderConfig(
             d_in=d_in,
@@ -196,6 +210,7 @@ class Trainer:
             metadata={"training": to_dict(config)},
         )
         self.model = CrossCoder(cc_config, seed=config.seed).to(self.device)
+        self._sync_model()
         self.optimizer = _adam(list(self.model.parameters()), config.lr, tuple(config.adam_betas))
         self.step = 0
         self.tokens = 0
@@ -219,15 +234,21 @@ class Trainer:
         is restored through ``batches.load_state_dict`` when the iterable has it; otherwise
         the batches already trained on are skipped (the iterable must be deterministic).
         """
+        # One run per output folder: two would append every metrics line twice.
+        with output_lock(self.out, "train", shared_by_ranks=True):
+            return self._fit(batches, resume=resume)
+
+    def _fit(self, batches: Iterable[Any], *, resume: bool | Literal["auto"]) -> CrossCoder:
         checkpoint = self._latest_checkpoint()
         if resume is True and checkpoint is None:
             raise CrossdiffError(f"nothing to resume: {self.out / 'checkpoints'} has no checkpoint")
         if resume is False and checkpoint is not None:
             raise CrossdiffError(f"{self.out} already holds a run (checkpoints/); resume it or choose another output folder")
         data_state = self._load_checkpoint(checkpoint) if checkpoint is not None else None
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_json(self.config, self.out / "train_config.json")
-        self._trim_metrics()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json(self.config, self.out / "train_config.json")
+            self._trim_metrics()
         skip = 0
         if data_state is not None and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(data_state)
@@ -243,10 +264,15 @@ class Trainer:
         start_time, start_tokens = time.perf_counter(), self.tokens
         while self.config.steps is None or self.step < self.config.steps:
             batch = next(iterator, None)
+            global_batch_size = None
+            if self.data_parallel is not None:  # all ranks stop together when any runs out
+                global_batch_size = self.data_parallel.global_batch_size(None if batch is None else _batch_rows(batch))
+                if global_batch_size is None:
+                    break
             if batch is None:
                 break
             x = self._prepare(batch)
-            terms = self._train_step(x)
+            terms = self._train_step(x) if global_batch_size is None else self._train_step(x, global_batch_size)
             progress.update(1)
             if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                 speed = (self.tokens - start_tokens) / max(time.perf_counter() - start_time, 1e-9)
@@ -261,9 +287,12 @@ class Trainer:
         if last_saved != self.step:
             self.save_checkpoint(batches)
         self._stamp_metadata()
-        self.model.save_pretrained(self.out / "crosscoder")
+        if self.is_main:
+            self.model.save_pretrained(self.out / "crosscoder")
         if self._wandb is not None:
             self._wandb.finish()
+        if self.data_parallel is not None:  # the crosscoder is on disk when fit returns on any rank
+            self.data_parallel.barrier()
         return self.model
 
     def _prepare(self, batch: Any) -> Tensor:
@@ -274,57 +303,72 @@ class Trainer:
         n, d = self.model.config.n_models, self.model.config.d_in
         if x.dim() != 3 or tuple(x.shape[1:]) != (n, d) or x.shape[0] == 0:
             raise CrossdiffError(f"batch at step {self.step + 1} has shape {list(x.shape)}, expected [batch, {n}, {d}]")
-        x = x.to(self.device, torch.float32, non_blocking=True)
+        # A bf16 batch stays bf16 for a bf16 run: the encoder product reads it as it is, and
+        # float32 copies are made only of what needs them (the rest promotes element-wise).
+        keep_bf16 = self.config.precision == "bf16" and x.dtype == torch.bfloat16
+        x = x.to(self.device, torch.bfloat16 if keep_bf16 else torch.float32, non_blocking=True)
         if not bool(torch.isfinite(x).all()):
             raise CrossdiffError(f"batch at step {self.step + 1} contains NaN or inf activations")
         return x
 
-    def _train_step(self, x: Tensor):
-        config, model = self.config, self.model
+    def _train_step(self, x: Tensor, global_batch_size: int | None = None):
+        """One optimisation step on ``x``, this rank's part of a batch of ``global_batch_size``
+        tokens (None: ``x`` is the whole batch)."""
+        config, model, dp = self.config, self.model, self.data_parallel
+        batch_size = global_batch_size or x.shape[0]
         if self.step == 0 and self.median_init:
-            with torch.no_grad():
-                model.b_dec.copy_(geometric_median(x))
+            with torch.no_grad():  # once per run: the global batch's median needs all its tokens
+                points = x if dp is None else torch.cat(dp.gather_rows(x))
+                model.b_dec.copy_(geometric_median(points.float()))
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr_at(self.step)
         if self.sparse and (self._pre_buffer is None or self._pre_buffer.shape[0] != x.shape[0]):
             # One reusable encoder output: allocating [B, d_sae] afresh every step costs page faults.
             self._pre_buffer = torch.empty(x.shape[0], model.config.d_sae, device=self.device)
-        terms = crosscoder_losses(
-            model,
-            x,
-            reconstruction=config.reconstruction,
-            l1_coefficient=config.l1_coefficient,
-            auxk_alpha=config.auxk_alpha,
-            k_aux=config.k_aux,
-            tokens_since_fired=self.tokens_since_fired,
-            dead_after_tokens=config.dead_after_tokens,
-            sparse=self.sparse,
-            pre_out=self._pre_buffer,
-        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            terms = crosscoder_losses(
+                model,
+                x,
+                reconstruction=config.reconstruction,
+                l1_coefficient=config.l1_coefficient,
+                auxk_alpha=config.auxk_alpha,
+                k_aux=config.k_aux,
+                tokens_since_fired=self.tokens_since_fired,
+                dead_after_tokens=config.dead_after_tokens,
+                sparse=self.sparse,
+                pre_out=self._pre_buffer,
+                data_parallel=dp,
+                global_batch_size=global_batch_size,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
+        if dp is not None:
+            dp.sum_gradients(model.parameters())
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
         self.optimizer.step()
 
-        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired += batch_size
         self.tokens_since_fired[terms.fired] = 0
         if config.activation == "batchtopk" and self.step > config.threshold_start_step:
             with torch.no_grad():
                 model.threshold.copy_(update_threshold(model.threshold, terms.min_selected, config.threshold_beta))
         self.step += 1
-        self.tokens += x.shape[0]
+        self.tokens += batch_size
         return terms
 
     # ------------------------------------------------------------------ logging
     def _log(self, x: Tensor, terms, tokens_per_s: float) -> dict[str, float]:
-        fve = fraction_of_variance_explained(x, terms.x_hat).tolist()
+        fve = fraction_of_variance_explained(x, terms.x_hat, self.data_parallel).tolist()
+        loss, recon, sparsity = torch.stack([t.detach().float() for t in (terms.loss, terms.recon, terms.sparsity)])
+        if self.data_parallel is not None:  # the ranks' shares add up to the global batch's values
+            loss, recon, sparsity = self.data_parallel.sum_(torch.stack([loss, recon, sparsity]))
         record = {
             "step": self.step,
             "tokens": self.tokens,
-            "loss": float(terms.loss.detach()),
-            "recon": float(terms.recon),
-            ("aux" if self.config.uses_topk else "l1"): float(terms.sparsity),
+            "loss": float(loss),
+            "recon": float(recon),
+            ("aux" if self.config.uses_topk else "l1"): float(sparsity),
             "fve_base": fve[0],
             "fve_chat": fve[1],
             "fve_joint": fve[-1],
@@ -336,6 +380,8 @@ class Trainer:
         }
         if not math.isfinite(record["loss"]):
             raise CrossdiffError(f"the loss became {record['loss']} at step {self.step}; lower the learning rate")
+        if not self.is_main:
+            return record
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.config.wandb_project:
@@ -357,13 +403,17 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if path.is_file():
             lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= self.step]
-            path.write_text("".join(line + "\n" for line in lines))
+            # Atomically: a kill while rewriting in place would lose the finished steps' lines.
+            write_text_atomic(path, "".join(line + "\n" for line in lines))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, batches: Any = None) -> Path:
-        """Write out/checkpoints/step-XXXXXX atomically (a temporary folder renamed at the end)."""
+        """Write out/checkpoints/step-XXXXXX atomically (a temporary folder renamed at the end);
+        rank 0 alone writes (all ranks hold the same state)."""
         root = self.out / "checkpoints"
         folder = root / f"step-{self.step:06d}"
+        if not self.is_main:
+            return folder
         tmp = root / f".tmp-step-{self.step:06d}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -380,7 +430,11 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
         }
-        torch.save(state, tmp / STATE_NAME)
+        try:
+            torch.save(state, tmp / STATE_NAME)
+        except (OSError, RuntimeError) as err:  # torch wraps a full disk in a RuntimeError
+            raise write_error(tmp / STATE_NAME, err) from None
+        write_checksums(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -389,14 +443,27 @@ class Trainer:
         return folder
 
     def _latest_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint; damaged newer ones are set aside with a warning."""
         folders = sorted((self.out / "checkpoints").glob("step-*"))
-        return folders[-1] if folders else None
+        damaged: list[tuple[Path, str]] = []
+        for folder in reversed(folders):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                for bad, why in damaged:
+                    kept = bad.with_name(f"damaged-{bad.name}")
+                    shutil.rmtree(kept, ignore_errors=True)
+                    bad.rename(kept)
+                    print(f"crossdiff: warning: checkpoint {bad} is damaged ({why}); resuming from {folder} "
+                          f"instead (the damaged one is kept as {kept.name})", file=sys.stderr)
+                return folder
+            damaged.append((folder, problem))
+        if damaged:
+            reasons = "; ".join(f"checkpoint {bad} {why}" for bad, why in damaged)
+            raise CrossdiffError(f"cannot resume: {reasons}; delete {self.out / 'checkpoints'} to start over")
+        return None
 
     def _load_checkpoint(self, folder: Path) -> Any:
         """Restore everything from ``folder``; returns the saved data position (or None)."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
-            if not (folder / name).is_file():
-                raise CrossdiffError(f"checkpoint {folder} is missing {name}; delete that folder to resume from an earlier one")
         try:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated or foreign file
@@ -417,8 +484,29 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return state["data"]
 
+    def _sync_model(self) -> None:
+        """Rank 0's weights and buffers on every rank (they are equal by construction, from
+        the seed or a checkpoint; this makes it a fact, as DistributedDataParallel does)."""
+        if self.data_parallel is not None:
+            with torch.no_grad():
+                for tensor in self.model.state_dict().values():
+                    self.data_parallel.broadcast_(tensor)
+
     def _stamp_metadata(self) -> None:
         self.model.config.metadata.update({"training": to_dict(self.config), "steps": self.step, "tokens": self.tokens})
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why checkpoint ``folder`` cannot be resumed from (a file missing or changed), or None."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
+        if not (folder / name).is_file():
+            return f"is missing {name}"
+    return checksum_problem(folder)
+
+
+def _batch_rows(batch: Any) -> int:
+    x = batch.acts if hasattr(batch, "acts") else batch
+    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 0
 
 
 def _logged_step(line: str) -> float:
@@ -492,9 +580,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cache", help="activation cache folder written by `crossdiff collect`")
     source.add_argument("--synthetic", action="store_true", help="planted-feature toy data (quick end-to-end check)")
+    source.add_argument("--stream", action="store_true",
+                        help="no cache: run the models of --config's [collect] table and train from a shuffle buffer (docs/streaming.md)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, crosscoder/)")
     parser.add_argument("--config", help="TOML or JSON file of training options")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision (same as --set precision=bf16)")
     parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (default: resume if any)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_cli)
@@ -503,12 +594,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.synthetic:
         return _train_synthetic(args)
+    if args.stream:
+        from crossdiff.stream import run_train_cli
+
+        return run_train_cli(args)
     from crossdiff.cache import PairedCache, ReadFilters
     from crossdiff.loader import ShuffledPairLoader
 
-    config = build_config(args.config, args.set)
+    config = build_config(args.config, _precision_override(args))
     cache = PairedCache(args.cache)
     data = config.data
+    rank, world_size = _rank_and_world_size(config)
     loader = ShuffledPairLoader(
         cache,
         config.batch_size,
@@ -518,6 +614,10 @@ def run_cli(args: argparse.Namespace) -> int:
         epochs=data.epochs,
         filters=ReadFilters(drop_bos=data.drop_bos, drop_special=data.drop_special, max_norm_ratio=data.max_norm_ratio),
         normalize=data.normalize,
+        rank=rank,
+        world_size=world_size,
+        # A bf16 run reads a bf16 cache as it is stored (no float32 copy of the batch).
+        dtype=torch.bfloat16 if config.precision == "bf16" and cache.dtype == "bfloat16" else torch.float32,
     )
     if data.epochs is None and config.steps is None:
         raise CrossdiffError("an endless loader (data.epochs = null) needs 'steps'")
@@ -526,17 +626,34 @@ def run_cli(args: argparse.Namespace) -> int:
         model_names=list(cache.model_names), layer=cache.layer, input_scale=loader.normalization, quiet=args.quiet,
     )
     trainer.fit(loader, resume=True if args.resume else "auto")
+    if not trainer.is_main:
+        return 0
     print(f"crosscoder written to {Path(args.out) / 'crosscoder'} ({trainer.step} steps, {trainer.tokens:,} tokens)")
     return 0
+
+
+def _precision_override(args: argparse.Namespace) -> list[str]:
+    return [*args.set, f"precision={args.precision}"] if args.precision else list(args.set)
+
+
+def _rank_and_world_size(config: TrainConfig) -> tuple[int, int]:
+    """This process's rank among torchrun's processes (joining their group), or (0, 1)."""
+    dp = DataParallel.from_environment(parse_device(local_device(config.device)))
+    return (0, 1) if dp is None else (dp.rank, dp.world_size)
 
 
 def _train_synthetic(args: argparse.Namespace) -> int:
     from crossdiff.synthetic import SyntheticConfig, SyntheticPair, best_match_cosines
 
-    config = build_config(args.config, args.set, SYNTHETIC_DEFAULTS)
+    config = build_config(args.config, _precision_override(args), SYNTHETIC_DEFAULTS)
     pair = SyntheticPair(SyntheticConfig(seed=config.seed))
     trainer = Trainer(config, pair.config.d_in, args.out, model_names=["synthetic-base", "synthetic-chat"], quiet=args.quiet)
-    model = trainer.fit(pair.batches(config.batch_size, seed=config.seed + 1), resume=True if args.resume else "auto")
+    batches = pair.batches(config.batch_size, seed=config.seed + 1)
+    if trainer.data_parallel is not None:  # every rank draws the global batch and keeps its rows
+        batches = split_batches(batches, trainer.data_parallel.rank, trainer.data_parallel.world_size)
+    model = trainer.fit(batches, resume=True if args.resume else "auto")
+    if not trainer.is_main:
+        return 0
     summary = synthetic_recovery(model, pair)
     print(
         f"recovered {summary['recovered']:.0%} of planted features (best decoder cosine > 0.9); "

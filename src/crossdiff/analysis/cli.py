@@ -29,6 +29,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--twin-cosine", type=float, help="decoder cosine above which a base-only latent is a twin")
     p.add_argument("--no-examples", action="store_true", help="skip examples (one pass over the cache instead of three)")
     p.add_argument("--tokenizer", help="tokenizer for example text (default: the chat model named in the cache)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="analyse a cache from another layer or other models than the crosscoder's")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     data.update({key: getattr(args, key) for key in _OVERRIDES if getattr(args, key) is not None})
     if args.no_examples:
         data["examples"] = False
+    if args.allow_mismatch:
+        data["allow_mismatch"] = True
     config = from_dict(AnalysisConfig, data, source=args.config)
     cache = _open_cache(args.cache)
     crosscoder = CrossCoder.from_pretrained(args.crosscoder)

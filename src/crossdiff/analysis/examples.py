@@ -288,3 +288,36 @@ class ExampleStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ANSI_LEVELS = ("\x1b[43m", "\x1b[41m", "\x1b[45;1m")  # yellow, red, bold magenta background: weak -> strong
+_ANSI_RESET = "\x1b[0m"
+
+
+def render_example(example: Example, *, before: int | None = None, after: int | None = None,
+                   mark: str = "max", color: bool = False) -> str:
+    """An example's window as text, with ``before``/``after`` tokens around its own token.
+
+    ``mark="max"`` highlights the example's own token; ``mark="active"`` every token where
+    the latent is active (f~ > 1e-3). Highlight: [brackets], or ANSI background colours
+    (stronger activation, stronger colour) when ``color`` is true. Tokens without stored
+    text show as ``<id>``.
+    """
+    texts = example.tokens or [f"<{t}>" for t in example.token_ids]
+    if example.tokens is not None:
+        texts = [text if text or not tid >= 0 else f"<{tid}>" for text, tid in zip(texts, example.token_ids)]
+    first = 0 if before is None else max(0, example.token_index - before)
+    last = len(texts) if after is None else min(len(texts), example.token_index + after + 1)
+    peak = max((a for a in example.activations if a is not None), default=0.0) or 1.0
+    pieces = []
+    for i in range(first, last):
+        activation = example.activations[i] if i < len(example.activations) else None
+        marked = i == example.token_index if mark == "max" else (activation is not None and activation > ACTIVE_THRESHOLD)
+        text = texts[i]
+        if marked and color:
+            level = min(len(_ANSI_LEVELS) - 1, int(len(_ANSI_LEVELS) * (activation or 0.0) / peak))
+            text = f"{_ANSI_LEVELS[level]}{text}{_ANSI_RESET}"
+        elif marked:
+            text = f"[{text}]"
+        pieces.append(text)
+    return "".join(pieces)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol
@@ -28,18 +29,24 @@ from tqdm.auto import tqdm
 from crossdiff.analysis.examples import (
     ContextCollector,
     ExampleRefs,
+    ExampleStore,
     QuantileSamples,
     TopActivations,
     token_keys,
+    render_example,
     write_examples,
 )
+from crossdiff.analysis.findings import find
+from crossdiff.analysis.roles import RoleStats, RoleTagger
 from crossdiff.analysis.norms import TagThresholds, decoder_geometry, tag_latents
 from crossdiff.analysis.scaling import LatentScaling, ScalingThresholds, scaling_flags
 from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
-from crossdiff.analysis.table import build_table, summarize, write_table
+from crossdiff.analysis.table import add_verdict_columns, build_table, summarize, write_table
 from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
+from crossdiff.locks import output_lock
 from crossdiff.models import parse_device
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -69,6 +76,10 @@ class AnalysisConfig:
     window_before: int = 32
     window_after: int = 8
     seed: int = 0
+    allow_mismatch: bool = False
+    """Analyse a cache collected at another layer or from other models than the crosscoder's."""
+    n_findings: int = 20
+    """Latents listed in each ranked list of the summary (top by dnorm, by rank-sum, chat-specific)."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -108,7 +119,10 @@ class TensorSource:
     """Activations already in memory, exposed like a cache (tests, notebooks, synthetic data).
 
     Without document structure, tokens are cut into documents of ``doc_length`` tokens in
-    order (position 0 of each counts as BOS); source ids default to 0, template to False.
+    order, for example windows only: positions start at 1, so no token counts as a BOS
+    token unless ``bos=True`` (position 0 of each document is then BOS) or ``positions``
+    says so. Source ids default to 0, template to False. ``model_names`` (base, chat) lets
+    :func:`analyze` find the tokenizer for example text, as a cache's manifest does.
     """
 
     def __init__(
@@ -122,6 +136,8 @@ class TensorSource:
         template: Tensor | None = None,
         sources: list[str] | None = None,
         doc_length: int = 64,
+        bos: bool = False,
+        model_names: list[str] | None = None,
     ):
         n = acts.shape[0]
         index = torch.arange(n)
@@ -129,12 +145,13 @@ class TensorSource:
             acts=acts,
             token_ids=token_ids if token_ids is not None else torch.zeros(n, dtype=torch.long),
             doc_ids=doc_ids if doc_ids is not None else index // doc_length,
-            positions=positions if positions is not None else index % doc_length,
+            positions=positions if positions is not None else index % doc_length + (0 if bos else 1),
             source_ids=source_ids if source_ids is not None else torch.zeros(n, dtype=torch.long),
             template=template if template is not None else torch.zeros(n, dtype=torch.bool),
         )
         self.sources = sources or ["data"]
         self.n_tokens = n
+        self.model_names = tuple(model_names) if model_names is not None else None
 
     def iter_batches(self, batch_size: int, *, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32, **_: Any) -> Iterator[Batch]:
@@ -156,31 +173,93 @@ def analyze(
     out_dir: str | Path,
     config: AnalysisConfig | None = None,
     *,
-    tokenizer: Any = None,
+    tokenizer: Any = "auto",
     progress: bool = True,
 ) -> AnalysisResult:
-    """Run the full analysis and write its files into ``out_dir``."""
+    """Run the full analysis and write its files into ``out_dir``.
+
+    The files are written into a folder beside ``out_dir`` that replaces it once complete:
+    an interrupted run leaves the previous analysis (or none), never a mix of both.
+    ``tokenizer`` gives examples their token text: ``"auto"`` loads the chat model's
+    tokenizer named by the cache (``source.model_names``) when it can be loaded, None stores
+    token ids only.
+    """
     config = config or AnalysisConfig()
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        names = getattr(source, "model_names", None) or crosscoder.config.model_names
+        tokenizer = load_tokenizer(names[-1]) if config.examples and names and names[-1] else None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_cache_matches(crosscoder, source, config.allow_mismatch)
+    with output_lock(out_dir, "analyze"):
+        staging = begin_staging(out_dir)
+        try:
+            result = _analyze_into(crosscoder, source, staging, config, tokenizer=tokenizer, progress=progress)
+        except (OSError, sqlite3.Error) as err:
+            if is_disk_full(err):
+                raise write_error(out_dir, err) from None
+            raise
+        commit_staging(staging, out_dir)
+    return result._replace(files={name: out_dir / path.name for name, path in result.files.items()})
+
+
+def check_cache_matches(crosscoder: CrossCoder, source: Any, allow_mismatch: bool = False) -> None:
+    """CrossdiffError when the cache was collected at another layer or from other models
+    than the crosscoder was trained on (both record theirs); sources without records pass."""
+    if allow_mismatch:
+        return
+    cc = crosscoder.config
+    layer, models = getattr(source, "layer", None), getattr(source, "model_names", None)
+    problems = []
+    if cc.layer is not None and layer is not None and cc.layer != layer:
+        problems.append(f"layer {cc.layer} for the crosscoder, {layer} for the cache")
+    if cc.model_names and models and [_model_id(m) for m in cc.model_names] != [_model_id(m) for m in models]:
+        problems.append(f"models {list(cc.model_names)} for the crosscoder, {list(models)} for the cache")
+    if problems:
+        raise CrossdiffError(
+            "the cache does not match the crosscoder: " + "; ".join(problems) + " (--allow-mismatch to analyse anyway)"
+        )
+
+
+def _model_id(name: str) -> str:
+    """A model's name without the folder or hub owner it was loaded from ("google/gemma-2-2b" -> "gemma-2-2b")."""
+    return Path(str(name).rstrip("/")).name.lower()
+
+
+def _analyze_into(
+    crosscoder: CrossCoder,
+    source: BatchSource,
+    out_dir: Path,
+    config: AnalysisConfig,
+    *,
+    tokenizer: Any,
+    progress: bool,
+) -> AnalysisResult:
     crosscoder = _prepare(crosscoder, config)
     n_latents = crosscoder.config.d_sae
     device = crosscoder.W_dec.device
     n_passes = 3 if config.examples else 1
 
-    scaling = LatentScaling(crosscoder.W_dec)
+    scaling = LatentScaling(crosscoder.W_dec, n_blocks=config.scaling.n_blocks)
+    base_scaling = LatentScaling(crosscoder.W_dec, direction="base", n_blocks=config.scaling.n_blocks)
     stats = ActivationStats(n_latents, source.sources, device=device)
     quality = ReconstructionQuality(crosscoder.config.n_models, crosscoder.config.d_in, device=device)
     top = TopActivations(n_latents, config.n_top, device=device) if config.examples else None
+    roles = RoleStats(n_latents, device=device)
+    role_of = RoleTagger(_token_text(tokenizer) if tokenizer is not None else None)
     with torch.no_grad():
         for batch in _batches(source, config, device, f"pass 1/{n_passes}: statistics + Latent Scaling", progress):
             _check_acts(batch.acts, crosscoder)
+            _check_values(batch, len(source.sources))
             x = crosscoder.normalize(batch.acts)
             f = crosscoder.encode(x)
             x_hat = crosscoder.decode(f)
             f_scaled = crosscoder.scale(f)
-            scaling.update(f, x, x_hat)
+            groups = batch.doc_ids + 7 * batch.source_ids  # a document's tokens share a jackknife block
+            scaling.update(f, x, x_hat, groups)
+            base_scaling.update(f, x, x_hat, groups)
             stats.update(f_scaled, batch.source_ids, batch.positions, batch.template)
+            doc_keys = (batch.source_ids.long() << 40) | batch.doc_ids.long()
+            roles.update(f_scaled, role_of(batch.token_ids, doc_keys, batch.positions, batch.template))
             quality.update(x, x_hat, f)
             if top is not None:
                 top.update(f_scaled, batch.source_ids, batch.doc_ids, batch.positions)
@@ -195,9 +274,13 @@ def analyze(
     twins = find_twins(crosscoder, tags == "chat-only", tags == "base-only", min_cosine=config.twin_cosine)
     twin, twin_cos = best_twin(twins, n_latents)
     table = build_table(geometry, tags, latent_stats, scaling_result, flags, twin, twin_cos)
+    add_verdict_columns(table, scaling_result, base_scaling.result(), config.scaling)
+    for name, share in roles.shares().items():
+        table[name] = share
 
     files = {"table": out_dir / "latents.parquet", "summary": out_dir / "summary.json", "twins": out_dir / "twins.parquet"}
     twins.to_parquet(files["twins"], index=False)
+    context = None
     if top is not None:
         examples = _collect_examples(crosscoder, source, config, top, progress)
         files["examples"] = write_examples(
@@ -207,6 +290,7 @@ def analyze(
             token_text=_token_text(tokenizer) if tokenizer is not None else None,
             metadata={"activation": "scaled (f~)"},
         )
+        context = _top_context(files["examples"])
     summary = summarize(
         table,
         n_tokens=latent_stats.n_tokens,
@@ -217,6 +301,7 @@ def analyze(
                     "layer": crosscoder.config.layer},
         config=dataclasses.asdict(config),
         files={name: path.name for name, path in files.items()},
+        findings=find(table, n_top=config.n_findings, context=context),
     )
     write_table(table, summary, out_dir)  # last: a complete summary.json marks a finished analysis
     return AnalysisResult(table, summary, twins, files)
@@ -242,6 +327,19 @@ def _check_acts(acts: Tensor, crosscoder: CrossCoder) -> None:
             f"the cache's activations are [tokens, {', '.join(map(str, acts.shape[1:]))}] but the crosscoder "
             f"reads [tokens, {expected[0]}, {expected[1]}]: wrong cache or crosscoder?"
         )
+
+
+def _check_values(batch: Batch, n_sources: int) -> None:
+    """Damaged activations would turn every beta into NaN and the summary into "confirms 0"."""
+    bad = ~torch.isfinite(batch.acts).all(dim=(1, 2))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise CrossdiffError(
+            f"the cache holds NaN or inf activations ({int(bad.sum())} tokens in one batch, the first in document "
+            f"{int(batch.doc_ids[first])} of source {int(batch.source_ids[first])}, position {int(batch.positions[first])})"
+        )
+    if len(batch.source_ids) and (int(batch.source_ids.min()) < 0 or int(batch.source_ids.max()) >= n_sources):
+        raise CrossdiffError(f"the cache is damaged: a token's source id is outside 0..{n_sources - 1}")
 
 
 def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, desc: str,
@@ -280,6 +378,17 @@ def _collect_examples(crosscoder: CrossCoder, source: BatchSource, config: Analy
 
             collector.update(keys, batch.token_ids, encode_rows)
     return collector
+
+
+def _top_context(examples_path: Path) -> Callable[[int], str]:
+    """latent -> its max-activating example, a short window with the token in [brackets]."""
+
+    def context(latent: int) -> str:
+        with ExampleStore(examples_path) as store:
+            top = store.examples(latent, "top")
+        return repr(render_example(top[0], before=12, after=3)) if top else "(no example)"
+
+    return context
 
 
 def _token_text(tokenizer: Any) -> Callable[[list[int]], list[str]]:

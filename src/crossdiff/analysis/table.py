@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from crossdiff.analysis.norms import TAGS, DecoderGeometry
-from crossdiff.analysis.scaling import LatentScalingResult, ScalingFlags
+from crossdiff.analysis.scaling import LatentScalingResult, ScalingFlags, ScalingThresholds
+from crossdiff.analysis.verdicts import decided, rank_sum, verdicts
 from crossdiff.analysis.stats import LatentStats
 
 ORIENTATION = "dnorm = 0.5 * ((|d_chat| - |d_base|) / max(|d_chat|, |d_base|) + 1): 1 = chat-only, 0 = base-only, 0.5 = equal"
@@ -51,6 +52,29 @@ COLUMNS: dict[str, str] = {
     "latent_decoupling": "chat-only by dnorm and nu_recon >= nu_recon_max",
     "twin": "best base-only twin of a chat-only latent (-1 if none)",
     "twin_cos": "cosine between this latent's chat decoder and the twin's base decoder",
+    "nu_error_se": "jackknife standard error of nu_error (token blocks by document; NaN if undefined)",
+    "nu_recon_se": "jackknife standard error of nu_recon",
+    "verdict": "one disjoint verdict from Latent Scaling with its guards: chat-specific, complete shrinkage, latent "
+               "decoupling, shrinkage+decoupling, uncertain, out of range, too few tokens, no estimate, dead",
+    "rank_sum": "rank of nu_error + rank of nu_recon (both clipped at 0) over latents with a decided verdict "
+                "(low = most chat-specific; NaN for guarded latents)",
+    "base_dir_beta_error_base": "Latent Scaling along the base decoder (the mirrored question), error base target",
+    "base_dir_beta_error_chat": "Latent Scaling along the base decoder (the mirrored question), error chat target",
+    "base_dir_beta_recon_base": "Latent Scaling along the base decoder (the mirrored question), recon base target",
+    "base_dir_beta_recon_chat": "Latent Scaling along the base decoder (the mirrored question), recon chat target",
+    "base_dir_beta_act_base": "Latent Scaling along the base decoder (the mirrored question), act base target",
+    "base_dir_beta_act_chat": "Latent Scaling along the base decoder (the mirrored question), act chat target",
+    "base_dir_nu_error": "base direction: beta_error_chat / beta_error_base; high = the chat model still has the base concept",
+    "base_dir_nu_recon": "base direction: beta_recon_chat / beta_recon_base",
+    "base_dir_nu_error_se": "jackknife standard error of base_dir_nu_error",
+    "base_dir_nu_recon_se": "jackknife standard error of base_dir_nu_recon",
+    "base_dir_verdict": "verdict along the base decoder: base-specific, complete shrinkage, ... (same guards)",
+    "role_bos": "share of the latent's active tokens at position 0 (BOS); the role_* shares add up to 1",
+    "role_template": "share on chat-template tokens (BOS excluded)",
+    "role_user": "share on user message content",
+    "role_assistant": "share on assistant message content",
+    "role_system": "share on system message content",
+    "role_text": "share on plain-text content, and chat content whose role is unknown (no tokenizer)",
 }
 
 
@@ -105,6 +129,25 @@ def build_table(
     return pd.DataFrame(columns)
 
 
+def add_verdict_columns(table: pd.DataFrame, chat: LatentScalingResult, base: LatentScalingResult,
+                        thresholds: ScalingThresholds) -> None:
+    """Uncertainties, guarded verdicts, the rank-sum and the base-direction columns (in place)."""
+    dead = table["dead"].to_numpy()
+    n = len(table)
+    table["nu_error_se"] = chat.nu_error_se if chat.nu_error_se is not None else np.full(n, np.nan)
+    table["nu_recon_se"] = chat.nu_recon_se if chat.nu_recon_se is not None else np.full(n, np.nan)
+    verdict = verdicts(chat, dead, thresholds, direction="chat")
+    table["verdict"] = verdict
+    table["rank_sum"] = rank_sum(table, decided(verdict))
+    for name in ("error_base", "error_chat", "recon_base", "recon_chat", "act_base", "act_chat"):
+        table[f"base_dir_beta_{name}"] = getattr(base, f"beta_{name}")
+    table["base_dir_nu_error"] = base.nu_error
+    table["base_dir_nu_recon"] = base.nu_recon
+    table["base_dir_nu_error_se"] = base.nu_error_se if base.nu_error_se is not None else np.full(n, np.nan)
+    table["base_dir_nu_recon_se"] = base.nu_recon_se if base.nu_recon_se is not None else np.full(n, np.nan)
+    table["base_dir_verdict"] = verdicts(base, dead, thresholds, direction="base")
+
+
 def summarize(table: pd.DataFrame, **extra: Any) -> dict[str, Any]:
     """Counts a reader wants first: latents per tag and the verdict on chat-only latents."""
     chat_only = table["tag"] == "chat-only"
@@ -127,7 +170,7 @@ def summarize(table: pd.DataFrame, **extra: Any) -> dict[str, Any]:
         **extra,
         "columns": COLUMNS,
     }
-    return summary
+    return _jsonable(summary)  # what summary.json holds, NaN as null
 
 
 def write_table(table: pd.DataFrame, summary: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
@@ -158,8 +201,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"FVE base {quality['fve_base']:.3f}, chat {quality['fve_chat']:.3f}, joint {quality['fve']:.3f}; "
             f"L0 {quality['l0']:.1f} on {summary.get('n_tokens', 0):,} tokens"
         )
+    if summary.get("findings"):
+        from crossdiff.analysis.findings import format_findings
+
+        lines.append(format_findings(summary["findings"]))
     lines.append(
-        f"chat-only latents: {co['total']}; Latent Scaling confirms {co['chat_specific']} as chat-specific, "
+        f"paper's flags (overlapping): chat-only latents: {co['total']} (dnorm > 0.9); Latent Scaling confirms {co['chat_specific']} as chat-specific, "
         f"rejects {co['complete_shrinkage']} as Complete Shrinkage and {co['latent_decoupling']} as Latent Decoupling "
         f"({co['shrinkage_and_decoupling']} both, {co['no_estimate']} without estimate); base-only twin found for {co['with_twin']}"
     )
@@ -173,6 +220,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(value) else float(value)
     return value

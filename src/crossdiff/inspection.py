@@ -1,0 +1,276 @@
+"""`crossdiff inspect ANALYSIS_DIR`: browse an analysis in the terminal (or from Python).
+
+An analysis folder (``crossdiff analyze --out``) holds the latent table and the examples
+file. :class:`Analysis` opens both and answers the questions a researcher asks next:
+
+* :meth:`Analysis.latents`   list, filter (any column, a pandas query, ranges) and sort latents;
+* :meth:`Analysis.show`      a latent's row and its examples, active tokens highlighted;
+* :meth:`Analysis.search`    examples whose text contains a string (or matches a regex);
+* :meth:`Analysis.rank_by_token`  which latents fire on tokens matching a string or regex.
+
+Everything reads the stored files only: no model, no cache. The token ranking therefore
+sees the tokens in the stored example windows (each latent's top and quantile examples
+with their contexts), which is where a latent that fires on a word shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from crossdiff.errors import CrossdiffError
+
+DEFAULT_COLUMNS = ("latent", "dnorm", "tag", "verdict", "nu_error", "nu_error_se", "nu_recon", "nu_recon_se",
+                   "scaling_tokens", "freq", "template_share")
+
+
+class Analysis:
+    """An analysis folder: ``latents.parquet`` (+ ``examples.sqlite`` when examples were kept)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        table_path = self.folder / "latents.parquet"
+        if not table_path.is_file():
+            raise CrossdiffError(f"{self.folder} is not an analysis folder (no latents.parquet); run crossdiff analyze first")
+        self.table = pd.read_parquet(table_path)
+        self.examples_path = self.folder / "examples.sqlite"
+
+    # ------------------------------------------------------------------ latents
+    def latents(self, where: str | None = None, *, sort: str | None = "dnorm", descending: bool = True,
+                limit: int | None = 20, columns: list[str] | None = None,
+                ranges: dict[str, tuple[float | None, float | None]] | None = None,
+                **equals: Any) -> pd.DataFrame:
+        """Latents as a table. ``where`` is a pandas query (``"tag == 'chat-only' and nu_error < 0.2"``);
+        ``ranges`` maps a column to (low, high) bounds, inclusive, None = open; keyword
+        arguments select equal values (``verdict="chat-specific"``, ``tag="other"``)."""
+        frame = self.table
+        for name in [*(ranges or {}), *equals, *([sort] if sort else []), *(columns or [])]:
+            self._check_column(name)
+        if where:
+            try:
+                frame = frame.query(where)
+            except Exception as err:  # pandas raises many types for a bad expression
+                raise CrossdiffError(f"cannot filter with {where!r}: {err}") from None
+        for name, value in equals.items():
+            frame = frame[frame[name].astype(str) == str(value)] if frame[name].dtype == object or str(frame[name].dtype) == "category" else frame[frame[name] == value]
+        for name, (low, high) in (ranges or {}).items():
+            if low is not None:
+                frame = frame[frame[name] >= low]
+            if high is not None:
+                frame = frame[frame[name] <= high]
+        if sort:
+            frame = frame.sort_values(sort, ascending=not descending, kind="stable", na_position="last")
+        if columns:
+            frame = frame[list(columns)]
+        return frame.head(limit) if limit else frame
+
+    def row(self, latent: int) -> pd.Series:
+        if not 0 <= latent < len(self.table):
+            raise CrossdiffError(f"no latent {latent}: the crosscoder has {len(self.table)} latents")
+        return self.table.iloc[latent]
+
+    # ------------------------------------------------------------------ examples
+    def examples(self, latent: int, kind: str | None = None) -> list:
+        from crossdiff.analysis.examples import ExampleStore
+
+        self.row(latent)
+        with ExampleStore(self._examples_file()) as store:
+            return store.examples(latent, kind)
+
+    def show(self, latent: int, *, n: int = 5, kind: str | None = "top", color: bool = False,
+             before: int | None = None, after: int | None = None) -> str:
+        """A latent's key numbers and its first ``n`` examples of ``kind`` ("top", "quantile",
+        None = both), every active token highlighted."""
+        from crossdiff.analysis.examples import render_example
+
+        row = self.row(latent)
+        fields = [c for c in DEFAULT_COLUMNS if c in row.index and c != "latent"]
+        lines = [f"latent {latent}: " + "  ".join(f"{c} {_fmt(row[c])}" for c in fields)]
+        roles = {c[len("role_"):]: row[c] for c in row.index if c.startswith("role_") and row[c] == row[c] and row[c] > 0}
+        if roles:
+            lines.append("  roles: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(roles.items(), key=lambda kv: -kv[1])))
+        for ex in self.examples(latent, kind)[:n]:
+            label = f"{ex.kind} {ex.rank}" if ex.kind == "top" else f"bin {ex.rank}"
+            text = render_example(ex, before=before, after=after, mark="active", color=color)
+            lines.append(f"  [{label}] f~ {ex.activation:.3f}  {ex.source} doc {ex.doc_id} pos {ex.position}:  {text!r}"
+                         if not color else f"  [{label}] f~ {ex.activation:.3f}  {ex.source} doc {ex.doc_id} pos {ex.position}:  {text}")
+        return "\n".join(lines)
+
+    def search(self, text: str, *, regex: bool = False, limit: int | None = 20) -> pd.DataFrame:
+        """Examples whose window text contains ``text`` (or matches it as a regex): one row per
+        example with the latent, the example's kind and rank, the activation on its own token
+        and the window text, strongest first."""
+        pattern = self._pattern(text, regex)
+        with self._db() as db:
+            vocab = dict(db.execute("SELECT id, text FROM tokens"))
+            self._need_text(vocab)
+            rows = []
+            for latent, kind, rank, activation, ids in db.execute(
+                    "SELECT latent, kind, rank, activation, token_ids FROM examples"):
+                window = "".join(vocab.get(t, "") for t in json.loads(ids))
+                if pattern.search(window):
+                    rows.append((latent, kind, rank, activation, window))
+        frame = pd.DataFrame(rows, columns=["latent", "kind", "rank", "activation", "text"])
+        frame = frame.sort_values("activation", ascending=False, kind="stable")
+        return frame.head(limit) if limit else frame
+
+    def rank_by_token(self, text: str, *, regex: bool = False, limit: int | None = 20) -> pd.DataFrame:
+        """Latents ranked by their activation on the tokens matching ``text`` (a substring, or a
+        regex with ``regex=True``; a match may span several tokens, and every token it touches
+        counts): mean f~ over the matching tokens of the latent's stored windows (``mean_act``),
+        the largest (``max_act_on_match``), how many matching tokens were seen (``matches``) and
+        on how many the latent was active (``active``). Each document token counts once per
+        latent, however many of the latent's windows contain it."""
+        from crossdiff.analysis.stats import ACTIVE_THRESHOLD
+
+        pattern = self._pattern(text, regex)
+        totals: dict[int, list[float]] = {}
+        counted: set[tuple[str, int, int, int]] = set()
+        for latent, source, doc, start, tokens, activations in self._windows():
+            for offset in _matching_tokens(tokens, pattern):
+                key = (source, doc, start + offset, latent)
+                value = activations[offset]
+                if key in counted or value is None:
+                    continue
+                counted.add(key)
+                entry = totals.setdefault(latent, [0.0, 0.0, 0, 0])
+                entry[0] += value
+                entry[1] = max(entry[1], value)
+                entry[2] += 1
+                entry[3] += value > ACTIVE_THRESHOLD
+        columns = ["latent", "mean_act", "max_act_on_match", "matches", "active"]
+        frame = pd.DataFrame([(latent, t[0] / t[2], t[1], t[2], t[3]) for latent, t in totals.items()], columns=columns)
+        info = self.table.set_index("latent")[[c for c in ("dnorm", "verdict") if c in self.table]]
+        frame = frame.join(info, on="latent").sort_values(["mean_act", "active"], ascending=False, kind="stable")
+        return frame.head(limit) if limit else frame
+
+    # ------------------------------------------------------------------ internals
+    def _examples_file(self) -> Path:
+        if not self.examples_path.is_file():
+            raise CrossdiffError(f"{self.folder} has no examples.sqlite (analyze ran with --no-examples)")
+        return self.examples_path
+
+    def _db(self):
+        import sqlite3
+        from contextlib import closing
+
+        return closing(sqlite3.connect(self._examples_file()))
+
+    @staticmethod
+    def _need_text(vocab: dict[int, str]) -> None:
+        if not vocab:
+            raise CrossdiffError("the examples store no token text (no tokenizer at analysis time): rerun "
+                                 "crossdiff analyze with --tokenizer")
+
+    def _windows(self):
+        """Every stored window: latent, source, document, window start, token texts, activations."""
+        with self._db() as db:
+            vocab = dict(db.execute("SELECT id, text FROM tokens"))
+            self._need_text(vocab)
+            for latent, source, doc, start, ids, acts in db.execute(
+                    "SELECT latent, source, doc_id, window_start, token_ids, activations FROM examples"):
+                yield latent, source, doc, start, [vocab.get(t, "") for t in json.loads(ids)], json.loads(acts)
+
+    def _check_column(self, name: str) -> None:
+        if name not in self.table.columns:
+            raise CrossdiffError(f"no column {name!r}; columns: {', '.join(self.table.columns)}")
+
+    @staticmethod
+    def _pattern(text: str, regex: bool) -> re.Pattern:
+        try:
+            return re.compile(text if regex else re.escape(text))
+        except re.error as err:
+            raise CrossdiffError(f"bad regular expression {text!r}: {err}") from None
+
+
+def _matching_tokens(tokens: list[str], pattern: re.Pattern) -> set[int]:
+    """Indices of the tokens that overlap a match of ``pattern`` in the joined window text."""
+    text = "".join(tokens)
+    ends = np.cumsum([len(t) for t in tokens])  # token i covers [ends[i] - len, ends[i])
+    starts = ends - np.array([len(t) for t in tokens], dtype=ends.dtype) if tokens else ends
+    hit: set[int] = set()
+    for match in pattern.finditer(text):
+        lo, hi = match.span()
+        if hi == lo:
+            continue
+        hit.update(np.nonzero((starts < hi) & (ends > lo))[0].tolist())
+    return hit
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if value != value else f"{value:.3g}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="browse an analysis: list/sort/filter latents, show examples, search, rank by token",
+        description="Browse the output of crossdiff analyze. Without --latent/--search/--token it lists latents "
+        "(--where, --tag, --verdict, --range, --sort).",
+    )
+    p.add_argument("analysis", help="analysis folder (crossdiff analyze --out)")
+    p.add_argument("--where", help="pandas query on any column, e.g. \"tag == 'chat-only' and nu_error < 0.2\"")
+    p.add_argument("--tag", help="only latents with this tag")
+    p.add_argument("--verdict", help="only latents with this verdict, e.g. chat-specific")
+    p.add_argument("--range", action="append", default=[], metavar="COLUMN=LOW:HIGH",
+                   help="only latents with LOW <= COLUMN <= HIGH (either side may be empty); repeatable")
+    p.add_argument("--sort", default="dnorm", help="column to sort by (default dnorm)")
+    p.add_argument("--ascending", action="store_true", help="smallest first")
+    p.add_argument("--columns", help="comma-separated columns to show")
+    p.add_argument("-n", "--limit", type=int, default=20, help="rows (or examples) to show (default 20)")
+    p.add_argument("--latent", type=int, help="show this latent's examples")
+    p.add_argument("--kind", choices=["top", "quantile", "all"], default="top", help="examples to show with --latent")
+    p.add_argument("--search", help="examples whose text contains this string")
+    p.add_argument("--token", help="rank latents by their activation on tokens matching this string")
+    p.add_argument("--regex", action="store_true", help="--search/--token are regular expressions")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="highlight active tokens with colours (auto: on a terminal) or [brackets]")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    analysis = Analysis(args.analysis)
+    limit = args.limit if args.limit > 0 else None
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 120):
+        if args.latent is not None:
+            color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+            kind = None if args.kind == "all" else args.kind
+            print(analysis.show(args.latent, n=args.limit, kind=kind, color=color))
+        elif args.search is not None:
+            print(_render(analysis.search(args.search, regex=args.regex, limit=limit)))
+        elif args.token is not None:
+            print(_render(analysis.rank_by_token(args.token, regex=args.regex, limit=limit)))
+        else:
+            equals = {k: v for k, v in (("tag", args.tag), ("verdict", args.verdict)) if v is not None}
+            columns = args.columns.split(",") if args.columns else [c for c in DEFAULT_COLUMNS if c in analysis.table]
+            frame = analysis.latents(args.where, sort=args.sort, descending=not args.ascending, limit=limit,
+                                     columns=columns, ranges=dict(_parse_range(r) for r in args.range), **equals)
+            print(_render(frame))
+    return 0
+
+
+def _render(frame: pd.DataFrame) -> str:
+    return "(nothing matches)" if frame.empty else frame.to_string(index=False)
+
+
+def _parse_range(spec: str) -> tuple[str, tuple[float | None, float | None]]:
+    name, sep, bounds = spec.partition("=")
+    low, colon, high = bounds.partition(":")
+    try:
+        if not sep or not colon:
+            raise ValueError
+        return name, (float(low) if low else None, float(high) if high else None)
+    except ValueError:
+        raise CrossdiffError(f"--range {spec!r}: expected COLUMN=LOW:HIGH, e.g. dnorm=0.7:0.9 or nu_error=:0.2") from None

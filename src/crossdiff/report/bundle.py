@@ -1,0 +1,232 @@
+"""The report's data files: the latent table and the examples as small JavaScript files.
+
+Pages opened from ``file://`` cannot ``fetch()`` local files, but they can load scripts.
+So every data file is a script that hands its payload to the page
+(``CROSSDIFF.addTable(key, {...})``, ``CROSSDIFF.addExamples(key, chunk, {...})``):
+
+* ``data/<key>/table.js``: the latent table column by column (floats to 4 significant
+  digits, categories dictionary-encoded), column descriptions, twins, steering samples and
+  a preview of each latent's top example; loaded with the page;
+* ``data/<key>/search.js``: the text around each latent's top examples, for the table's
+  text search; loaded right after the table is shown;
+* ``data/<key>/examples/<chunk>.js``: the examples of ``CHUNK`` consecutive latents with
+  the token texts they use; loaded when a latent's panel opens, so a report of 100k
+  latents loads only what is looked at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from crossdiff.report.figures import verdicts
+from crossdiff.report.inputs import Analysis
+
+CHUNK = 128
+"""Latents per examples file."""
+PREVIEW_BEFORE, PREVIEW_AFTER = 10, 3
+"""Tokens around the max token in the table's preview of the top example."""
+SEARCH_EXAMPLES, SEARCH_BEFORE, SEARCH_AFTER = 5, 8, 3
+"""Top examples, and tokens around their max token, that the text search looks at."""
+
+
+@dataclass
+class ExampleDigest:
+    """What the table needs from the examples: a preview and search text per latent."""
+
+    preview: dict[int, list[str]] = field(default_factory=dict)
+    """latent -> [text before, max token, text after] of its top example."""
+    search: dict[int, str] = field(default_factory=dict)
+    chunks: list[int] = field(default_factory=list)
+    """Indices of the example files written (latent // CHUNK)."""
+    sources: list[str] = field(default_factory=list)
+
+
+def write_examples(analysis: Analysis, key: str, folder: Path) -> ExampleDigest:
+    """Write the example chunks of one analysis into ``folder`` and digest them for the table."""
+    digest = ExampleDigest()
+    if analysis.examples is None:
+        return digest
+    folder.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(f"file:{analysis.examples}?mode=ro", uri=True)) as db:
+        vocab = dict(db.execute("SELECT id, text FROM tokens"))
+        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        digest.sources = list(meta.get("sources") or [])
+        for chunk, rows in _chunks(db):
+            latents = _chunk_payload(rows, vocab, digest)
+            (folder / f"{chunk}.js").write_text(
+                f"CROSSDIFF.addExamples({json.dumps(key)},{chunk},{_dumps(latents)});\n", encoding="utf-8")
+            digest.chunks.append(chunk)
+    return digest
+
+
+def _chunks(db: sqlite3.Connection) -> Iterator[tuple[int, list[tuple]]]:
+    """The examples table in latent order (the index's order), cut into chunks of CHUNK latents."""
+    cursor = db.execute(
+        "SELECT latent, kind, rank, activation, source, doc_id, position, token_index, token_ids, activations "
+        "FROM examples ORDER BY latent, kind, rank"
+    )
+    current, rows = None, []
+    for row in cursor:
+        chunk = row[0] // CHUNK
+        if chunk != current and rows:
+            yield current, rows
+            rows = []
+        current = chunk
+        rows.append(row)
+    if rows:
+        yield current, rows
+
+
+ALPHABET = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_", dtype=np.uint8)
+"""64 JSON-safe characters: token indices and activation levels are written in base 64."""
+LEVELS = 63
+"""Activations are stored as 0..63 = fraction of the latent's largest activation in the chunk."""
+MISSING = ord(".")
+
+
+def _chunk_payload(rows: list[tuple], vocab: dict[int, str], digest: ExampleDigest) -> dict[str, Any]:
+    """One chunk: its own vocabulary (the token texts it uses) and, per latent, the examples.
+
+    An example is ``[kind (0 top, 1 quantile), rank, activation, source index, doc, position,
+    token index, tokens, levels]`` where ``tokens`` holds ``width`` base-64 characters per
+    token (an index into the chunk's vocabulary) and ``levels`` one base-64 character per
+    token (the activation as 0..63 of ``scale``, ``.`` where unknown). Packing the windows into
+    strings keeps a 100k-latent report a fraction of the size of lists of numbers.
+    """
+    # Parse every window of the chunk at once (far faster than one json.loads per example).
+    lengths = np.array([row[8].count(",") + 1 for row in rows])
+    ids = np.fromstring(",".join(row[8][1:-1] for row in rows), sep=",", dtype=np.int64)
+    acts = np.fromstring(",".join(row[9][1:-1] for row in rows).replace("null", "nan"), sep=",", dtype=np.float64)
+    assert ids.size == acts.size == lengths.sum(), "examples.sqlite: token_ids and activations differ in length"
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    used, local = np.unique(ids, return_inverse=True)
+    width = max(1, math.ceil(math.log(max(len(used), 2), 64)))
+    texts = [vocab.get(t, f"<{t}>") for t in used.tolist()]
+
+    latent_of_row = np.array([row[0] for row in rows])
+    latent_of_token = np.repeat(latent_of_row, lengths)
+    # The largest activation of each latent in this chunk scales its levels (a latent's rows are contiguous).
+    first_row = np.flatnonzero(np.r_[True, latent_of_row[1:] != latent_of_row[:-1]])
+    token_start = starts[first_row]
+    peak = np.fmax.reduceat(np.nan_to_num(acts, nan=0.0), token_start)
+    scale = np.where(peak > 0, peak, 1.0)
+    scale_of_token = np.repeat(scale, np.diff(np.r_[token_start, acts.size]))
+    levels = np.clip(np.rint(LEVELS * acts / scale_of_token), 0, LEVELS)
+    level_chars = np.where(np.isnan(acts), MISSING, ALPHABET[np.nan_to_num(levels).astype(np.int64)]).astype(np.uint8)
+    level_text = level_chars.tobytes().decode("ascii")
+    digits = np.stack([(local // 64 ** (width - 1 - d)) % 64 for d in range(width)], axis=1)
+    token_text = ALPHABET[digits].tobytes().decode("ascii")
+    del latent_of_token
+
+    latents: dict[str, Any] = {}
+    sources = {name: j for j, name in enumerate(digest.sources)}
+    by_latent: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_latent.setdefault(row[0], []).append(i)
+    for (latent, indices), latent_scale in zip(by_latent.items(), scale.tolist()):
+        # Top examples (rank order) first, then quantile samples from the highest bin down.
+        indices.sort(key=lambda i: (rows[i][1] != "top", rows[i][2] if rows[i][1] == "top" else -rows[i][2]))
+        examples = []
+        for i in indices:
+            _, kind, rank, activation, source, doc, position, token_index, *_ = rows[i]
+            if source not in sources:
+                sources[source] = len(digest.sources)
+                digest.sources.append(source)
+            a, b = int(starts[i]), int(starts[i] + lengths[i])
+            examples.append([0 if kind == "top" else 1, rank, _round(activation), sources[source], doc, position,
+                             token_index, token_text[a * width:b * width], level_text[a:b]])
+            if kind == "top" and rank < SEARCH_EXAMPLES:
+                window = [texts[t] for t in local[a:b].tolist()]
+                if rank == 0:
+                    digest.preview[latent] = ["".join(window[max(0, token_index - PREVIEW_BEFORE):token_index]),
+                                              window[token_index] if token_index < len(window) else "",
+                                              "".join(window[token_index + 1:token_index + 1 + PREVIEW_AFTER])]
+                text = "".join(window[max(0, token_index - SEARCH_BEFORE):token_index + 1 + SEARCH_AFTER])
+                digest.search[latent] = (digest.search.get(latent, "") + "\u2002" + text).strip()
+        latents[str(latent)] = {"scale": _round(latent_scale), "examples": examples}
+    return {"vocab": texts, "width": width, "latents": latents}
+
+
+def table_payload(analysis: Analysis, digest: ExampleDigest) -> dict[str, Any]:
+    """The latent table and everything a latent panel shows besides its examples."""
+    table = analysis.table
+    descriptions = analysis.summary.get("columns") or {}
+    columns: dict[str, Any] = {}
+    for name in table.columns:
+        columns[name] = {**encode_column(table[name]), "desc": describe(name, descriptions)}
+    if "verdict" not in table.columns:
+        columns["verdict"] = {**encode_column(verdicts(table).replace("", None).astype("category")),
+                              "desc": "Latent Scaling's verdict on a chat-only latent (from the flags)"}
+    latent_ids = table["latent"].astype(int).tolist()
+    payload: dict[str, Any] = {
+        "name": analysis.name,
+        "n": len(table),
+        "columns": columns,
+        "preview": [digest.preview.get(i) for i in latent_ids] if digest.preview else None,
+        "examples": {"chunk": CHUNK, "chunks": digest.chunks, "sources": digest.sources} if digest.chunks else None,
+        "twins": None,
+        "steering": None,
+    }
+    if analysis.twins is not None and len(analysis.twins):
+        twins = analysis.twins
+        payload["twins"] = {"chat": twins["chat_latent"].astype(int).tolist(),
+                            "base": twins["base_latent"].astype(int).tolist(),
+                            "cos": [_round(v) for v in twins["cosine"].astype(float)]}
+    if analysis.steering is not None:
+        keep = [c for c in ("latent", "factor", "model", "prompt", "unsteered", "steered") if c in analysis.steering]
+        payload["steering"] = json.loads(analysis.steering[keep].to_json(orient="records"))
+    return payload
+
+
+def search_payload(analysis: Analysis, digest: ExampleDigest) -> list[str]:
+    return [digest.search.get(int(i), "") for i in analysis.table["latent"]]
+
+
+def encode_column(series: pd.Series) -> dict[str, Any]:
+    """A column as the page reads it: ``bool``/``int``/``float`` values or a ``cat`` dictionary."""
+    if pd.api.types.is_bool_dtype(series):
+        return {"type": "bool", "values": [None if pd.isna(v) else int(v) for v in series]}
+    if pd.api.types.is_integer_dtype(series):
+        return {"type": "int", "values": [None if pd.isna(v) else int(v) for v in series]}
+    if pd.api.types.is_float_dtype(series):
+        return {"type": "float", "values": round_significant(series.to_numpy(dtype=float))}
+    categories = series.astype("category")
+    return {"type": "cat", "labels": [str(c) for c in categories.cat.categories],
+            "codes": categories.cat.codes.astype(int).tolist()}
+
+
+def round_significant(values: np.ndarray, digits: int = 4) -> list[float | None]:
+    """Round to ``digits`` significant digits (vectorised); NaN and infinities become None."""
+    finite = np.isfinite(values)
+    magnitude = np.floor(np.log10(np.abs(np.where(finite & (values != 0), values, 1.0))))
+    scale = 10.0 ** (digits - 1 - magnitude)
+    rounded = np.round(np.where(finite, values, 0.0) * scale) / scale
+    return [float(v) if ok else None for v, ok in zip(rounded.tolist(), finite.tolist())]
+
+
+def describe(column: str, descriptions: dict[str, str]) -> str:
+    if column in descriptions:
+        return descriptions[column]
+    stat, sep, source = column.partition("__")
+    if sep and f"{stat}__<source>" in descriptions:
+        return descriptions[f"{stat}__<source>"].replace("one text source", f"the source {source!r}")
+    return ""
+
+
+def _round(value: float, digits: int = 4) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -1,0 +1,172 @@
+"""index.html: the overview and the figures as static HTML, the table and latent panels as
+containers the page's script (assets/app.js) fills from the data files."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from crossdiff import __version__
+from crossdiff.analysis.norms import TAGS
+from crossdiff.report.figures import FIGURE_TEXT, FigureFile
+from crossdiff.report.inputs import Analysis
+
+
+def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path) -> str:
+    """The whole page; ``entries`` are (key, analysis, figures) in display order."""
+    first = entries[0][1].summary.get("crosscoder") or {}
+    models = first.get("model_names") or []
+    subtitle = " vs ".join(f"<code>{_e(_short(m))}</code>" for m in models) if models else ""
+    if first.get("layer") is not None:
+        subtitle += f", layer {_e(first['layer'])}"
+    scripts = "\n".join(f'<script src="data/{key}/table.js"></script>' for key, _, _ in entries)
+    nav = "".join(f'<a href="#latents/{key}">{_e(a.name)}</a>' for key, a, _ in entries)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>crossdiff report: {_e(", ".join(a.name for _, a, _ in entries))}</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="assets/style.css">
+</head>
+<body>
+<header>
+  <h1><a href="#overview">crossdiff report</a></h1>
+  <div class="subtitle">{subtitle}</div>
+  <nav><a href="#overview">Overview</a> <span class="navlabel">Latents:</span> {nav}</nav>
+</header>
+<main>
+<section id="view-overview">
+  <h2>Overview</h2>
+  <div class="columns">
+{"".join(_overview_card(key, a) for key, a, _ in entries)}
+  </div>
+  <h2>Figures</h2>
+{_figure_rows(entries, out)}
+</section>
+<section id="view-latents" hidden></section>
+<section id="view-latent" hidden></section>
+</main>
+<footer>Written by crossdiff {_e(__version__)}. Static files: open index.html from disk, no server or network needed.
+Figures are also in <code>figures/&lt;crosscoder&gt;/</code> as PNG and SVG.</footer>
+<script>window.CROSSDIFF = {{tables: {{}}, order: {[key for key, _, _ in entries]!r}, addTable(key, data) {{ this.tables[key] = data; }}}};</script>
+{scripts}
+<script src="assets/app.js"></script>
+</body>
+</html>
+"""
+
+
+def _overview_card(key: str, analysis: Analysis) -> str:
+    s = analysis.summary
+    cc = s.get("crosscoder") or {}
+    quality = s.get("quality") or {}
+    kind = {"relu": "L1 (ReLU)", "batchtopk": "BatchTopK", "topk": "TopK"}.get(cc.get("activation"), cc.get("activation"))
+    if cc.get("activation") in ("batchtopk", "topk") and cc.get("k"):
+        kind = f"{kind}, k = {cc['k']}"
+    size = None
+    if cc.get("d_sae") and cc.get("d_in"):
+        size = f"{cc['d_sae']:,} latents on d = {cc['d_in']:,} ({cc['d_sae'] / cc['d_in']:g}x)"
+    rows = [
+        ("crosscoder", kind),
+        ("dictionary", size or f"{s.get('n_latents', len(analysis.table)):,} latents"),
+        ("layer", cc.get("layer")),
+        ("training tokens", _count(analysis.training.get("tokens"))),
+        ("tokens analysed", _count(s.get("n_tokens"))),
+        ("FVE base / chat", _pair(quality.get("fve_base"), quality.get("fve_chat"))),
+        ("FVE joint", _num(quality.get("fve"))),
+        ("L0", _num(quality.get("l0"), 1)),
+        ("dead", f"{s.get('dead', 0):,} ({100 * (s.get('dead_fraction') or 0):.1f}%)" if "dead" in s else None),
+    ]
+    tags = s.get("tags") or {}
+    tag_cells = "".join(
+        f'<a class="tag tag-{_e(t)}" href="#latents/{key}?tag={_e(t)}">{_e(t)} <b>{tags.get(t, 0):,}</b></a>'
+        for t in TAGS if t in tags)
+    co = s.get("chat_only") or {}
+    verdict = ""
+    if co:
+        verdict = f"""<table class="kv verdicts">
+<tr><th>chat-only latents</th><td>{co.get('total', 0):,}</td></tr>
+<tr><th>confirmed chat-specific</th><td>{co.get('chat_specific', 0):,}</td></tr>
+<tr><th>rejected: Complete Shrinkage</th><td>{co.get('complete_shrinkage', 0):,}</td></tr>
+<tr><th>rejected: Latent Decoupling</th><td>{co.get('latent_decoupling', 0):,}</td></tr>
+<tr><th>&nbsp;&nbsp;both</th><td>{co.get('shrinkage_and_decoupling', 0):,}</td></tr>
+<tr><th>no estimate</th><td>{co.get('no_estimate', 0):,}</td></tr>
+<tr><th>with a base-only twin</th><td>{co.get('with_twin', 0):,}</td></tr>
+</table>"""
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>\n" for k, v in rows if v not in (None, ""))
+    return f"""<div class="card" data-key="{key}">
+<h3>{_e(analysis.name)}</h3>
+<table class="kv">{body}</table>
+<div class="tags">{tag_cells}</div>
+{verdict}
+{_kl_table(analysis.kl)}
+<p><a class="button" href="#latents/{key}">Latent table &rarr;</a></p>
+</div>
+"""
+
+
+def _kl_table(kl: pd.DataFrame | None) -> str:
+    if kl is None or not len(kl):
+        return '<p class="muted">Causal stage not run (<code>crossdiff causal</code> adds the KL table).</p>'
+    extra = [c for c in ("n_tokens", "n_latents", "form") if c in kl.columns]
+    head = "".join(f"<th>{c}</th>" for c in ["condition", "subset", "KL (95% CI)", *extra])
+    rows = []
+    for row in kl.itertuples(index=False):
+        cells = [_e(row.condition), _e(row.subset),
+                 f"{_num(row.kl_mean, 4)} [{_num(row.ci_low, 4)}, {_num(row.ci_high, 4)}]"]
+        cells += [_e(_count(getattr(row, c)) if c != "form" else (getattr(row, c) or "")) for c in extra]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f'<h4>Causal effect (KL to the chat model)</h4><table class="grid kl"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def _figure_rows(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path) -> str:
+    rows = []
+    for name, (title, caption) in FIGURE_TEXT.items():
+        cells, present = [], False
+        for key, analysis, figures in entries:
+            figure = next((f for f in figures if f.name == name), None)
+            if figure is None:
+                why = {"kl": "causal stage not run", "template": "no template_share column"}.get(name, "not available")
+                cells.append(f'<figure class="missing"><figcaption>{_e(analysis.name)}: {why}</figcaption></figure>')
+                continue
+            present = True
+            png, svg = figure.png.relative_to(out).as_posix(), figure.svg.relative_to(out).as_posix()
+            cells.append(f'<figure><img src="{png}" alt="{_e(title)}, {_e(analysis.name)}" loading="lazy">'
+                         f'<figcaption>{_e(analysis.name)} &middot; <a href="{png}">PNG</a> &middot; '
+                         f'<a href="{svg}">SVG</a></figcaption></figure>')
+        if present:
+            rows.append(f'<div class="figure-row" id="figure-{name}"><h3>{_e(title)}</h3><p class="muted">{_e(caption)}</p>'
+                        f'<div class="columns">{"".join(cells)}</div></div>')
+    return "\n".join(rows)
+
+
+def _short(model: str) -> str:
+    """A hub id as is; a local path by its last two parts."""
+    parts = Path(str(model)).parts
+    return "/".join(parts[-2:]) if len(parts) > 2 else str(model)
+
+
+def _num(value: Any, digits: int = 3) -> str | None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return f"{value:.{digits}f}"
+
+
+def _pair(a: Any, b: Any) -> str | None:
+    return f"{_num(a)} / {_num(b)}" if a is not None and b is not None else None
+
+
+def _count(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return f"{int(value):,}"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))

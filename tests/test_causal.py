@@ -1,0 +1,186 @@
+"""KL patching: scored positions on each template, identities on tiny models, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_tokenizer
+from crossdiff.causal.conditions import Conditions, LatentSet, candidate_pool, paper_sets
+from crossdiff.causal.conversations import prediction_masks, tokenize_conversation
+from crossdiff.causal.experiment import CausalConfig, results_table, score
+from crossdiff.causal.kl import kl_per_token, weighted_mean_ci
+from crossdiff.causal.upper import SplitModel
+from crossdiff.cli import main
+from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
+from crossdiff.models import load_model_pair, pad_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHATML = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim"
+          " + '<|eot_id|>' }}{% endfor %}")
+TEMPLATES = {
+    "gemma": (None, [], "<end_of_turn>"),
+    "chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "llama3": (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+}
+CONVERSATION = [
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": "Sure thing"},
+    {"role": "user", "content": "Again please"},
+    {"role": "assistant", "content": "Yes"},
+]
+
+
+@pytest.fixture(scope="module", params=list(TEMPLATES))
+def template_tokenizer(request, tmp_path_factory, tiny_tokenizer):
+    template, extra, end = TEMPLATES[request.param]
+    if template is None:
+        return tiny_tokenizer, end
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp(request.param)
+    build_tiny_tokenizer(path, chat_template=template, extra_tokens=extra)
+    return AutoTokenizer.from_pretrained(path), end
+
+
+def test_scored_positions_on_each_template(template_tokenizer):
+    tokenizer, end = template_tokenizer
+    conv = tokenize_conversation(tokenizer, CONVERSATION, 0, 1024)
+    pieces = [tokenizer.decode([t]) for t in conv.input_ids]
+    assistant_runs = _runs(conv.assistant)
+    assert ["".join(pieces[a:b]) for a, b in assistant_runs] == [f"Sure thing{end}", f"Yes{end}"]
+    masks = prediction_masks(np.array(conv.assistant), np.array(conv.template), k=2)
+    # Position t is scored when token t+1 is the assistant's: one to the left of every run.
+    assert _runs(masks["all"]) == [(a - 1, b - 1) for a, b in assistant_runs]
+    for a, b in assistant_runs:
+        assert conv.template[a - 1]  # the template token before the answer predicts its first token ...
+        assert not masks["first_k"][a - 1] and masks["rest"][a - 1]  # ... and is left out of first k
+    first = np.flatnonzero(masks["first_k"])
+    assert [pieces[i] for i in first] == [pieces[assistant_runs[0][0]], pieces[assistant_runs[1][0]]]  # k=2 minus the template
+    assert not (masks["first_k"] & masks["rest"]).any() and ((masks["first_k"] | masks["rest"]) == masks["all"]).all()
+
+
+def test_first_k_counts_per_turn_and_batch_rows():
+    assistant = np.array([[0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=bool)
+    template = np.zeros_like(assistant)
+    template[:, 1] = True
+    masks = prediction_masks(assistant, template, k=3)
+    assert masks["first_k"][0].nonzero()[0].tolist() == [2, 3, 7, 8, 9]  # position 1 is template
+    assert masks["first_k"][1].nonzero()[0].tolist() == [0, 2]
+    assert masks["rest"][1].nonzero()[0].tolist() == [1, 3, 4, 5, 6, 7]
+
+
+def test_no_assistant_turn_is_one_line(tiny_tokenizer):
+    from crossdiff.errors import CrossdiffError
+
+    with pytest.raises(CrossdiffError, match="conversation 3 has no assistant turn"):
+        tokenize_conversation(tiny_tokenizer, CONVERSATION[:1], 3, 1024)
+
+
+def test_weighted_mean_and_cluster_interval_brute_force():
+    rng = np.random.default_rng(0)
+    kl = [rng.exponential(size=n) for n in (3, 7, 1, 12, 5)]
+    mean, low, high = weighted_mean_ci([k.sum() for k in kl], [len(k) for k in kl])
+    assert mean == pytest.approx(np.concatenate(kl).mean())
+    # Brute force: the ratio estimator's standard error from conversation totals.
+    n = np.array([len(k) for k in kl]); s = np.array([k.sum() for k in kl])
+    se = np.sqrt(len(n) / (len(n) - 1) * ((s - mean * n) ** 2).sum()) / n.sum()
+    assert (low, high) == pytest.approx((mean - 1.959964 * se, mean + 1.959964 * se))
+
+
+def _exact_crosscoder(d: int, input_scale: tuple[float, float]) -> CrossCoder:
+    """A relu crosscoder that reconstructs any pair exactly: latents +-x_base_i and +-x_chat_i."""
+    cc = CrossCoder(CrossCoderConfig(d_in=d, d_sae=4 * d, activation="relu", input_scale=list(input_scale)))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        cc.W_enc.zero_()
+        cc.W_dec.zero_()
+        for block, (model, sign) in enumerate(((0, 1), (0, -1), (1, 1), (1, -1))):
+            cols = slice(block * d, (block + 1) * d)
+            cc.W_enc[model, :, cols] = sign * eye
+            cc.W_dec[cols, model, :] = sign * eye
+    return cc
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_identities_on_tiny_models(tiny_model_pairs, arch):
+    pair = load_model_pair(*tiny_model_pairs[arch], dtype="float32")
+    layer = 1
+    conversations = [tokenize_conversation(pair.tokenizer, c, i, 1024) for i, c in enumerate([
+        CONVERSATION,
+        [{"role": "user", "content": "Write a short poem about the sea."}, {"role": "assistant", "content": "The wind and the sea, again and again."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How are you today?"}],
+    ])]
+    cc = _exact_crosscoder(pair.d_model, (2.0, 0.5))
+    random_half = LatentSet("half", np.arange(0, 4 * pair.d_model, 2))
+    conditions = Conditions(cc, [random_half])
+    config = CausalConfig(crosscoder="-", analysis_dir="-", conversations="-", batch_size=2, k_first=3)
+    table = results_table(score(pair, layer, conditions, conversations, config), conditions)
+    kl = table.set_index(["condition", "form", "subset"])["kl_mean"]
+    assert kl["None", None, "all"] > 1e-3  # base and chat really differ
+    assert abs(kl["All", None, "all"]) < 1e-6  # exact reconstruction: All is the chat residual
+    assert kl["eps_chat", None, "all"] == pytest.approx(kl["None", None, "all"], abs=1e-6)  # ... and eps_chat the base one
+
+    # None, recomputed independently: the base residual from output_hidden_states, fed to
+    # the full chat model through a hook that overwrites block L's output.
+    input_ids, attention_mask = pad_batch([c.input_ids for c in conversations], pair.tokenizer.pad_token_id)
+    scored = torch.zeros_like(attention_mask, dtype=torch.bool)
+    for row, c in enumerate(conversations):
+        scored[row, :len(c.input_ids)] = torch.from_numpy(prediction_masks(np.array(c.assistant), np.array(c.template), 3)["all"])
+    with torch.inference_mode():
+        own = pair.chat(input_ids=input_ids, attention_mask=attention_mask).logits
+        base_resid = pair.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[layer + 1]
+        from crossdiff.models import decoder_layers
+
+        handle = decoder_layers(pair.chat)[layer].register_forward_hook(lambda m, a, o: base_resid)
+        try:
+            patched = pair.chat(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            handle.remove()
+    logp_chat = torch.log_softmax(own[scored], dim=-1)
+    assert kl["None", None, "all"] == pytest.approx(float(kl_per_token(logp_chat, patched[scored]).mean()), rel=1e-5)
+    # The chat residual patched into the chat model gives KL 0.
+    split = SplitModel(pair.chat, layer)
+    chat_resid = split.lower(input_ids, attention_mask)
+    assert float(kl_per_token(logp_chat, split.upper(chat_resid, input_ids, attention_mask, scored)).abs().max()) < 1e-6
+    assert table["n_tokens"][table.subset == "all"].iloc[0] == int(scored.sum())
+    # One condition per upper pass gives the same numbers as conditions stacked in one pass.
+    config.tokens_per_pass = 1
+    single = results_table(score(pair, layer, conditions, conversations, config), conditions)
+    np.testing.assert_allclose(single["kl_mean"], table["kl_mean"], rtol=1e-5, atol=1e-7)
+
+
+def test_paper_sets_and_pool_fallback():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 40
+    table = pd.DataFrame({"latent": np.arange(n), "dnorm": np.linspace(0.5, 0.99, n), "dead": False,
+                          "nu_error": rng.uniform(0, 1, n), "nu_recon": rng.uniform(0, 1, n), "tag": "other"})
+    table.loc[3, "dead"] = True
+    table.loc[[36, 37, 38, 39], "nu_error"] = 5.0  # out of the nu range: never in the pool
+    pool = candidate_pool(table, pool_size=10)
+    assert pool.rule == "top-dnorm" and "using the 10 most chat-leaning" in pool.note
+    assert pool.latents.tolist() == list(range(35, 25, -1))
+    sets = {s.name: s.latents for s in paper_sets(table, pool, random_seeds=2)}
+    assert sets["dnorm-top"].tolist() == [35, 34, 33, 32, 31] and sets["dnorm-bottom"].tolist() == [30, 29, 28, 27, 26]
+    rank = (table.loc[pool.latents, "nu_recon"].rank() + table.loc[pool.latents, "nu_error"].rank()).sort_values(kind="stable")
+    assert sets["ls-best"].tolist() == rank.index[:5].tolist() and sets["ls-worst"].tolist() == rank.index[-5:].tolist()
+    assert len(sets["random-0"]) == 5 and set(sets["random-1"]) <= set(pool.latents)
+    assert candidate_pool(table, pool_size=3).rule == "chat-only"  # 4 usable latents above dnorm 0.9
+
+def _runs(mask) -> list[tuple[int, int]]:
+    mask = list(np.asarray(mask, dtype=bool))
+    runs, start = [], None
+    for i, flag in enumerate(mask + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs

@@ -1,0 +1,50 @@
+"""KL patching on the bundled organism (the demo's causal step): the paper's causal findings."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from crossdiff.causal.experiment import KL_COLUMNS
+
+pytestmark = pytest.mark.slow
+
+
+def _kl(folder, condition, subset="first_k", form=None):
+    table = pd.read_parquet(folder / "kl.parquet")
+    rows = table[(table.condition == condition) & (table.subset == subset)]
+    rows = rows[rows.form.isna()] if form is None else rows[rows.form == form]
+    assert len(rows) == 1
+    return float(rows.kl_mean.iloc[0])
+
+
+def test_causal_outputs_follow_the_file_contract(organism_demo):
+    for name in ("l1", "batchtopk"):
+        folder = organism_demo / name / "causal"
+        table = pd.read_parquet(folder / "kl.parquet")
+        assert list(table.columns) == KL_COLUMNS
+        assert set(table.subset) == {"all", "first_k", "rest"}
+        assert set(table.form.dropna()) == {"replace", "add"}
+        assert (table.ci_low <= table.kl_mean).all() and (table.kl_mean <= table.ci_high).all()
+        assert (folder / "kl.png").stat().st_size > 0
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["n_tokens"]["all"] == summary["n_tokens"]["first_k"] + summary["n_tokens"]["rest"]
+
+
+def test_baselines_on_the_organism(organism_demo):
+    for name in ("l1", "batchtopk"):
+        folder = organism_demo / name / "causal"
+        none = _kl(folder, "None")
+        assert none > 1.0  # the base residual alone leaves the chat model far from itself
+        assert _kl(folder, "All") < 0.1 * none  # the crosscoder's chat-minus-base reconstruction closes > 90%
+        assert _kl(folder, "eps_chat") > 0.7 * none  # the chat error (with the base reconstruction) closes little
+
+
+def test_latent_scaling_and_relative_norm_pick_the_causal_halves(organism_demo):
+    l1, batchtopk = organism_demo / "l1" / "causal", organism_demo / "batchtopk" / "causal"
+    # L1: the half Latent Scaling confirms as chat-specific closes more of the first-k KL than the rejected half.
+    assert _kl(l1, "ls-best", form="replace") < _kl(l1, "ls-worst", form="replace") - 0.05
+    # BatchTopK: no latent is chat-only here, so the pool is the most chat-leaning latents, and it says so.
+    summary = json.loads((batchtopk / "summary.json").read_text())
+    assert summary["pool"]["rule"] == "top-dnorm" and "most chat-leaning" in summary["pool"]["note"]
+    assert _kl(batchtopk, "dnorm-top", form="replace") < _kl(batchtopk, "dnorm-bottom", form="replace") - 0.02

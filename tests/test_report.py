@@ -1,0 +1,290 @@
+"""`crossdiff report` / `crossdiff plot`: the figures, bad input, and the page in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from crossdiff.analysis import AnalysisConfig, TensorSource, analyze
+from crossdiff.analysis.norms import TagThresholds
+from crossdiff.analysis.scaling import ScalingThresholds
+from crossdiff.cli import main
+from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
+from crossdiff.errors import CrossdiffError
+from crossdiff.report import build_report, draw_figures, find_analyses
+from crossdiff.report.browser import chromium, find_chromium
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHAT_ONLY, BASE_ONLY = [0, 1, 2, 3], [4, 5]
+TWIN = (0, 4)  # chat-only latent 0's chat decoder is base-only latent 4's base decoder
+TAGS = TagThresholds(chat_only=0.85)
+SCALING = ScalingThresholds(nu_error_max=0.3, nu_recon_max=0.6)  # not the defaults: read from summary.json
+
+
+def _crosscoder(activation: str) -> CrossCoder:
+    cc = CrossCoder(CrossCoderConfig(d_in=8, d_sae=24, activation=activation, k=3 if activation == "batchtopk" else None,
+                                     norm_init_scale=1.0, model_names=["org/base-1b", "org/chat-1b"], layer=3), seed=1)
+    with torch.no_grad():
+        if activation == "batchtopk":
+            cc.threshold.fill_(0.8)
+        cc.W_dec[CHAT_ONLY, 0] = 0.0
+        cc.W_dec[BASE_ONLY, 1] = 0.0
+        cc.W_dec[TWIN[1], 0] = cc.W_dec[TWIN[0], 1]
+    return cc
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tiny_tokenizer):
+    """RUN/<batchtopk, l1>/analysis from the real analysis, plus one crosscoder's causal outputs."""
+    run = tmp_path_factory.mktemp("report") / "run"
+    g = torch.Generator().manual_seed(0)
+    n, d_in = 1500, 8
+    doc_ids = torch.arange(n) // 50
+    source = TensorSource(torch.randn(n, 2, d_in, generator=g), token_ids=torch.randint(10, 500, (n,), generator=g),
+                          doc_ids=doc_ids, positions=torch.arange(n) % 50, source_ids=(doc_ids % 2).long(),
+                          sources=["pretraining", "chat"])
+    config = AnalysisConfig(batch_size=500, n_top=4, quantile_bins=3, per_bin=1, window_before=6, window_after=2,
+                            tags=TAGS, scaling=SCALING)
+    for name, activation in (("batchtopk", "batchtopk"), ("l1", "relu")):
+        analyze(_crosscoder(activation), source, run / name / "analysis", config, tokenizer=tiny_tokenizer, progress=False)
+    (run / "l1" / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 5120}) + "\n")
+    causal = run / "l1" / "causal"
+    causal.mkdir()
+    pd.DataFrame({
+        "condition": ["chat", "base", "base + chat-only latents"] * 2,
+        "subset": ["all"] * 3 + ["rest"] * 3,
+        "kl_mean": [0.0, 0.42, 0.17, 0.0, 0.35, 0.12], "ci_low": [0.0, 0.40, 0.15, 0.0, 0.33, 0.10],
+        "ci_high": [0.0, 0.44, 0.19, 0.0, 0.37, 0.14], "n_tokens": [900] * 6, "n_latents": [0, 0, 4] * 2,
+        "form": [None, None, "add"] * 2,
+    }).to_parquet(causal / "kl.parquet")
+    steering = [{"latent": 1, "factor": 4.0, "model": "base", "prompt": "Hello there", "unsteered": "Hi!",
+                 "steered": "I cannot help with <that>"}]
+    (causal / "steering.jsonl").write_text("".join(json.dumps(row) + "\n" for row in steering))
+    return run
+
+
+# ---------- figures ----------
+
+def _lines(fig, gid):
+    return [line for ax in fig.axes for line in ax.lines if line.get_gid() == gid]
+
+
+def test_figures_draw_the_analysis_thresholds(small_run):
+    (analysis,) = [a for a in find_analyses(small_run) if a.name == "l1"]
+    figures = draw_figures(analysis.table, analysis.summary, analysis.kl)
+    assert set(figures) == {"dnorm", "dec_cos", "nu", "template", "kl"}
+    (nu_error,), (nu_recon,) = _lines(figures["nu"], "threshold-nu_error"), _lines(figures["nu"], "threshold-nu_recon")
+    assert set(nu_error.get_xdata()) == {SCALING.nu_error_max}
+    assert set(nu_recon.get_ydata()) == {SCALING.nu_recon_max}
+    (chat_only,) = _lines(figures["dnorm"], "threshold-chat_only")
+    assert set(chat_only.get_xdata()) == {TAGS.chat_only}
+    # The histogram holds every latent, the KL plot every row's mean.
+    (ax,) = figures["dnorm"].axes
+    assert sum(p.get_height() for p in ax.patches if p.get_gid() is None and p.get_height() > 0) == len(analysis.table)
+    (ax,) = figures["kl"].axes
+    means = sorted(x for line in ax.lines for x in line.get_xdata() if line.get_marker() == "o")
+    assert means == sorted(analysis.kl["kl_mean"])
+
+
+def test_plot_writes_png_and_svg(small_run, tmp_path):
+    assert main(["plot", str(small_run / "l1"), "--out", str(tmp_path)]) == 0  # one crosscoder's folder
+    for name, expected in (("l1", {"dnorm", "dec_cos", "nu", "template", "kl"}),):
+        assert {p.stem for p in (tmp_path / name).glob("*.png")} == expected
+        assert {p.stem for p in (tmp_path / name).glob("*.svg")} == expected
+        assert all(p.stat().st_size > 1000 for p in (tmp_path / name).iterdir())
+        assert (tmp_path / name / "nu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (tmp_path / "l1" / "nu.svg").read_text()
+    assert 'id="threshold-nu_error"' in svg and 'id="threshold-nu_recon"' in svg
+    assert not (tmp_path / "index.html").exists()
+
+
+# ---------- bad input ----------
+
+def _copy_analysis(small_run, tmp_path, name="l1"):
+    target = tmp_path / "run" / name / "analysis"
+    shutil.copytree(small_run / name / "analysis", target)
+    return target
+
+
+def test_folder_without_analysis_is_one_clear_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("crossdiff: error: no analysis found in")
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_older_or_unfinished_analysis_is_refused(small_run, tmp_path):
+    folder = _copy_analysis(small_run, tmp_path)
+    pd.read_parquet(folder / "latents.parquet").drop(columns=["nu_recon"]).to_parquet(folder / "latents.parquet")
+    with pytest.raises(CrossdiffError, match=r"older format \(latents.parquet lacks nu_recon\): rerun crossdiff analyze"):
+        build_report(tmp_path / "run")
+    shutil.rmtree(folder)
+    folder = _copy_analysis(small_run, tmp_path)
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["orientation"]  # written before the dnorm orientation was fixed and recorded
+    (folder / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(CrossdiffError, match="older format .*orientation"):
+        build_report(tmp_path / "run")
+    (folder / "summary.json").unlink()
+    with pytest.raises(CrossdiffError, match="unfinished"):
+        build_report(folder)
+
+
+def test_missing_optional_parts_leave_them_out(small_run, tmp_path):
+    folder = _copy_analysis(small_run, tmp_path)
+    table = pd.read_parquet(folder / "latents.parquet")
+    keep = ["latent", "dnorm", "tag", "dec_cos", "freq", "nu_error", "nu_recon"]
+    table[keep].to_parquet(folder / "latents.parquet")
+    (folder / "examples.sqlite").unlink()
+    (folder / "twins.parquet").unlink()
+    causal = folder.parent / "causal"
+    causal.mkdir()
+    pd.DataFrame({"condition": ["x"], "kl": [1.0]}).to_parquet(causal / "kl.parquet")
+    notes = []
+    index = build_report(folder, say=notes.append)
+    assert index == folder.parent / "report" / "index.html"
+    assert notes == [f"crossdiff report: l1: {causal / 'kl.parquet'} lacks subset, kl_mean, ci_low, ci_high; "
+                     "the KL table and figure are left out"]
+    page = index.read_text()
+    assert 'id="figure-nu"' in page and 'id="figure-template"' not in page and "Causal stage not run" in page
+    assert sorted(p.name for p in (index.parent / "figures" / "l1").iterdir()) == [
+        "dec_cos.png", "dec_cos.svg", "dnorm.png", "dnorm.svg", "nu.png", "nu.svg"]
+    data = (index.parent / "data" / "l1" / "table.js").read_text()
+    payload = json.loads(data[data.index(",") + 1:data.rindex(")")])
+    assert set(payload["columns"]) == set(keep) | {"verdict"}  # the verdict needs the flags: all "no estimate"/empty
+    assert payload["examples"] is None and payload["twins"] is None and payload["preview"] is None
+
+
+def test_report_replaces_only_a_previous_report(small_run, tmp_path):
+    folder = _copy_analysis(small_run, tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(CrossdiffError, match="is not a crossdiff report"):
+        build_report(folder, tmp_path / "notes")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+# ---------- the page in a real browser ----------
+
+def _browser_or_skip():
+    reason = None
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        reason = "playwright is not installed (pip install -e '.[dev]')"
+    if reason is None and find_chromium() is None:
+        reason = "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the browser test must run in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.mark.slow
+def test_report_in_headless_chromium(small_run, tmp_path):
+    _browser_or_skip()
+    out = tmp_path / "report"
+    assert main(["report", str(small_run), "--out", str(out)]) == 0
+    l1 = pd.read_parquet(small_run / "l1" / "analysis" / "latents.parquet")
+    url = (out / "index.html").as_uri()
+    errors: list[str] = []
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.wait_for_selector("body[data-ready]")
+        # Overview: both crosscoders side by side, the causal KL table of the one that has it, the figures.
+        assert page.locator(".card h3").all_inner_texts() == ["batchtopk", "l1"]
+        assert "base + chat-only latents" in page.locator(".card[data-key=l1] table.kl").inner_text()
+        assert page.locator("#figure-nu figure img").count() == 2
+        assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+
+        # Table: sorting and filtering change the rows shown.
+        page.goto(url + "#latents/l1")
+        page.wait_for_selector("#latent-table tbody tr")
+        shown = lambda: [int(x) for x in page.locator("#latent-table tbody tr").evaluate_all(  # noqa: E731
+            "rows => rows.map(r => r.dataset.latent)")]
+        by_dnorm = shown()
+        assert by_dnorm[:3] == l1.sort_values("dnorm", ascending=False, kind="stable")["latent"].head(3).tolist()
+        page.click("th[data-col=latent]")
+        page.click("th[data-col=latent]")  # second click: ascending
+        assert shown() == list(range(len(shown())))
+        page.select_option("#filter-tag", "chat-only")
+        assert shown() == sorted(l1.loc[l1["tag"] == "chat-only", "latent"].tolist())
+        assert page.inner_text("#count").startswith(f"{len(shown())} of {len(l1)} latents")
+        page.select_option("#filter-tag", "")
+        page.click("#add-range")
+        page.fill(".range-min", "0.5")
+        assert sorted(shown()) == sorted(l1.loc[l1["dnorm"] >= 0.5, "latent"].tolist()[:50])
+        page.click(".range button")  # remove the range
+
+        # Text search in top examples: latent 1's top example (max token and the tokens after it) finds it.
+        peak = page.evaluate("CROSSDIFF.tables.l1.preview[1][1] + CROSSDIFF.tables.l1.preview[1][2]")
+        page.wait_for_function("CROSSDIFF.search && CROSSDIFF.search.l1")
+        page.fill("#filter-text", peak)
+        found = shown()
+        assert 1 in found and len(found) < len(l1)
+
+        # A latent's panel: highlighted tokens by source, quantile samples, twin, steering; the URL names it.
+        page.goto(url + "#latent/l1/0")
+        page.wait_for_selector("#examples[data-state=loaded]")
+        assert page.locator(".source[data-source=pretraining]").count() >= 1
+        assert page.locator(".tok.peak").count() == page.locator(".example").count() > 0
+        shaded = page.evaluate("[...document.querySelectorAll('.tok')].filter(t => t.style.backgroundColor).length")
+        assert shaded >= page.locator(".example").count()
+        assert "Quantile samples" in page.inner_text("#examples")
+        assert page.locator(".twin-link").first.get_attribute("href") == f"#latent/l1/{TWIN[1]}"
+        page.screenshot(path=str(tmp_path / "latent.png"), full_page=True)
+        page.click(".twin-link")
+        page.wait_for_selector("#examples[data-state]")
+        assert page.evaluate("location.hash") == f"#latent/l1/{TWIN[1]}"
+        page.goto(url + "#latent/l1/1")
+        page.wait_for_selector("#examples[data-state]")
+        assert "I cannot help with <that>" in page.inner_text(".steering")
+    assert errors == []
+    assert (tmp_path / "latent.png").stat().st_size > 10_000
+    assert re.search(r"<script src=\"data/l1/table.js\">", (out / "index.html").read_text())
+
+
+def test_packed_examples_decode_to_the_stored_examples(small_run, tmp_path):
+    """Every example in the report's chunk files decodes to the tokens and activations in examples.sqlite."""
+    from crossdiff.analysis import ExampleStore
+    from crossdiff.report.bundle import ALPHABET, CHUNK, LEVELS, write_examples
+
+    (analysis,) = [a for a in find_analyses(small_run) if a.name == "l1"]
+    digest = write_examples(analysis, "l1", tmp_path)
+    digits = ALPHABET.tobytes().decode()
+    checked = 0
+    with ExampleStore(analysis.examples) as store:
+        for chunk in digest.chunks:
+            text = (tmp_path / f"{chunk}.js").read_text()
+            data = json.loads(text[text.index("{"):text.rindex(")")])
+            for latent, entry in data["latents"].items():
+                stored = store.examples(int(latent))
+                assert int(latent) // CHUNK == chunk and len(entry["examples"]) == len(stored)
+                scale = max(a for ex in stored for a in ex.activations if a is not None)
+                assert entry["scale"] == pytest.approx(scale, rel=1e-3)
+                by_key = {(ex.kind, ex.rank, ex.doc_id, ex.position): ex for ex in stored}
+                for kind, rank, activation, source, doc, position, token_index, tokens, levels in entry["examples"]:
+                    ex = by_key[("top" if kind == 0 else "quantile", rank, doc, position)]
+                    w = data["width"]
+                    index = [sum(digits.index(c) * 64 ** (w - 1 - d) for d, c in enumerate(tokens[j * w:(j + 1) * w]))
+                             for j in range(len(levels))]
+                    assert [data["vocab"][i] for i in index] == ex.tokens
+                    assert [digits.index(c) for c in levels] == [round(LEVELS * a / scale) for a in ex.activations]
+                    assert (activation, token_index) == (pytest.approx(ex.activation, rel=1e-3), ex.token_index)
+                    assert digest.sources[source] == ex.source
+                    checked += 1
+    assert checked > 50
+    table = analysis.table
+    assert set(digest.preview) == set(table.loc[~table["dead"], "latent"])
