@@ -346,16 +346,17 @@ class _Feed(threading.Thread):
         return False
 
     def _produce(self) -> None:
-        from crossdiff.collect import _batches, _rank_budget, _rank_documents
+        from crossdiff.collect import _batches, _fit_max_len, _rank_budget, _rank_documents
         from crossdiff.models import check_same_tokenization
 
         stream, config = self.stream, self.stream.collect
+        max_len = _fit_max_len(config.max_len, stream.pair)  # as collect: capped at the models' positions
         first, next_doc, tokens = _start(self.sources, self.position)
         for source_index in self.sources[first:]:
             source = config.sources[source_index]
             start_doc = next_doc if source_index == self.sources[first] else 0
             tokens = tokens if source_index == self.sources[first] else 0
-            docs = _rank_documents(config, source, stream.pair.tokenizer, start_doc)
+            docs = _rank_documents(config, source, stream.pair.tokenizer, start_doc, max_len)
             last_doc = start_doc - 1
             for batch_index, batch in enumerate(_batches(docs, config.batch_size, _rank_budget(config, source.name), tokens)):
                 if batch_index == 0:
