@@ -493,7 +493,8 @@ class Trainer:
         for folder in reversed(folders):
             problem = checkpoint_problem(folder)
             if problem is None:
-                for bad, why in damaged:
+                # Rank 0 alone sets damaged checkpoints aside (the other ranks skip them too).
+                for bad, why in damaged if self.is_main else []:
                     kept = bad.with_name(f"damaged-{bad.name}")
                     shutil.rmtree(kept, ignore_errors=True)
                     bad.rename(kept)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,8 +195,9 @@ def analyze(
         staging = begin_staging(out_dir)
         try:
             result = _analyze_into(crosscoder, source, staging, config, tokenizer=tokenizer, progress=progress)
-        except (OSError, sqlite3.Error) as err:
-            if is_disk_full(err):
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)  # (after a kill -9, the next run removes it)
+            if isinstance(err, (OSError, sqlite3.Error)) and is_disk_full(err):
                 raise write_error(out_dir, err) from None
             raise
         commit_staging(staging, out_dir)
