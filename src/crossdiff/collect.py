@@ -269,10 +269,10 @@ def _rank_budget(config: CollectConfig, source: str) -> int | None:
 
 
 def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: Any, first_doc: int,
-                    max_len: int) -> Iterator[TokenizedDoc]:
+                    max_len: int | None = None) -> Iterator[TokenizedDoc]:
     # Rows before the resume point and other ranks' rows are dropped before tokenizing.
     return iter_documents(
-        source, tokenizer, max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size, bos=config.bos,
+        source, tokenizer, config.max_len if max_len is None else max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size, bos=config.bos,
         holdout=config.holdout, part=config.part,
     )
 
