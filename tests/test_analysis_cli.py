@@ -111,3 +111,32 @@ def test_crossdiff_entry_point_lists_and_runs_analyze(cache_and_crosscoder, tmp_
     assert main(["analyze", str(root / "cc"), str(tmp_path), "-o", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("crossdiff: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_tokenizer_name_offline_fails_at_once(monkeypatch, capsys):
+    """No network: one connection attempt, then the local cache only (no hub retries)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from crossdiff import hub
+    from crossdiff.analysis.pipeline import load_tokenizer
+
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as if the variable were never set
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    hub._reachable.cache_clear()
+    try:
+        assert load_tokenizer("no-such-org/no-such-model") is None
+    finally:
+        hub._reachable.cache_clear()
+    assert len(attempts) <= 2  # our probe (and at most one look by the hub client): no five retries
+    assert "unavailable" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 Snippets run per document, in order, in one namespace (a later snippet may use what an
 earlier one defined), inside a scratch folder that holds a small real run on the bundled
 organism under the paths the docs use (``runs/cache``, ``runs/cc/crosscoder``,
-``runs/analysis``, ``caches/gemma2-l13``). A snippet that cannot run offline on a CPU is
+``runs/analysis``, ``caches/gemma2-l13``, and ``runs/demo`` in the demo's layout), with the
+repository's ``recipes/``. A snippet that cannot run offline on a CPU is
 marked in the document with ``<!-- not run: reason -->`` on the line before its fence.
 """
 
@@ -61,6 +62,12 @@ def docs_run(tmp_path_factory) -> Path:
     analyze(crosscoder, cache, root / "runs" / "analysis", AnalysisConfig(n_top=5, per_bin=1), progress=False)
     (root / "caches").mkdir()
     (root / "caches" / "gemma2-l13").symlink_to(root / "runs" / "cache")
+    # The same run in the layout of `crossdiff demo` / `crossdiff run` (RUN/cache, RUN/<name>/...).
+    demo = root / "runs" / "demo"
+    (demo / "batchtopk").mkdir(parents=True)
+    (demo / "cache").symlink_to(root / "runs" / "cache")
+    for name, target in (("crosscoder", "cc/crosscoder"), ("analysis", "analysis"), ("metrics.jsonl", "cc/metrics.jsonl")):
+        (demo / "batchtopk" / name).symlink_to(root / "runs" / target)
     return root
 
 
@@ -70,6 +77,8 @@ def test_python_snippets_run(doc: Path, docs_run: Path, tmp_path):
     work.mkdir()
     for name in ("runs", "caches"):  # each document starts from the same run; what it writes stays local
         os.symlink(docs_run / name, work / name) if name == "caches" else _copy(docs_run / name, work / name)
+    if (ROOT / "recipes").is_dir():
+        os.symlink(ROOT / "recipes", work / "recipes")
     namespace: dict = {"__name__": "__docs__"}
     before = Path.cwd()
     os.chdir(work)

@@ -69,3 +69,13 @@ def test_bf16_batches_stay_bf16_only_for_bf16_runs(tmp_path):
     for precision, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         trainer = Trainer(TrainConfig(d_sae=8, k=2, precision=precision, device="cpu"), 4, tmp_path / precision, quiet=True)
         assert trainer._prepare(batch).dtype == expected
+
+
+def test_cli_precision_flag_reaches_the_run(tmp_path, one_thread, capsys):
+    from crossdiff.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--synthetic", "--out", str(out), "--quiet", "--precision", "bf16",
+                 "--set", "steps=2", "--set", "batch_size=64", "--set", "log_every=1"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["precision"] == "bf16"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -158,10 +158,15 @@ def test_missing_optional_parts_leave_them_out(small_run, tmp_path):
     assert 'id="figure-nu"' in page and 'id="figure-template"' not in page and "Causal stage not run" in page
     assert sorted(p.name for p in (index.parent / "figures" / "l1").iterdir()) == [
         "dec_cos.png", "dec_cos.svg", "dnorm.png", "dnorm.svg", "nu.png", "nu.svg"]
-    data = (index.parent / "data" / "l1" / "table.js").read_text()
-    payload = json.loads(data[data.index(",") + 1:data.rindex(")")])
-    assert set(payload["columns"]) == set(keep) | {"verdict"}  # the verdict needs the flags: all "no estimate"/empty
-    assert payload["examples"] is None and payload["twins"] is None and payload["preview"] is None
+    first, more = (_payload(index.parent / "data" / "l1" / name) for name in ("table.js", "more.js"))
+    assert first["order"] == keep + ["verdict"]  # verdict derived; without the flags only "no estimate" or none
+    assert set(first["columns"]) | set(more["columns"]) == set(keep) | {"verdict"}
+    assert first["examples"] is None and first["twins"] is None and more["preview"] is None
+
+
+def _payload(path):
+    text = path.read_text()
+    return json.loads(text[text.index(",") + 1:text.rindex(")")])
 
 
 def test_report_replaces_only_a_previous_report(small_run, tmp_path):
@@ -229,8 +234,9 @@ def test_report_in_headless_chromium(small_run, tmp_path):
         page.click(".range button")  # remove the range
 
         # Text search in top examples: latent 1's top example (max token and the tokens after it) finds it.
+        page.focus("#filter-text")  # the search text loads on first use
+        page.wait_for_function("CROSSDIFF.search && CROSSDIFF.search.l1 && CROSSDIFF.tables.l1.preview")
         peak = page.evaluate("CROSSDIFF.tables.l1.preview[1][1] + CROSSDIFF.tables.l1.preview[1][2]")
-        page.wait_for_function("CROSSDIFF.search && CROSSDIFF.search.l1")
         page.fill("#filter-text", peak)
         found = shown()
         assert 1 in found and len(found) < len(l1)

@@ -25,10 +25,13 @@ def test_every_recipe_is_there():
 def test_dry_run_every_recipe_offline(recipe, capsys, tmp_path):
     assert main(["run", str(recipe), "--dry-run", "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
-    stages = [s.name for s in plan(load_recipe(recipe, out=str(tmp_path / "run")))]
-    assert stages[0] in ("data", "collect") and any(s.startswith("analyze:") for s in stages)
-    for name in stages:
-        assert re.search(rf"^  {re.escape(name)} +to run +[\d.,]+ (B|KiB|MiB|GiB|TiB) ", printed, re.M), name
+    stages = plan(load_recipe(recipe, out=str(tmp_path / "run")))
+    names = [s.name for s in stages]
+    assert names[0] in ("data", "collect") and any(n.startswith("analyze:") for n in names)
+    for stage in stages:
+        cells = r"[\d.,]+ (B|KiB|MiB|GiB|TiB) " if stage.estimate else r"- +- "
+        assert re.search(rf"^  {re.escape(stage.name)} +to run +{cells}", printed, re.M), stage.name
+    assert all(s.estimate for s in stages if s.name.split(":")[0] in ("collect", "train", "analyze"))
     assert "assumptions:" in printed and "model shapes from" in printed
     assert "COST:" in recipe.read_text().split("\n[")[0]  # each recipe says what it costs at its top
 

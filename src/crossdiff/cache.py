@@ -534,12 +534,21 @@ def check_same_settings(existing: dict[str, Any], header: dict[str, Any], path: 
     for key, value in header.items():
         if existing.get(key) != value:
             if key == "config":
-                old = existing[key]
-                diff = sorted(k for k in value.keys() | old.keys() if value.get(k) != old.get(k))
-                what = "config differs in " + "; ".join(f"{k}: {old.get(k)!r} there, {value.get(k)!r} now" for k in diff)
+                what = "config differs in " + "; ".join(
+                    f"{name}: {old!r} there, {new!r} now" for name, old, new in _differences(existing[key], value))
             else:
                 what = f"{key} is {existing.get(key)!r} there, {value!r} now"
             raise CrossdiffError(f"{path} holds a cache collected with other settings ({what}); use a new output folder")
+
+
+def _differences(old: Any, new: Any, name: str = "") -> list[tuple[str, Any, Any]]:
+    """The leaves where two settings differ, named by path (``sources[1].column``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys(), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{name}.{k}" if name else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{name}[{i}]")]
+    return [] if old == new else [(name, old, new)]
 
 
 # ----------------------------------------------------------------------------- ranks

@@ -18,6 +18,7 @@ STAGE_MODULES = [
     "crossdiff.collect",
     "crossdiff.train",
     "crossdiff.analysis.cli",
+    "crossdiff.autointerp.cli",
     "crossdiff.inspection",
     "crossdiff.report.cli",
     "crossdiff.organism",

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +60,23 @@ class CollectConfig:
     shard_tokens: int = 2**20  # tokens per shard (the last shard of each source is smaller)
     rank: int = 0  # this process's part, 0 <= rank < world_size
     world_size: int = 1
+    bos: Literal["auto", "always", "never"] = "auto"
+    """BOS at the start of documents (docs/models-and-texts.md): auto adds it to plain text when the
+    tokenizer has one (even if it does not add it itself), always also to chat, never adds none."""
+    holdout: float = 0.0
+    """Fraction of every source's documents set aside for a held-out cache (chosen by document
+    index, the same documents in every run); 0 keeps all."""
+    part: Literal["train", "heldout"] = "train"
+    """With ``holdout``: collect the documents kept for training, or the held-out ones."""
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the cache's contents (checked when resuming)."""
         data = to_dict(self)
         for volatile in ("out", "device", "rank"):
             data.pop(volatile)
+        for key, default in (("bos", "auto"), ("holdout", 0.0), ("part", "train")):
+            if data[key] == default:  # defaults: caches from before these settings existed resume unchanged
+                data.pop(key)
         return data
 
 
@@ -106,6 +118,7 @@ def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary
     from crossdiff.models import ResidualExtractor, check_same_tokenization, pad_batch
 
     pair = _load_pair(config, quiet)
+    max_len = _fit_max_len(config.max_len, pair)
     extractor = ResidualExtractor(pair, config.layer)
     tokenizer = pair.tokenizer
     writer = CacheWriter(
@@ -134,7 +147,7 @@ def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary
             source = config.sources[index]
             progress.set_postfix_str(source.name)
             tokens = source_tokens if index == first_source else 0
-            docs = _rank_documents(config, source, tokenizer, next_doc if index == first_source else 0)
+            docs = _rank_documents(config, source, tokenizer, next_doc if index == first_source else 0, max_len)
             last_doc = -1
             for batch_index, batch in enumerate(_batches(docs, config.batch_size, budgets[index], tokens)):
                 if batch_index == 0:  # both models must see the same ids for this source's texts
@@ -203,6 +216,10 @@ def _validate(config: CollectConfig) -> None:
         )
     if not 0 <= config.rank < config.world_size:
         raise CrossdiffError(f"rank must be in 0..world_size-1, got rank {config.rank} of {config.world_size}")
+    if not 0.0 <= config.holdout < 1.0:
+        raise CrossdiffError(f"holdout must be a fraction in [0, 1), got {config.holdout}")
+    if config.part == "heldout" and config.holdout == 0.0:
+        raise CrossdiffError("part = 'heldout' needs holdout > 0 (the fraction of documents set aside)")
     if config.dtype not in STORAGE_DTYPES:
         raise CrossdiffError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {config.dtype!r}")
 
@@ -219,6 +236,11 @@ def _already_complete(folder: Path, config: CollectConfig) -> bool:
     if not (folder / MANIFEST).is_file():
         return False
     cache = PairedCache(folder, allow_incomplete=True)
+    if cache.n_tokens == 0 and not cache.shards:
+        # A first run that failed before storing anything (a wrong column, say): nothing to keep,
+        # so the corrected command may start afresh with its own settings.
+        (folder / MANIFEST).unlink()
+        return False
     # Refuse other settings before any model is loaded (that can take minutes).
     check_same_settings(cache.manifest, {"layer": config.layer, "config": config.identity()}, folder)
     if cache.manifest["complete"]:
@@ -246,11 +268,29 @@ def _rank_budget(config: CollectConfig, source: str) -> int | None:
     return budget * (r + 1) // w - budget * r // w
 
 
-def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: Any, first_doc: int) -> Iterator[TokenizedDoc]:
+def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: Any, first_doc: int,
+                    max_len: int | None = None) -> Iterator[TokenizedDoc]:
     # Rows before the resume point and other ranks' rows are dropped before tokenizing.
     return iter_documents(
-        source, tokenizer, config.max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size
+        source, tokenizer, config.max_len if max_len is None else max_len, start_doc=first_doc, rank=config.rank, world_size=config.world_size, bos=config.bos,
+        holdout=config.holdout, part=config.part,
     )
+
+
+def _fit_max_len(max_len: int, pair: Any) -> int:
+    """``max_len``, capped (with a warning) at the positions both models were built for."""
+    limits = []
+    for model in (pair.base, pair.chat):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0), None)
+        if limit is not None:
+            limits.append(limit)
+    if limits and max_len > min(limits):
+        warnings.warn(f"max_len {max_len} exceeds the models' max_position_embeddings ({min(limits)}); "
+                      f"documents are cut at {min(limits)} tokens", UserWarning, stacklevel=3)
+        return min(limits)
+    return max_len
 
 
 def _batches(docs: Iterator[TokenizedDoc], batch_size: int, budget: int | None, tokens: int) -> Iterator[list[TokenizedDoc]]:
@@ -325,6 +365,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-tokens", type=int, help="tokens per shard (default 1048576)")
     parser.add_argument("--rank", type=int, help="this process's part (default: $RANK or 0)")
     parser.add_argument("--world-size", type=int, help="number of parts (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--bos", choices=["auto", "always", "never"],
+                        help="BOS at document starts: auto (default; plain text gets the tokenizer's BOS even if it "
+                        "does not add it), always (chat too), never")
+    parser.add_argument("--holdout", type=float, metavar="FRACTION",
+                        help="set aside this fraction of every source's documents (same ones in every run)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="with --holdout: collect the held-out documents instead of the training ones")
     parser.add_argument("--verify", metavar="CACHE", help="only check an existing cache's checksums and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(func=run_cli)
@@ -349,7 +396,8 @@ def config_from_args(args: argparse.Namespace) -> CollectConfig:
         "base": args.base, "chat": args.chat, "layer": args.layer, "out": args.out, "max_len": args.max_len,
         "batch_size": args.batch_size, "max_tokens": args.max_tokens, "dtype": args.dtype,
         "model_dtype": args.model_dtype, "device": args.device, "shard_tokens": args.shard_tokens,
-        "rank": args.rank, "world_size": args.world_size,
+        "rank": args.rank, "world_size": args.world_size, "bos": args.bos, "holdout": args.holdout,
+        "part": "heldout" if args.heldout else None,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.source:

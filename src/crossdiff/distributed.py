@@ -49,8 +49,8 @@ def launched_world_size() -> int:
 
 
 def local_device(device: str) -> str:
-    """Under torchrun, ``auto`` means the GPU of this process's local rank."""
-    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+    """Under torchrun, ``auto`` and ``cuda`` mean the GPU of this process's local rank."""
+    if device in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return device
 
@@ -68,8 +68,12 @@ class DataParallel:
         self.device = device
         # NCCL moves only GPU tensors; gloo only CPU ones. Scalars and counts travel on the
         # backend's device and come back to the training device.
-        nccl = dist.get_backend() == "nccl"
-        self._comm_device = (device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())) if nccl else torch.device("cpu")
+        if dist.get_backend() != "nccl":
+            self._comm_device = torch.device("cpu")
+        elif device.type == "cuda" and device.index is not None:
+            self._comm_device = device
+        else:
+            self._comm_device = torch.device("cuda", torch.cuda.current_device())
 
     @classmethod
     def from_environment(cls, device: torch.device) -> DataParallel | None:

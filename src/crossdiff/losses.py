@@ -160,13 +160,15 @@ def crosscoder_losses(
     reusable [B, d_sae] buffer for its encoder output.
 
     ``data_parallel``: ``x`` is this rank's part of a global batch of ``global_batch_size``
-    tokens, and every batch-wide quantity is the global batch's (crossdiff.distributed).
+    tokens (None: summed over the ranks), and every batch-wide quantity is the global
+    batch's (crossdiff.distributed).
     Under bf16 autocast the encoder and decoder products run in bf16 with float32 results.
     """
     config = model.config
     B, D = x.shape[0], config.d_sae
     dp = data_parallel
-    B_all = B if dp is None else int(global_batch_size or 0)  # tokens of the whole (global) batch
+    # Tokens of the whole (global) batch; asking the ranks is one more all-reduce.
+    B_all = B if dp is None else int(global_batch_size or dp.global_batch_size(B))
     code_norm = model.code_norm()
     if sparse:
         pre, selection, values = _encode_sparse(model, x, code_norm.detach(), pre_out, dp, B_all)

@@ -109,8 +109,11 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
     for stage in stages:
         cost = stage.estimate() if stage.estimate else est.Cost()
         status = "done" if stage.done() else "to run"
-        lines.append(f"  {stage.name:22s} {status:8s} {est.human_bytes(cost.disk):>11s} {est.human_bytes(cost.memory):>14s} "
-                     f"{est.human_bytes(cost.host_memory):>10s} {est.human_seconds(cost.seconds):>10s}")
+        if stage.estimate is None:  # a stage with no estimate of its own: not counted
+            lines.append(f"  {stage.name:22s} {status:8s} {'-':>11s} {'-':>14s} {'-':>10s} {'-':>10s}")
+        else:
+            lines.append(f"  {stage.name:22s} {status:8s} {est.human_bytes(cost.disk):>11s} {est.human_bytes(cost.memory):>14s} "
+                         f"{est.human_bytes(cost.host_memory):>10s} {est.human_seconds(cost.seconds):>10s}")
         total.disk += cost.disk
         total.seconds += cost.seconds if status == "to run" else 0
         total.memory = max(total.memory, cost.memory)
@@ -120,6 +123,8 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
         lines.append(f"  WARNING: the largest stage needs {est.human_bytes(total.memory)} per device; "
                      f"{costs.hardware.kind} has {costs.hardware.memory_gib:g} GiB")
     lines.append("assumptions:")
+    if any(stage.estimate is None for stage in stages):
+        lines.append("  - stages shown with '-' (data, causal, report) are not estimated; they are small next to the rest")
     lines.extend(f"  - {note}" for note in costs.assumptions())
     return "\n".join(lines)
 
@@ -231,9 +236,9 @@ def _collect(collect, quiet: bool) -> None:
 def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
     out = recipe.out / name
     if recipe.streaming:
-        from crossdiff.stream import train_streaming, with_rank_from_environment
+        from crossdiff.stream import train_streaming
 
-        train_streaming(with_rank_from_environment(recipe.collect), recipe.stream, config, out, quiet=quiet)
+        train_streaming(recipe.collect, recipe.stream, config, out, quiet=quiet)  # under torchrun: each rank its texts
         return
     from crossdiff.cache import PairedCache, ReadFilters
     from crossdiff.loader import ShuffledPairLoader

@@ -32,6 +32,7 @@ not on every token as the cache loader does; it is stored in the state and the c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import queue
@@ -142,6 +143,7 @@ class PairedActivationStream:
         prefetch_batches: int = 4,
         pair: Any = None,
         quiet: bool = True,
+        data_parallel: Any = None,
     ):
         from crossdiff.collect import _load_pair, _validate
         from crossdiff.models import ResidualExtractor
@@ -154,6 +156,7 @@ class PairedActivationStream:
         self.collect, self.batch_size, self.buffer_tokens, self.seed = collect, batch_size, buffer_tokens, seed
         self.filters, self.normalize, self.prefetch = filters or ReadFilters(), normalize, prefetch_batches
         self.source_ratio = dict(source_ratio) if source_ratio else None
+        self.data_parallel = data_parallel  # ranks agree on one normalisation
         self.pair = pair if pair is not None else _load_pair(collect, quiet)
         self.extractor = ResidualExtractor(self.pair, collect.layer)
         self.d_model = self.pair.d_model
@@ -248,7 +251,10 @@ class PairedActivationStream:
             for buf in self._buffers:
                 buf.keep(self._norm_keep(buf.acts[: buf.size]))
             norms = torch.cat([torch.linalg.vector_norm(b.acts[: b.size], dim=-1, dtype=torch.float64) for b in self._buffers])
-        mean_sq = (norms * norms).mean(dim=0).tolist()
+        sums = torch.cat([(norms * norms).sum(dim=0), torch.tensor([float(norms.shape[0])], dtype=torch.float64)])
+        if self.data_parallel is not None:  # every rank's first buffer, so all ranks scale alike
+            sums = self.data_parallel.sum_(sums.to(self.data_parallel.device)).cpu()
+        mean_sq = (sums[:2] / sums[2]).tolist()
         self.normalization = [math.sqrt(self.d_model / m) for m in mean_sq] if self.normalize else [1.0, 1.0]
 
     def _norm_keep(self, acts: torch.Tensor) -> torch.Tensor:
@@ -288,6 +294,11 @@ class PairedActivationStream:
             raise CrossdiffError("cannot resume: the checkpoint was trained from a cache, not a stream")
         if self._feeds:
             raise RuntimeError("load_state_dict must come before iteration starts")
+        if state["settings"].get("rank", 0) != self.collect.rank:
+            raise CrossdiffError(
+                "cannot resume a streamed run on several ranks: checkpoints hold rank 0's stream only "
+                "(train from a cache to resume multi-rank runs, or restart in a new folder)"
+            )
         for key, value in self._settings().items():
             if state["settings"].get(key) != value:
                 raise CrossdiffError(f"cannot resume the stream: {key} was {state['settings'].get(key)!r}, now {value!r}")
@@ -303,7 +314,7 @@ class PairedActivationStream:
         texts = to_dict(self.collect)
         for volatile in ("out", "device"):
             texts.pop(volatile)
-        return {"texts": repr(texts), "batch_size": self.batch_size, "buffer_tokens": self.buffer_tokens,
+        return {"texts": repr(texts), "rank": self.collect.rank, "batch_size": self.batch_size, "buffer_tokens": self.buffer_tokens,
                 "seed": self.seed, "source_ratio": repr(self.source_ratio), "filters": repr(self.filters),
                 "normalize": self.normalize}
 
@@ -335,16 +346,17 @@ class _Feed(threading.Thread):
         return False
 
     def _produce(self) -> None:
-        from crossdiff.collect import _batches, _rank_budget, _rank_documents
+        from crossdiff.collect import _batches, _fit_max_len, _rank_budget, _rank_documents
         from crossdiff.models import check_same_tokenization
 
         stream, config = self.stream, self.stream.collect
+        max_len = _fit_max_len(config.max_len, stream.pair)  # as collect: capped at the models' positions
         first, next_doc, tokens = _start(self.sources, self.position)
         for source_index in self.sources[first:]:
             source = config.sources[source_index]
             start_doc = next_doc if source_index == self.sources[first] else 0
             tokens = tokens if source_index == self.sources[first] else 0
-            docs = _rank_documents(config, source, stream.pair.tokenizer, start_doc)
+            docs = _rank_documents(config, source, stream.pair.tokenizer, start_doc, max_len)
             last_doc = start_doc - 1
             for batch_index, batch in enumerate(_batches(docs, config.batch_size, _rank_budget(config, source.name), tokens)):
                 if batch_index == 0:
@@ -450,13 +462,23 @@ def saved_data_state(out_dir: str | Path) -> dict[str, Any] | None:
 def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any, out_dir: str | Path, *,
                     pair: Any = None, quiet: bool = False, resume: Any = "auto"):
     """Train one crosscoder from a stream (resuming from OUT/checkpoints); returns it."""
+    from crossdiff.distributed import DataParallel, local_device, rank_slice
+    from crossdiff.models import parse_device
     from crossdiff.train import Trainer
 
     data = train_config.data
     if data.epochs not in (None, 1):
         raise CrossdiffError("a stream is one pass over the texts: set data.epochs = 1 (or train from a cache)")
+    # Under torchrun each rank streams its own documents (as collect would split them) and
+    # trains on its part of every global batch.
+    data_parallel = DataParallel.from_environment(parse_device(local_device(train_config.device)))
+    batch_size = train_config.batch_size
+    if data_parallel is not None:
+        collect = dataclasses.replace(collect, rank=data_parallel.rank, world_size=data_parallel.world_size)
+        part = rank_slice(batch_size, data_parallel.rank, data_parallel.world_size)
+        batch_size = part.stop - part.start
     stream = PairedActivationStream(
-        collect, train_config.batch_size, buffer_tokens=stream_config.buffer_tokens, source_ratio=data.source_ratio,
+        collect, batch_size, data_parallel=data_parallel, buffer_tokens=stream_config.buffer_tokens, source_ratio=data.source_ratio,
         seed=train_config.seed, normalize=data.normalize, prefetch_batches=stream_config.prefetch_batches, pair=pair,
         filters=ReadFilters(drop_bos=data.drop_bos, drop_special=data.drop_special, max_norm_ratio=data.max_norm_ratio),
         quiet=quiet,
@@ -475,9 +497,7 @@ def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any
 
 
 def with_rank_from_environment(collect: Any) -> Any:
-    """Under torchrun each rank streams its own texts (the documents collect would give it)."""
-    import dataclasses
-
+    """Under torchrun each rank collects its own texts (the documents collect would give it)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return dataclasses.replace(collect, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return collect
@@ -495,7 +515,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, out=None if has_run_out else str(Path(args.out).parent))
     config = build_config(args.config, args.set)
     trainer_out = Path(args.out)
-    train_streaming(with_rank_from_environment(recipe.collect), recipe.stream, config, trainer_out,
+    train_streaming(recipe.collect, recipe.stream, config, trainer_out,
                     quiet=args.quiet, resume=True if args.resume else "auto")
     print(f"crosscoder written to {trainer_out / 'crosscoder'}")
     return 0

@@ -72,7 +72,8 @@ class TokenizedDoc:
 
 
 def iter_documents(
-    source: TextSourceConfig, tokenizer: Any, max_len: int, *, start_doc: int = 0, rank: int = 0, world_size: int = 1
+    source: TextSourceConfig, tokenizer: Any, max_len: int, *, start_doc: int = 0, rank: int = 0, world_size: int = 1,
+    bos: str = "auto", holdout: float = 0.0, part: str = "train",
 ) -> Iterator[TokenizedDoc]:
     """Yield the documents of ``source`` in a deterministic order, tokenized and truncated to ``max_len``.
 
@@ -81,7 +82,19 @@ def iter_documents(
     (resume) and ``rank``/``world_size`` (documents with ``doc_id % world_size == rank``)
     select rows before they are tokenized; ``max_docs`` limits the rows of the source, so
     every rank and every resumed run agrees on which documents exist.
+
+    ``bos``: "auto" starts plain text with the tokenizer's BOS token whenever it has one,
+    also when it does not add it itself (models are pretrained on documents that start with
+    it); chat documents are as the template writes them, with BOS added when the tokenizer
+    adds BOS to plain text. "always" adds a missing BOS to chat documents too. "never" adds
+    none (a template that writes BOS itself keeps it).
+
+    ``holdout`` sets aside that fraction of the documents (by a hash of ``doc_id``, so the
+    same ones in every run and for every budget); ``part`` selects the "train" documents or
+    the "heldout" ones.
     """
+    if bos not in ("auto", "always", "never"):
+        raise CrossdiffError(f"bos must be auto, always or never, got {bos!r}")
     if max_len < 1:
         raise CrossdiffError(f"max_len must be at least 1, got {max_len}")
     if source.max_docs is not None and source.max_docs < 1:
@@ -92,10 +105,16 @@ def iter_documents(
         raise CrossdiffError(f"source '{source.name}' is a chat source but the chat tokenizer has no chat template")
 
     rows = itertools.islice(_iter_column(source), source.max_docs)
-    selected = ((doc_id, value) for doc_id, value in rows if doc_id >= start_doc and doc_id % world_size == rank)
+    selected = ((doc_id, value) for doc_id, value in rows if doc_id >= start_doc and doc_id % world_size == rank
+                and (holdout <= 0 or is_heldout(doc_id, holdout) == (part == "heldout")))
     skipped: list[int] = []  # the first chat document whose template tokens cannot be identified (warn once)
     for chunk in _chunks(selected, _TOKENIZE_CHUNK):
-        yield from _tokenize_chunk(source, tokenizer, chunk, max_len, skipped)
+        yield from _tokenize_chunk(source, tokenizer, chunk, max_len, skipped, bos)
+
+
+def is_heldout(doc_id: int, fraction: float) -> bool:
+    """Whether document ``doc_id`` is in the held-out ``fraction`` (a fixed multiplicative hash)."""
+    return ((doc_id * 2654435761 + 12345) % 2**32) / 2**32 < fraction
 
 
 def iter_column(source: TextSourceConfig) -> Iterator[tuple[int, Any]]:
@@ -189,7 +208,7 @@ def _render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[
 
 
 def _tokenize_rendered(
-    tokenizer: Any, rendered_chats: list[tuple[str, list[tuple[int, int]]]]
+    tokenizer: Any, rendered_chats: list[tuple[str, list[tuple[int, int]]]], bos_mode: str = "auto"
 ) -> list[tuple[list[int], list[bool], str]]:
     """Tokenize rendered conversations together (fast tokenizers parallelise a batch) and mask them."""
     texts = [rendered for rendered, _ in rendered_chats]
@@ -200,7 +219,7 @@ def _tokenize_rendered(
     bos = tokenizer.bos_token_id
     # Templates that do not write BOS themselves still get it when the tokenizer adds BOS to
     # plain text, so chat and text documents start alike (and BOS is never doubled).
-    wants_bos = bos is not None and _adds_bos(tokenizer)
+    wants_bos = bos is not None and (bos_mode == "always" or (bos_mode == "auto" and _adds_bos(tokenizer)))
     results = []
     for (rendered, spans), ids, offsets in zip(rendered_chats, encodings["input_ids"], encodings["offset_mapping"]):
         ids, mask = list(ids), _template_mask(len(rendered), spans, offsets)
@@ -214,7 +233,8 @@ def _tokenize_rendered(
 
 
 def _tokenize_chunk(
-    source: TextSourceConfig, tokenizer: Any, chunk: list[tuple[int, Any]], max_len: int, skipped: list[int]
+    source: TextSourceConfig, tokenizer: Any, chunk: list[tuple[int, Any]], max_len: int, skipped: list[int],
+    bos: str = "auto",
 ) -> Iterator[TokenizedDoc]:
     if source.kind == "text":
         rows = []
@@ -228,8 +248,11 @@ def _tokenize_chunk(
                 rows.append((doc_id, value))
         if not rows:
             return
-        encodings = tokenizer([text for _, text in rows], add_special_tokens=True, verbose=False)["input_ids"]
+        encodings = tokenizer([text for _, text in rows], add_special_tokens=bos != "never", verbose=False)["input_ids"]
+        bos_id = tokenizer.bos_token_id
         for (doc_id, text), ids in zip(rows, encodings):
+            if bos != "never" and bos_id is not None and (not ids or ids[0] != bos_id):
+                ids = [bos_id, *ids]  # the tokenizer has a BOS token but does not add it
             ids = ids[:max_len]
             yield TokenizedDoc(source.name, doc_id, ids, [False] * len(ids), text)
         return
@@ -254,7 +277,7 @@ def _tokenize_chunk(
                 skipped.append(doc_id)
     if not rendered_chats:
         return
-    for doc_id, (ids, mask, rendered) in zip(doc_ids, _tokenize_rendered(tokenizer, rendered_chats)):
+    for doc_id, (ids, mask, rendered) in zip(doc_ids, _tokenize_rendered(tokenizer, rendered_chats, bos)):
         yield TokenizedDoc(source.name, doc_id, ids[:max_len], mask[:max_len], rendered)
 
 

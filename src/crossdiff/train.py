@@ -31,6 +31,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -176,6 +177,21 @@ class TrainConfig:
         return self.lr * factor
 
 
+def _warn_short_run(config: TrainConfig) -> None:
+    """A run that ends before these steps gives an unusable or half-warmed crosscoder: say so now."""
+    if config.steps is None:
+        return
+    if config.activation == "batchtopk" and config.steps <= config.threshold_start_step + 1:  # updates need step > start
+        warnings.warn(
+            f"steps ({config.steps}) <= threshold_start_step ({config.threshold_start_step}): the BatchTopK crosscoder "
+            "will have no inference threshold and analysis will refuse it; set threshold_start_step to about "
+            f"steps // 5 (e.g. {max(config.steps // 5, 1)})", UserWarning, stacklevel=3)
+    if config.steps <= config.warmup_steps:
+        warnings.warn(
+            f"steps ({config.steps}) <= warmup_steps ({config.warmup_steps}): the learning rate never reaches lr; "
+            f"set warmup_steps to about steps // 10 (e.g. {max(config.steps // 10, 1)})", UserWarning, stacklevel=3)
+
+
 class Trainer:
     """Trains one crosscoder; ``fit`` consumes batches and writes everything to ``out_dir``."""
 
@@ -209,10 +225,8 @@ class Trainer:
             layer=layer,
             metadata={"training": to_dict(config)},
         )
-        self.model = CrossCoder(cc_config, seed=config.seed).to(self.device)
-        self._sync_model()
-        self.optimizer = _adam(list(self.model.parameters()), config.lr, tuple(config.adam_betas))
         self.step = 0
+        self.model = CrossCoder(cc_config, seed=config.seed)  # the setter moves it and makes the optimizer
         self.tokens = 0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         # The sparse step pays off once the dictionary is large (it saves four of the five
@@ -224,6 +238,30 @@ class Trainer:
         self.median_init = init == "geometric_median" or (init == "auto" and config.uses_topk)
         self._pre_buffer: Tensor | None = None
         self._wandb = None
+        _warn_short_run(config)
+
+    @property
+    def model(self) -> CrossCoder:
+        return self._model
+
+    @model.setter
+    def model(self, crosscoder: CrossCoder) -> None:
+        """Start from given weights (``trainer.model = cc`` before :meth:`fit`): the optimizer
+        is rebuilt for them and the decoder bias keeps its given value."""
+        if hasattr(self, "_model"):
+            if self.step:
+                raise CrossdiffError("cannot replace the crosscoder after training started; make a new Trainer")
+            want, got = self._model.config, crosscoder.config
+            for key in ("n_models", "d_in", "d_sae", "activation"):
+                if getattr(want, key) != getattr(got, key):
+                    raise CrossdiffError(f"the given crosscoder has {key} {getattr(got, key)!r}, this Trainer's "
+                                         f"config makes {getattr(want, key)!r}")
+            if want.k != got.k and self.config.uses_topk:
+                raise CrossdiffError(f"the given crosscoder has k {got.k!r}, this Trainer's config makes {want.k!r}")
+            self.median_init = False  # the given decoder bias is part of the given weights
+        self._model = crosscoder.to(self.device)
+        self._sync_model()
+        self.optimizer = _adam(list(self._model.parameters()), self.config.lr, tuple(self.config.adam_betas))
 
     # ------------------------------------------------------------------ the loop
     def fit(self, batches: Iterable[Any], *, resume: bool | Literal["auto"] = "auto") -> CrossCoder:
@@ -261,6 +299,7 @@ class Trainer:
 
         progress = _progress_bar(self.config.steps, self.step, self.quiet)
         last_saved = self.step if checkpoint is not None else -1
+        last_logged, last = self.step, None
         start_time, start_tokens = time.perf_counter(), self.tokens
         while self.config.steps is None or self.step < self.config.steps:
             batch = next(iterator, None)
@@ -277,13 +316,18 @@ class Trainer:
             if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                 speed = (self.tokens - start_tokens) / max(time.perf_counter() - start_time, 1e-9)
                 record = self._log(x, terms, speed)
+                last_logged = self.step
                 progress.set_postfix(loss=f"{record['loss']:.4g}", fve=f"{record['fve_joint']:.3f}", l0=f"{record['l0']:.1f}")
+            last = (x, terms)
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.save_checkpoint(batches)
                 last_saved = self.step
         progress.close()
         if self.step == 0:
             raise CrossdiffError("no training batch: the data is empty")
+        if last is not None and last_logged != self.step:  # the data ran out between two log steps
+            speed = (self.tokens - start_tokens) / max(time.perf_counter() - start_time, 1e-9)
+            self._log(*last, speed)
         if last_saved != self.step:
             self.save_checkpoint(batches)
         self._stamp_metadata()
@@ -449,7 +493,8 @@ class Trainer:
         for folder in reversed(folders):
             problem = checkpoint_problem(folder)
             if problem is None:
-                for bad, why in damaged:
+                # Rank 0 alone sets damaged checkpoints aside (the other ranks skip them too).
+                for bad, why in damaged if self.is_main else []:
                     kept = bad.with_name(f"damaged-{bad.name}")
                     shutil.rmtree(kept, ignore_errors=True)
                     bad.rename(kept)

@@ -3,7 +3,10 @@
 Modules, one idea each:
 
 * ``norms``    decoder/encoder geometry: relative decoder norm (1 = chat-only), tags, cosines
-* ``scaling``  Latent Scaling for all latents in one streaming pass
+* ``scaling``  Latent Scaling for all latents in one streaming pass (both directions, jackknife errors)
+* ``verdicts`` one guarded verdict per latent, and the rank-sum
+* ``roles``    who speaks at each token (BOS, template, user, assistant, system, text)
+* ``findings`` the ranked summary (dnorm distribution, top latents, verdict counts)
 * ``stats``    activation frequency / max / template and BOS shares; FVE and L0
 * ``examples`` max-activating and quantile examples with their contexts (SQLite)
 * ``twins``    base-only twins of chat-only latents (evidence of Latent Decoupling)
@@ -18,6 +21,7 @@ from crossdiff.analysis.pipeline import AnalysisConfig, AnalysisResult, Batch, T
 from crossdiff.analysis.scaling import LatentScaling, LatentScalingResult, ScalingThresholds, scaling_flags
 from crossdiff.analysis.table import COLUMNS, read_table
 from crossdiff.analysis.twins import find_twins
+from crossdiff.analysis.verdicts import VERDICTS, verdicts
 
 __all__ = [
     "COLUMNS",
@@ -32,10 +36,12 @@ __all__ = [
     "ScalingThresholds",
     "TagThresholds",
     "TensorSource",
+    "VERDICTS",
     "analyze",
     "decoder_geometry",
     "find_twins",
     "read_table",
     "scaling_flags",
     "tag_latents",
+    "verdicts",
 ]

@@ -407,7 +407,10 @@ def load_tokenizer(name_or_path: str | None) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name_or_path)
+        from crossdiff.hub import local_only
+
+        # Offline, a hub name fails at once from the local cache instead of after five retries.
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only(name_or_path))
     except Exception as err:  # missing files, offline hub: examples keep token ids only
         print(f"crossdiff analyze: tokenizer {name_or_path!r} unavailable ({type(err).__name__}); storing token ids only")
         return None

@@ -45,8 +45,9 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
         data = partial / "data" / key
         digest = write_examples(analysis, key, data / "examples")
         data.mkdir(parents=True, exist_ok=True)
-        (data / "table.js").write_text(
-            f"CROSSDIFF.addTable({json.dumps(key)},{_dumps(table_payload(analysis, digest))});\n", encoding="utf-8")
+        first, more = table_payload(analysis, digest)
+        (data / "table.js").write_text(f"CROSSDIFF.addTable({json.dumps(key)},{_dumps(first)});\n", encoding="utf-8")
+        (data / "more.js").write_text(f"CROSSDIFF.addMore({json.dumps(key)},{_dumps(more)});\n", encoding="utf-8")
         (data / "search.js").write_text(
             f"CROSSDIFF.addSearch({json.dumps(key)},{_dumps(search_payload(analysis, digest))});\n", encoding="utf-8")
         entries.append((key, analysis, figures))

@@ -4,11 +4,12 @@ Pages opened from ``file://`` cannot ``fetch()`` local files, but they can load 
 So every data file is a script that hands its payload to the page
 (``CROSSDIFF.addTable(key, {...})``, ``CROSSDIFF.addExamples(key, chunk, {...})``):
 
-* ``data/<key>/table.js``: the latent table column by column (floats to 4 significant
-  digits, categories dictionary-encoded), column descriptions, twins, steering samples and
-  a preview of each latent's top example; loaded with the page;
+* ``data/<key>/table.js``: the columns the table shows at first and the yes/no columns
+  (binary, base 64), column descriptions, twins and steering samples; loaded with the page;
+* ``data/<key>/more.js``: the other columns and a preview of each latent's top example;
+  loaded right after the first rows are drawn (it is half the data of a large table);
 * ``data/<key>/search.js``: the text around each latent's top examples, for the table's
-  text search; loaded right after the table is shown;
+  text search; loaded when the search box is first used;
 * ``data/<key>/examples/<chunk>.js``: the examples of ``CHUNK`` consecutive latents with
   the token texts they use; loaded when a latent's panel opens, so a report of 100k
   latents loads only what is looked at.
@@ -16,6 +17,7 @@ So every data file is a script that hands its payload to the page
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import sqlite3
@@ -34,7 +36,7 @@ CHUNK = 128
 """Latents per examples file."""
 PREVIEW_BEFORE, PREVIEW_AFTER = 10, 3
 """Tokens around the max token in the table's preview of the top example."""
-SEARCH_EXAMPLES, SEARCH_BEFORE, SEARCH_AFTER = 5, 8, 3
+SEARCH_EXAMPLES, SEARCH_BEFORE, SEARCH_AFTER = 3, 8, 3
 """Top examples, and tokens around their max token, that the text search looks at."""
 
 
@@ -156,8 +158,15 @@ def _chunk_payload(rows: list[tuple], vocab: dict[int, str], digest: ExampleDige
     return {"vocab": texts, "width": width, "latents": latents}
 
 
-def table_payload(analysis: Analysis, digest: ExampleDigest) -> dict[str, Any]:
-    """The latent table and everything a latent panel shows besides its examples."""
+CORE_COLUMNS = ("latent", "tag", "verdict", "dnorm", "dec_cos", "freq", "max_act", "nu_error", "nu_error_se",
+                "nu_recon", "nu_recon_se", "template_share", "twin")
+"""Columns the table shows at first (those present); they and every yes/no column load with
+the page, the other columns and the previews right after the first rows are drawn."""
+
+
+def table_payload(analysis: Analysis, digest: ExampleDigest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The latent table and everything a latent panel shows besides its examples, split in
+    two: what the first view needs (``table.js``) and the rest (``more.js``)."""
     table = analysis.table
     descriptions = analysis.summary.get("columns") or {}
     columns: dict[str, Any] = {}
@@ -166,12 +175,15 @@ def table_payload(analysis: Analysis, digest: ExampleDigest) -> dict[str, Any]:
     if "verdict" not in table.columns:
         columns["verdict"] = {**encode_column(verdicts(table).replace("", None).astype("category")),
                               "desc": "Latent Scaling's verdict on a chat-only latent (from the flags)"}
+    shown = [name for name in CORE_COLUMNS if name in columns]
+    first = {name: col for name, col in columns.items() if name in shown or col["type"] == "bool"}
     latent_ids = table["latent"].astype(int).tolist()
     payload: dict[str, Any] = {
         "name": analysis.name,
         "n": len(table),
-        "columns": columns,
-        "preview": [digest.preview.get(i) for i in latent_ids] if digest.preview else None,
+        "order": list(columns),
+        "shown": shown,
+        "columns": first,
         "examples": {"chunk": CHUNK, "chunks": digest.chunks, "sources": digest.sources} if digest.chunks else None,
         "twins": None,
         "steering": None,
@@ -184,33 +196,39 @@ def table_payload(analysis: Analysis, digest: ExampleDigest) -> dict[str, Any]:
     if analysis.steering is not None:
         keep = [c for c in ("latent", "factor", "model", "prompt", "unsteered", "steered") if c in analysis.steering]
         payload["steering"] = json.loads(analysis.steering[keep].to_json(orient="records"))
-    return payload
+    more = {
+        "columns": {name: col for name, col in columns.items() if name not in first},
+        "preview": [digest.preview.get(i) for i in latent_ids] if digest.preview else None,
+    }
+    return payload, more
 
 
 def search_payload(analysis: Analysis, digest: ExampleDigest) -> list[str]:
-    return [digest.search.get(int(i), "") for i in analysis.table["latent"]]
+    """Per latent (table order), the lowercased text the table's search looks in."""
+    return [digest.search.get(int(i), "").lower() for i in analysis.table["latent"]]
 
 
 def encode_column(series: pd.Series) -> dict[str, Any]:
-    """A column as the page reads it: ``bool``/``int``/``float`` values or a ``cat`` dictionary."""
+    """A column as the page reads it: ``type`` (bool, int, float, cat) and the values as
+    little-endian binary in base 64 (``dtype`` u1, i2, i4, f4 or f8; missing = NaN), which a
+    browser decodes far faster than a list of numbers; a ``cat`` column adds its ``labels``
+    (codes, -1 = missing)."""
     if pd.api.types.is_bool_dtype(series):
-        return {"type": "bool", "values": [None if pd.isna(v) else int(v) for v in series]}
+        return {"type": "bool", **_binary(series.fillna(False).to_numpy(dtype=np.uint8), "u1")}
     if pd.api.types.is_integer_dtype(series):
-        return {"type": "int", "values": [None if pd.isna(v) else int(v) for v in series]}
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        fits = np.isfinite(values).all() and (values.size == 0 or np.abs(values).max() < 2 ** 31)
+        return {"type": "int", **(_binary(values.astype(np.int32), "i4") if fits else _binary(values, "f8"))}
     if pd.api.types.is_float_dtype(series):
-        return {"type": "float", "values": round_significant(series.to_numpy(dtype=float))}
+        return {"type": "float", **_binary(series.to_numpy(dtype=np.float64, na_value=np.nan), "f4")}
     categories = series.astype("category")
+    dtype = "i2" if len(categories.cat.categories) < 2 ** 15 else "i4"
     return {"type": "cat", "labels": [str(c) for c in categories.cat.categories],
-            "codes": categories.cat.codes.astype(int).tolist()}
+            **_binary(categories.cat.codes.to_numpy(), dtype)}
 
 
-def round_significant(values: np.ndarray, digits: int = 4) -> list[float | None]:
-    """Round to ``digits`` significant digits (vectorised); NaN and infinities become None."""
-    finite = np.isfinite(values)
-    magnitude = np.floor(np.log10(np.abs(np.where(finite & (values != 0), values, 1.0))))
-    scale = 10.0 ** (digits - 1 - magnitude)
-    rounded = np.round(np.where(finite, values, 0.0) * scale) / scale
-    return [float(v) if ok else None for v, ok in zip(rounded.tolist(), finite.tolist())]
+def _binary(values: np.ndarray, dtype: str) -> dict[str, str]:
+    return {"dtype": dtype, "b64": base64.b64encode(np.ascontiguousarray(values, dtype="<" + dtype).tobytes()).decode("ascii")}
 
 
 def describe(column: str, descriptions: dict[str, str]) -> str:

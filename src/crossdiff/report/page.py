@@ -119,7 +119,7 @@ def _kl_table(kl: pd.DataFrame | None) -> str:
     rows = []
     for row in kl.itertuples(index=False):
         cells = [_e(row.condition), _e(row.subset),
-                 f"{_num(row.kl_mean, 4)} [{_num(row.ci_low, 4)}, {_num(row.ci_high, 4)}]"]
+                 f"{_num(row.kl_mean, 4) or '–'} [{_num(row.ci_low, 4) or '–'}, {_num(row.ci_high, 4) or '–'}]"]
         cells += [_e(_count(getattr(row, c)) if c != "form" else (getattr(row, c) or "")) for c in extra]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f'<h4>Causal effect (KL to the chat model)</h4><table class="grid kl"><tr>{head}</tr>{"".join(rows)}</table>'

@@ -10,11 +10,9 @@
   const C = window.CROSSDIFF;
   C.search = {};
   C.examples = {};
-  C.timing = {};  // ms: ready = since navigation start; refresh = the last table update (benchmarks/report.py)
+  C.timing = {};  // ms, for benchmarks/report.py: ready = since navigation start; sort, filter, search = the update
   const loading = {};
   const views = {};
-  const PREFERRED = ["latent", "tag", "verdict", "dnorm", "dec_cos", "freq", "max_act", "nu_error", "nu_error_se",
-                     "nu_recon", "nu_recon_se", "template_share", "twin"];
   const PAGE_SIZES = [25, 50, 100, 500];
 
   // ---------- small helpers ----------
@@ -69,14 +67,43 @@
   }
 
   // ---------- one table's data and view state ----------
+  // Columns arrive as little-endian binary in base 64 (crossdiff/report/bundle.py): decoding
+  // them into typed arrays is much faster than parsing lists of numbers. Missing = NaN.
+  const TYPED = { u1: Uint8Array, i2: Int16Array, i4: Int32Array, f4: Float32Array, f8: Float64Array };
+
+  function decodeColumns(columns) {
+    for (const col of Object.values(columns)) {
+      if (!col.b64) continue;
+      const text = atob(col.b64), bytes = new Uint8Array(text.length);
+      for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+      const array = new TYPED[col.dtype](bytes.buffer);
+      if (col.type === "cat") col.codes = array; else col.values = array;
+      delete col.b64;
+    }
+    return columns;
+  }
+
   function table(key) { return C.tables[key]; }
 
   function value(t, name, i) {
     const col = t.columns[name];
     if (!col) return null;
     if (col.type === "cat") return col.codes[i] < 0 ? null : col.labels[col.codes[i]];
-    return col.values[i];
+    const x = col.values[i];
+    return x !== x ? null : x;
   }
+
+  function moreScript(key) { return `data/${key}/more.js`; }
+
+  C.addMore = function (key, more) {
+    const t = table(key);
+    Object.assign(t.columns, decodeColumns(more.columns));
+    t.preview = more.preview;
+    if (currentRoute.view === "latents" && currentRoute.key === key) {
+      const typing = document.activeElement && document.activeElement.closest(".filters");
+      if (typing) refreshTable(key); else renderLatents(key, new URLSearchParams());
+    }
+  };
 
   function rowOfLatent(t, id) {
     if (!t._rowOf) {
@@ -89,7 +116,7 @@
   function view(key) {
     if (!views[key]) {
       const t = table(key);
-      const shown = PREFERRED.filter((name) => t.columns[name]);
+      const shown = t.shown.slice();
       views[key] = {
         sort: { col: "dnorm", dir: -1 }, tag: "", verdict: "", flags: {}, ranges: [], text: "",
         page: 0, size: 50, shown, rows: null, sorted: null, sortedBy: "",
@@ -114,7 +141,7 @@
       sortByKeys(order, keys, dir);
     } else if (col) {
       const keys = new Float64Array(n);
-      for (let i = 0; i < n; i++) { const x = col.values[i]; keys[i] = x === null ? NaN : x; }
+      for (let i = 0; i < n; i++) keys[i] = col.values[i];
       sortByKeys(order, keys, dir);
     }
     v.sorted = order;
@@ -156,7 +183,7 @@
       const lo = range.min === "" ? -Infinity : Number(range.min);
       const hi = range.max === "" ? Infinity : Number(range.max);
       if (lo === -Infinity && hi === Infinity) continue;
-      tests.push((i) => { const x = col.values[i]; return x !== null && x >= lo && x <= hi; });
+      tests.push((i) => { const x = col.values[i]; return x >= lo && x <= hi; });
     }
     const text = v.text.trim().toLowerCase();
     if (text && C.search[key]) {
@@ -191,7 +218,7 @@
 
     if (t.columns.tag) {
       filters.append(select("tag", [["", "all"], ...t.columns.tag.labels.map((l) => [l, l])], v.tag,
-        (x) => { v.tag = x; update(); }, { id: "filter-tag" }));
+        (x) => { v.tag = x; timed("filter", update); }, { id: "filter-tag" }));
     }
     if (t.columns.verdict) {
       filters.append(select("verdict", [["", "all"], ...t.columns.verdict.labels.map((l) => [l, l]), ["(none)", "(none)"]],
@@ -202,9 +229,11 @@
       filters.append(select(name, [["any", "any"], ["yes", "yes"], ["no", "no"]], v.flags[name] || "any",
         (x) => { v.flags[name] = x; update(); }, { "data-flag": name, title: col.desc }));
     }
+    // The search text (a large file for a large table) loads when the search box is first used.
+    const loadSearch = () => { if (t.examples) loadScript(`data/${key}/search.js`).catch(showError); };
     const search = el("input", {
       type: "search", id: "filter-text", placeholder: "text in top examples", value: v.text,
-      oninput: (e) => { v.text = e.target.value; update(); },
+      onfocus: loadSearch, oninput: (e) => { v.text = e.target.value; loadSearch(); timed("search", update); },
     });
     filters.append(el("label", {}, "search ", search));
 
@@ -228,9 +257,9 @@
     filters.append(ranges);
 
     const chooser = el("details", { class: "columns-chooser" }, el("summary", { text: "columns" }),
-      Object.keys(t.columns).map((name) => el("label", { title: t.columns[name].desc },
+      t.order.filter((name) => t.columns[name]).map((name) => el("label", { title: t.columns[name].desc },
         el("input", { type: "checkbox", checked: v.shown.includes(name), onchange: (e) => {
-          if (e.target.checked) v.shown = Object.keys(t.columns).filter((n) => n === name || v.shown.includes(n));
+          if (e.target.checked) v.shown = t.order.filter((n) => n === name || v.shown.includes(n));
           else v.shown = v.shown.filter((n) => n !== name);
           refreshTable(key);
         } }), name)));
@@ -240,14 +269,18 @@
       el("div", { class: "table-wrap" }, el("table", { class: "grid latents", id: "latent-table" })),
       el("div", { class: "pager", id: "pager" }));
     refreshTable(key);
-    if (t.preview !== null && !C.search[key]) {
-      // The search text is loaded after the table is on screen: it is not needed to look.
-      setTimeout(() => loadScript(`data/${key}/search.js`).catch(showError), 0);
-    }
+    // The other columns and the previews load once the rows are on screen.
+    setTimeout(() => loadScript(moreScript(key)).catch(showError), 0);
+    if (v.text.trim()) loadSearch();
+  }
+
+  function timed(label, work) {
+    const started = performance.now();
+    work();
+    C.timing[label] = performance.now() - started;
   }
 
   function refreshTable(key) {
-    const started = performance.now();
     const t = table(key), v = view(key);
     const rows = filteredRows(key);
     v.rows = rows;
@@ -260,11 +293,11 @@
     const tableNode = document.getElementById("latent-table");
     const head = el("tr", {}, v.shown.map((name) => {
       const arrow = v.sort.col === name ? (v.sort.dir < 0 ? " \u25bc" : " \u25b2") : "";
-      return el("th", { title: t.columns[name].desc, "data-col": name, class: "sortable", onclick: () => {
+      return el("th", { title: t.columns[name].desc, "data-col": name, class: "sortable", onclick: () => timed("sort", () => {
         v.sort = { col: name, dir: v.sort.col === name ? -v.sort.dir : (t.columns[name].type === "cat" ? 1 : -1) };
         v.page = 0;
         refreshTable(key);
-      } }, name + arrow);
+      }) }, name + arrow);
     }), t.preview ? el("th", { text: "top example" }) : null);
     const body = el("tbody");
     const start = v.page * v.size, end = Math.min(rows.length, start + v.size);
@@ -295,11 +328,10 @@
       el("button", { id: "next-page", disabled: v.page >= pages - 1, onclick: () => go(v.page + 1) }, "next \u203a"),
       el("label", {}, " rows per page ", el("select", { onchange: (e) => { v.size = Number(e.target.value); go(0); } },
         PAGE_SIZES.map((s) => el("option", { value: s, selected: s === v.size, text: String(s) })))));
-    C.timing.refresh = performance.now() - started;
   }
 
   C.addSearch = function (key, texts) {
-    C.search[key] = texts.map((s) => s.toLowerCase());
+    C.search[key] = texts;  // lowercased when written
     if (currentRoute.view === "latents" && currentRoute.key === key && view(key).text.trim()) refreshTable(key);
   };
 
@@ -309,6 +341,13 @@
   };
 
   function renderLatent(key, latent) {
+    // A shared link opens the panel directly: it needs every column first.
+    loadScript(moreScript(key)).then(() => {
+      if (currentRoute.view === "latent" && currentRoute.key === key && currentRoute.latent === latent) drawLatent(key, latent);
+    }).catch(showError);
+  }
+
+  function drawLatent(key, latent) {
     const t = table(key), v = view(key);
     const root = document.getElementById("view-latent");
     root.replaceChildren();
@@ -332,8 +371,9 @@
       verdict ? el("span", { class: tagClass(verdict), text: verdict }) : ""));
 
     const numbers = el("table", { class: "kv numbers" });
-    for (const [name, col] of Object.entries(t.columns)) {
-      if (name === "latent") continue;
+    for (const name of t.order) {
+      const col = t.columns[name];
+      if (name === "latent" || !col) continue;
       numbers.append(el("tr", {}, el("th", { title: col.desc, text: name }), el("td", { text: fmt(value(t, name, i), col.type) })));
     }
     const side = el("div", { class: "side" }, el("h3", { text: "Numbers" }), numbers);
@@ -472,6 +512,7 @@
     document.body.dataset.view = next.view;
   }
 
+  for (const t of Object.values(C.tables)) decodeColumns(t.columns);
   window.addEventListener("hashchange", route);
   route();
   C.timing.ready = performance.now();

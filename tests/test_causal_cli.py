@@ -1,0 +1,59 @@
+"""`crossdiff causal` / `crossdiff steer` on the demo's crosscoders: one-line errors, nothing written, steering rows."""
+
+import json
+
+import pytest
+
+from crossdiff.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture
+def conversations(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--latents", "5000"], "latent 5000 out of range"),
+    (["--layer", "1"], "trained on the output of block 2, not block 1"),
+    (["--chat", "BASE"], "the crosscoder was trained on chat model"),
+    (["--analysis", "batchtopk"], "belongs to another crosscoder"),
+    (["--no-assistant"], "conversation 1 has no assistant turn"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(organism_demo, conversations, tmp_path, capsys, extra, message):
+    from crossdiff import organism
+
+    analysis = organism_demo / "l1" / "analysis"
+    if extra == ["--analysis", "batchtopk"]:
+        analysis, extra = organism_demo / "batchtopk" / "analysis", []
+    if extra == ["--no-assistant"]:
+        with open(conversations, "a") as f:
+            f.write(json.dumps({"messages": [{"role": "user", "content": "Only a question?"}]}) + "\n")
+        extra = []
+    extra = [str(organism.paths().base) if arg == "BASE" else arg for arg in extra]
+    out = tmp_path / "causal"
+    code = main(["causal", str(organism_demo / "l1" / "crosscoder"), str(analysis), "--conversations", str(conversations),
+                 "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_steer_writes_side_by_side_rows(organism_demo, tmp_path, capsys):
+    import pandas as pd
+
+    table = pd.read_parquet(organism_demo / "l1" / "analysis" / "latents.parquet")
+    latent = int(table[~table["dead"]].sort_values("dnorm").iloc[-1]["latent"])
+    out = tmp_path / "steering.jsonl"
+    assert main(["steer", str(organism_demo / "l1" / "crosscoder"), str(organism_demo / "l1" / "analysis"), "--latent", str(latent),
+                 "--prompt", "Who are you?", "--factor", "0", "8", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["factor"] for r in rows] == [0.0, 8.0]
+    assert {"latent", "factor", "model", "prompt", "unsteered", "steered"} <= set(rows[0])
+    assert rows[0]["latent"] == latent and rows[0]["model"] == "base"
+    assert rows[0]["steered"] == rows[0]["unsteered"]  # factor 0 is no steering
+    assert rows[1]["steered"] != rows[1]["unsteered"]  # a large push changes the answer
+    assert "unsteered" in capsys.readouterr().out
