@@ -89,3 +89,28 @@ def test_list_sort_filter_and_search(planted_analysis, capsys):
     assert "no column 'nope'" in capsys.readouterr().err
     with pytest.raises(CrossdiffError, match="not an analysis folder"):
         Analysis(planted_analysis / "missing")
+
+
+def test_explanations_join_the_table_in_inspect_and_the_report(planted_analysis, tmp_path, capsys):
+    """`crossdiff explain` writes explanations.parquet beside the table; inspect and the
+    report show its columns (nulls for unexplained latents) without touching latents.parquet."""
+    import shutil
+
+    import pandas as pd
+
+    from crossdiff.report.inputs import read_analysis
+
+    folder = tmp_path / "analysis"
+    shutil.copytree(planted_analysis, folder)
+    before = (folder / "latents.parquet").read_bytes()
+    pd.DataFrame({"latent": [1, 3], "explanation": ["the word Paris", "the word Rome"],
+                  "detection_balanced_accuracy": [0.9, 0.7]}).to_parquet(folder / "explanations.parquet")
+
+    table = Analysis(folder).table
+    assert table.set_index("latent").loc[1, "explanation"] == "the word Paris"
+    assert table.set_index("latent")["explanation"].isna().sum() == len(table) - 2
+    assert read_analysis(folder).table.set_index("latent").loc[3, "detection_balanced_accuracy"] == 0.7
+    assert main(["inspect", str(folder), "--where", "explanation == explanation", "--columns", "latent,explanation"]) == 0
+    shown = capsys.readouterr().out
+    assert "the word Paris" in shown and "the word Rome" in shown
+    assert (folder / "latents.parquet").read_bytes() == before

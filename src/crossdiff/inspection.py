@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crossdiff.analysis.table import join_explanations
 from crossdiff.errors import CrossdiffError
 
 DEFAULT_COLUMNS = ("latent", "dnorm", "tag", "verdict", "nu_error", "nu_error_se", "nu_recon", "nu_recon_se",
@@ -39,7 +40,7 @@ class Analysis:
         table_path = self.folder / "latents.parquet"
         if not table_path.is_file():
             raise CrossdiffError(f"{self.folder} is not an analysis folder (no latents.parquet); run crossdiff analyze first")
-        self.table = pd.read_parquet(table_path)
+        self.table = join_explanations(pd.read_parquet(table_path), self.folder)  # autointerp's columns, when present
         self.examples_path = self.folder / "examples.sqlite"
 
     # ------------------------------------------------------------------ latents

@@ -186,6 +186,22 @@ def read_table(folder: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(folder) / "latents.parquet")
 
 
+EXPLANATIONS_FILE = "explanations.parquet"
+"""Written beside latents.parquet by `crossdiff explain` (autointerp), one row per explained latent."""
+
+
+def join_explanations(table: pd.DataFrame, folder: str | Path) -> pd.DataFrame:
+    """``table`` with the explanation columns of ``folder``'s explanations.parquet joined on
+    ``latent`` when that file exists (unexplained latents get nulls), else ``table`` as is.
+    Kept in a file of its own so that latents.parquet stays exactly what analyze wrote."""
+    path = Path(folder) / EXPLANATIONS_FILE
+    if not path.is_file():
+        return table
+    explanations = pd.read_parquet(path)
+    explanations = explanations[["latent", *[c for c in explanations.columns if c not in table.columns]]]
+    return table.merge(explanations, on="latent", how="left")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The lines `crossdiff analyze` prints at the end."""
     tags = summary["tags"]

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crossdiff.analysis.table import EXPLANATIONS_FILE, join_explanations
 from crossdiff.autointerp import prompts
 from crossdiff.autointerp.clients import ChatRequest, Client
 from crossdiff.autointerp.metrics import detection_scores, roc_auc
 from crossdiff.autointerp.samples import LatentSamples, SampleConfig, ScoreItem, latent_samples, top_tokens_explanation
 from crossdiff.errors import CrossdiffError
 
-EXPLANATIONS_FILE = "explanations.parquet"
 SUMMARY_FILE = "autointerp.json"
 KINDS = {"llm": "detection", "top_tokens": "top_tokens_detection", "shuffled": "shuffled_detection"}
 """Explanation kind -> column prefix of its detection scores."""
@@ -170,7 +170,7 @@ def load_explained(analysis_dir: str | Path) -> pd.DataFrame:
     path = analysis_dir / EXPLANATIONS_FILE
     if not path.is_file():
         raise CrossdiffError(f"no {EXPLANATIONS_FILE} in {analysis_dir}: run crossdiff explain first")
-    return latents.merge(pd.read_parquet(path), on="latent", how="left")
+    return join_explanations(latents, analysis_dir)
 
 
 def group_masks(table: pd.DataFrame) -> dict[str, pd.Series]:

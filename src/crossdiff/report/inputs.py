@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from crossdiff.analysis.table import join_explanations
 from crossdiff.errors import CrossdiffError
 
 REQUIRED_COLUMNS = ("latent", "dnorm", "tag", "dec_cos", "freq", "nu_error", "nu_recon")
@@ -79,7 +80,7 @@ def read_analysis(folder: str | Path) -> Analysis:
         raise CrossdiffError(f"the analysis in {folder} has no latents.parquet: rerun crossdiff analyze")
     try:
         summary = json.loads(summary_path.read_text())
-        table = pd.read_parquet(table_path)
+        table = join_explanations(pd.read_parquet(table_path), folder)  # autointerp's columns, when present
     except (ValueError, OSError) as err:
         raise CrossdiffError(f"cannot read the analysis in {folder}: {err}") from None
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
