@@ -7,7 +7,13 @@ the base or the chat model's residual after the crosscoder's block, at every pos
 at the prompt's positions only, while the model answers a chat prompt greedily. Each
 prompt is answered once unsteered and once per factor, in one batch (same length, no
 padding). Results go to ``steering.jsonl`` in the causal folder, one row per latent set x
-factor x prompt: latent, latents, factor, model, positions, prompt, unsteered, steered.
+factor x prompt: latent, latents, factor, model, positions, prompt, unsteered, steered,
+control, matches, unsteered_matches.
+
+A steered text is only evidence if random directions do not do the same: a model that
+already knows a behaviour may fall into it under any push. ``--expect REGEX`` counts the
+answers that show the behaviour, and ``--controls N`` steers N random live latents of the
+same crosscoder the same way, one at a time, so the counts can be compared.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import textwrap
 import uuid
 from dataclasses import dataclass, field
@@ -51,6 +58,12 @@ class SteerConfig:
     layer: int | None = None
     device: str = "cpu"
     model_dtype: str = "float32"
+    expect: str | None = None
+    """A regular expression: an answer that contains a match shows the behaviour (counted per set and factor)."""
+    controls: int = 0
+    """Random live latents steered the same way, one at a time, as a baseline for the counts."""
+    seed: int = 0
+    """Seed of the control latents' draw."""
 
     def __post_init__(self) -> None:
         if self.model not in ("base", "chat"):
@@ -63,6 +76,13 @@ class SteerConfig:
             raise CrossdiffError("give at least one --factor")
         if self.max_new_tokens < 1:
             raise CrossdiffError("--max-new-tokens must be at least 1")
+        if self.controls < 0:
+            raise CrossdiffError("--controls must be 0 or more")
+        if self.expect is not None:
+            try:
+                re.compile(self.expect)
+            except re.error as error:
+                raise CrossdiffError(f"--expect {self.expect!r} is not a regular expression: {error}") from None
 
 
 def steering_vector(crosscoder: Any, table: Any, latents: np.ndarray) -> torch.Tensor:
@@ -78,6 +98,45 @@ def steering_vector(crosscoder: Any, table: Any, latents: np.ndarray) -> torch.T
             raise CrossdiffError(f"latent {j} never activated in the analysis (max_act {max_act[j]}); nothing to steer with")
         vector += W_chat[j] / norm * float(max_act[j])
     return vector / crosscoder.input_scale.float()[1]
+
+
+@torch.inference_mode()
+def answer_start_contrast(crosscoder: Any, pair: Any, prompts: list[str], others: list[str], *, layer: int | None = None) -> Any:
+    """Latents ranked by how much more they fire where the models start answering ``prompts`` than ``others``.
+
+    A chat model decides how to answer (refuse, introduce itself, ...) at the last position of
+    the rendered prompt, the one that predicts the answer's first token. Each prompt is
+    rendered with the chat template and its generation prompt, both models' residuals at
+    that position are encoded, and the table gives each latent's mean scaled activation on
+    ``prompts`` (``mean``), on ``others`` (``mean_others``) and their difference
+    (``contrast``), largest contrast first: a way to find the latents of a behaviour to steer.
+    """
+    import pandas as pd
+
+    from crossdiff.models import residual_after_block
+
+    layer = crosscoder.config.layer if layer is None else layer
+    if layer is None:
+        raise CrossdiffError("the crosscoder does not record its layer; give layer=")
+    if not prompts or not others:
+        raise CrossdiffError("give at least one prompt on each side of the contrast")
+    device = next(pair.chat.parameters()).device
+
+    def mean_activation(texts: list[str]) -> torch.Tensor:
+        total = torch.zeros(crosscoder.config.d_sae, dtype=torch.float64)
+        for prompt in texts:  # one at a time: no padding to get wrong, and prompts are few
+            rendered = pair.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([pair.tokenizer(rendered, add_special_tokens=False)["input_ids"]], device=device)
+            mask = torch.ones_like(ids)
+            x = torch.stack([residual_after_block(model, layer, ids, mask)[0, -1] for model in (pair.base, pair.chat)])
+            x = crosscoder.normalize(x[None].to(crosscoder.W_enc.device, crosscoder.W_enc.dtype))
+            total += crosscoder.get_activations(x)[0].double().cpu()
+        return total / len(texts)
+
+    mean, mean_others = mean_activation(prompts), mean_activation(others)
+    table = pd.DataFrame({"latent": range(len(mean)), "contrast": (mean - mean_others).numpy(),
+                          "mean": mean.numpy(), "mean_others": mean_others.numpy()})
+    return table.sort_values("contrast", ascending=False, kind="stable").reset_index(drop=True)
 
 
 @torch.inference_mode()
@@ -115,6 +174,15 @@ def generate_steered(model: Any, tokenizer: Any, layer: int, prompt: str, vector
     return texts[0], texts[1:]
 
 
+def control_latents(crosscoder: Any, table: Any, n: int, exclude: set[int], seed: int = 0) -> list[int]:
+    """``n`` random latents that can be steered (active in the analysis, a chat decoder direction), none in ``exclude``."""
+    norms = crosscoder.W_dec.detach().float()[:, 1].norm(dim=-1).cpu().numpy()
+    usable = [int(j) for j, act in zip(table["latent"], table["max_act"]) if act > 0 and norms[j] > 0 and int(j) not in exclude]
+    if len(usable) < n:
+        raise CrossdiffError(f"--controls {n}: only {len(usable)} other latents were active in the analysis")
+    return sorted(np.random.default_rng(seed).choice(usable, size=n, replace=False).tolist())
+
+
 def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> list[dict[str, Any]]:
     """Steer every latent set with every factor on every prompt; write and return the rows."""
     from crossdiff.causal.conversations import end_of_turn_ids, load_prompts
@@ -127,7 +195,10 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     layer = resolve_layer(crosscoder, config.layer)
     base_name, chat_name = resolve_models(crosscoder, config.base, config.chat)
     groups = [user_set(table, spec, crosscoder.config.d_sae, name=spec) for spec in config.latents]
-    vectors = [steering_vector(crosscoder, table, g.latents) for g in groups]
+    chosen = {int(j) for g in groups for j in g.latents}
+    controls = control_latents(crosscoder, table, config.controls, chosen, config.seed) if config.controls else []
+    sets = [(g.latents, False) for g in groups] + [(np.array([j]), True) for j in controls]
+    vectors = [steering_vector(crosscoder, table, latents) for latents, _ in sets]
     prompts = list(config.prompts) + (load_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
         raise CrossdiffError("give at least one --prompt (or --prompts FILE)")
@@ -137,15 +208,18 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     model = pair.base if config.model == "base" else pair.chat
     stop = end_of_turn_ids(pair.tokenizer, pair.chat)
 
+    pattern = re.compile(config.expect) if config.expect is not None else None
+    shows = (lambda text: bool(pattern.search(text))) if pattern else (lambda text: None)
     rows = []
-    for group, vector in zip(groups, vectors):
-        latent: Any = int(group.latents[0]) if len(group.latents) == 1 else group.latents.tolist()
+    for (latents, is_control), vector in zip(sets, vectors):
+        latent: Any = int(latents[0]) if len(latents) == 1 else latents.tolist()
         for prompt in prompts:
             unsteered, steered = generate_steered(model, pair.tokenizer, layer, prompt, vector, config.factors,
                                                   positions=config.positions, max_new_tokens=config.max_new_tokens, stop_ids=stop)
             for factor, text in zip(config.factors, steered):
-                rows.append({"latent": latent, "latents": group.latents.tolist(), "factor": float(factor), "model": config.model,
-                             "positions": config.positions, "prompt": prompt, "unsteered": unsteered, "steered": text})
+                rows.append({"latent": latent, "latents": latents.tolist(), "factor": float(factor), "model": config.model,
+                             "positions": config.positions, "prompt": prompt, "unsteered": unsteered, "steered": text,
+                             "control": is_control, "matches": shows(text), "unsteered_matches": shows(unsteered)})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{uuid.uuid4().hex[:8]}.{out.name}")
     try:
@@ -154,7 +228,9 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     finally:
         tmp.unlink(missing_ok=True)
     if not quiet:
-        print(format_steering(rows))
+        print(format_steering([row for row in rows if not row["control"]]))
+        if pattern is not None:
+            print(format_match_counts(rows, config.expect))
         print(f"saved {len(rows)} rows to {out}")
     return rows
 
@@ -172,6 +248,33 @@ def format_steering(rows: list[dict[str, Any]], width: int = 56) -> str:
         left = textwrap.shorten(row["unsteered"], width, placeholder="...") or "(empty)"
         right = textwrap.shorten(row["steered"], width, placeholder="...") or "(empty)"
         lines.append(f"  {row['factor']:>6g}  {left:{width}s}  {right}")
+    return "\n".join(lines)
+
+
+def match_counts(rows: list[dict[str, Any]]) -> Any:
+    """Per latent set: answers matching ``expect`` unsteered and at each factor, of the prompts."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    frame["set"] = frame["latent"].map(str)
+    order = list(dict.fromkeys(frame["set"]))
+    steered = frame.pivot_table(index="set", columns="factor", values="matches", aggfunc="sum").reindex(order)
+    first_factor = frame[frame["factor"] == frame["factor"].iloc[0]]
+    per_set = first_factor.groupby("set", sort=False).agg(control=("control", "first"), prompts=("prompt", "size"),
+                                                          unsteered=("unsteered_matches", "sum"))
+    return per_set.join(steered.astype(int)).reset_index()
+
+
+def format_match_counts(rows: list[dict[str, Any]], expect: str | None) -> str:
+    """The match counts as a table: the chosen sets first, then each control latent."""
+    counts = match_counts(rows)
+    factors = [c for c in counts.columns if isinstance(c, float)]
+    lines = ["", f"answers matching /{expect}/, of {int(counts['prompts'].iloc[0])} prompts",
+             f"  {'latent set':24s} {'unsteered':>9s} " + " ".join(f"{f:>6g}" for f in factors)]
+    for _, row in counts.iterrows():
+        name = ("control " if row["control"] else "") + row["set"]
+        values = " ".join(f"{int(row[f]):>6d}" for f in factors)
+        lines.append(f"  {textwrap.shorten(name, 24, placeholder='...'):24s} {int(row['unsteered']):>9d} {values}")
     return "\n".join(lines)
 
 
@@ -198,6 +301,10 @@ def add_steer_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layer", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-dtype", default="float32")
+    parser.add_argument("--expect", metavar="REGEX", help="count the answers that contain a match (the behaviour looked for)")
+    parser.add_argument("--controls", type=int, default=0, metavar="N",
+                        help="also steer N random active latents the same way, one at a time, as a baseline (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the control latents' draw")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=_run_steer_cli)
 
@@ -206,6 +313,7 @@ def _run_steer_cli(args: argparse.Namespace) -> int:
     config = SteerConfig(crosscoder=args.crosscoder, analysis_dir=args.analysis_dir, latents=args.latent, prompts=args.prompt,
                          prompts_file=args.prompts_file, factors=args.factor, model=args.model, positions=args.positions,
                          max_new_tokens=args.max_new_tokens, out=args.out, base=args.base, chat=args.chat, layer=args.layer,
-                         device=args.device, model_dtype=args.model_dtype)
+                         device=args.device, model_dtype=args.model_dtype, expect=args.expect, controls=args.controls,
+                         seed=args.seed)
     run_steer(config, quiet=args.quiet)
     return 0
