@@ -184,3 +184,68 @@ def _runs(mask) -> list[tuple[int, int]]:
             runs.append((start, i))
             start = None
     return runs
+
+
+def test_answer_start_contrast_equals_a_brute_force_mean(tiny_model_pairs):
+    from crossdiff.causal.steer import answer_start_contrast
+
+    pair = load_model_pair(*tiny_model_pairs["llama"], dtype="float32")
+    layer = 1
+    cc = CrossCoder(CrossCoderConfig(d_in=pair.d_model, d_sae=24, activation="relu", layer=layer, input_scale=[2.0, 0.5]), seed=3)
+    with torch.no_grad():
+        cc.W_enc.mul_(100.0)  # the tiny models' residuals are small: more latents active, and differently per prompt
+    prompts, others = ["Write a poem about the sea.", "Hi"], ["How are you today?", "Tell me a story.", "Again please"]
+    table = answer_start_contrast(cc, pair, prompts, others)
+
+    def brute_force(texts):  # full forwards with output_hidden_states, one latent at a time
+        rows = []
+        for text in texts:
+            rendered = pair.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([pair.tokenizer(rendered, add_special_tokens=False)["input_ids"]])
+            with torch.inference_mode():
+                x = torch.stack([m(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0, -1] for m in (pair.base, pair.chat)])
+            x = x.double() * torch.tensor([2.0, 0.5], dtype=torch.float64)[:, None]
+            W_enc, b_enc, W_dec = cc.W_enc.detach().double(), cc.b_enc.detach().double(), cc.W_dec.detach().double()
+            rows.append([float(torch.relu((x * W_enc[:, :, j]).sum() + b_enc[j]) * W_dec[j].norm(dim=-1).sum()) for j in range(24)])
+        return np.mean(rows, axis=0)
+
+    by_latent = table.set_index("latent").sort_index()
+    for column, texts in (("mean", prompts), ("mean_others", others)):
+        expected = brute_force(texts)
+        assert (expected > 0).sum() >= 3  # enough active latents for the comparison to mean something
+        np.testing.assert_allclose(by_latent[column], expected, rtol=1e-4, atol=1e-9)
+    np.testing.assert_array_equal(by_latent["contrast"], by_latent["mean"] - by_latent["mean_others"])
+    assert list(table["contrast"]) == sorted(table["contrast"], reverse=True)
+
+
+def test_control_latents_and_match_counts():
+    import pandas as pd
+
+    from crossdiff.causal.steer import SteerConfig, control_latents, format_match_counts, match_counts
+    from crossdiff.errors import CrossdiffError
+
+    cc = CrossCoder(CrossCoderConfig(d_in=4, d_sae=10, activation="relu"), seed=0)
+    with torch.no_grad():
+        cc.W_dec[7, 1].zero_()  # no chat direction: cannot be steered
+    table = pd.DataFrame({"latent": range(10), "max_act": [1.0] * 5 + [0.0] + [1.0] * 4})  # latent 5 never active
+    drawn = control_latents(cc, table, 4, exclude={0, 1}, seed=1)
+    assert len(set(drawn)) == 4 and not set(drawn) & {0, 1, 5, 7}
+    assert drawn == control_latents(cc, table, 4, exclude={0, 1}, seed=1)
+    with pytest.raises(CrossdiffError, match="only 6 other latents"):
+        control_latents(cc, table, 7, exclude={0, 1})
+    with pytest.raises(CrossdiffError, match="not a regular expression"):
+        SteerConfig(crosscoder="-", analysis_dir="-", latents=["1"], expect="(unclosed")
+
+    def row(latent, factor, prompt, matches, unsteered, control):
+        return {"latent": latent, "factor": factor, "prompt": prompt, "matches": matches, "unsteered_matches": unsteered, "control": control}
+
+    rows = [row(latent, factor, p, hits[i], p == "a", latent != 3)
+            for latent, hits_by_factor in ((3, {1.0: (True, True, False), 2.0: (True, True, True)}),
+                                           (8, {1.0: (False, False, False), 2.0: (True, False, False)}))
+            for p, i in (("a", 0), ("b", 1), ("c", 2))
+            for factor, hits in hits_by_factor.items()]
+    counts = match_counts(rows).set_index("set")
+    assert counts.loc["3", 1.0] == 2 and counts.loc["3", 2.0] == 3 and counts.loc["8", 2.0] == 1
+    assert counts.loc["3", "unsteered"] == 1 and counts.loc["3", "prompts"] == 3 and counts.loc["8", "control"]
+    text = format_match_counts(rows, "cannot")
+    assert "of 3 prompts" in text and "control 8" in text

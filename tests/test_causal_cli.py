@@ -49,11 +49,17 @@ def test_steer_writes_side_by_side_rows(organism_demo, tmp_path, capsys):
     latent = int(table[~table["dead"]].sort_values("dnorm").iloc[-1]["latent"])
     out = tmp_path / "steering.jsonl"
     assert main(["steer", str(organism_demo / "l1" / "crosscoder"), str(organism_demo / "l1" / "analysis"), "--latent", str(latent),
-                 "--prompt", "Who are you?", "--factor", "0", "8", "--max-new-tokens", "8", "--out", str(out)]) == 0
+                 "--prompt", "Who are you?", "--factor", "0", "8", "--max-new-tokens", "8", "--out", str(out),
+                 "--expect", "Orbit", "--controls", "2"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    chosen, controls = [r for r in rows if not r["control"]], [r for r in rows if r["control"]]
+    assert len(controls) == 4 and len({r["latent"] for r in controls}) == 2 and latent not in {r["latent"] for r in controls}
+    assert all(r["unsteered_matches"] == ("Orbit" in r["unsteered"]) and r["matches"] == ("Orbit" in r["steered"]) for r in rows)
+    rows = chosen
     assert [r["factor"] for r in rows] == [0.0, 8.0]
     assert {"latent", "factor", "model", "prompt", "unsteered", "steered"} <= set(rows[0])
     assert rows[0]["latent"] == latent and rows[0]["model"] == "base"
     assert rows[0]["steered"] == rows[0]["unsteered"]  # factor 0 is no steering
     assert rows[1]["steered"] != rows[1]["unsteered"]  # a large push changes the answer
-    assert "unsteered" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "unsteered" in printed and "answers matching /Orbit/, of 1 prompts" in printed and "control " in printed

@@ -48,3 +48,27 @@ def test_latent_scaling_and_relative_norm_pick_the_causal_halves(organism_demo):
     summary = json.loads((batchtopk / "summary.json").read_text())
     assert summary["pool"]["rule"] == "top-dnorm" and "most chat-leaning" in summary["pool"]["note"]
     assert _kl(batchtopk, "dnorm-top", form="replace") < _kl(batchtopk, "dnorm-bottom", form="replace") - 0.02
+
+
+def test_the_refusal_latent_steered_into_the_chat_model_makes_it_refuse_more_than_random_latents(organism_demo, tmp_path):
+    """Steering with a control: the L1 latent that fires where the chat model starts answering
+    trigger requests (and not benign ones) makes it refuse benign requests; random latents,
+    pushed the same way, do not. (Steered into the base it does not: docs/causal.md.)"""
+    from crossdiff.causal.steer import SteerConfig, answer_start_contrast, match_counts, run_steer
+    from crossdiff.crosscoder import CrossCoder
+    from crossdiff.models import load_model_pair
+    from crossdiff.organism import heldout_prompts
+    from crossdiff.organism.behaviours import REFUSAL
+
+    crosscoder = CrossCoder.from_pretrained(organism_demo / "l1" / "crosscoder")
+    pair = load_model_pair(*crosscoder.config.model_names, dtype="float32")
+    refusal = [p.user for p in heldout_prompts("refusal")]
+    benign = [p.user for p in heldout_prompts("benign")]
+    latent = int(answer_start_contrast(crosscoder, pair, refusal, benign)["latent"].iloc[0])
+    config = SteerConfig(crosscoder=str(organism_demo / "l1" / "crosscoder"), analysis_dir=str(organism_demo / "l1" / "analysis"),
+                         latents=[str(latent)], prompts=benign[::6], factors=[2.0], model="chat", max_new_tokens=16,
+                         expect=REFUSAL.split(".")[0], controls=3, out=str(tmp_path / "steering.jsonl"))
+    counts = match_counts(run_steer(config, pair=pair, quiet=True))
+    chosen, controls = counts[~counts["control"]].iloc[0], counts[counts["control"]]
+    assert chosen[2.0] >= chosen["unsteered"] + 4, counts  # the latent makes the chat model refuse benign requests
+    assert chosen[2.0] >= controls[2.0].max() + 4, counts  # ... and random latents pushed as hard do not
