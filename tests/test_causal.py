@@ -247,5 +247,7 @@ def test_control_latents_and_match_counts():
     counts = match_counts(rows).set_index("set")
     assert counts.loc["3", 1.0] == 2 and counts.loc["3", 2.0] == 3 and counts.loc["8", 2.0] == 1
     assert counts.loc["3", "unsteered"] == 1 and counts.loc["3", "prompts"] == 3 and counts.loc["8", "control"]
+    with pytest.raises(CrossdiffError, match="without --expect"):
+        match_counts([{**r, "matches": None} for r in rows])
     text = format_match_counts(rows, "cannot")
     assert "of 3 prompts" in text and "control 8" in text

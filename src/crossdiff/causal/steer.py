@@ -256,6 +256,8 @@ def match_counts(rows: list[dict[str, Any]]) -> Any:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
+    if frame.empty or frame["matches"].isna().any():
+        raise CrossdiffError("these steering rows were made without --expect: there is nothing to count")
     frame["set"] = frame["latent"].map(str)
     order = list(dict.fromkeys(frame["set"]))
     steered = frame.pivot_table(index="set", columns="factor", values="matches", aggfunc="sum").reindex(order)
