@@ -251,3 +251,40 @@ def test_control_latents_and_match_counts():
         match_counts([{**r, "matches": None} for r in rows])
     text = format_match_counts(rows, "cannot")
     assert "of 3 prompts" in text and "control 8" in text
+
+
+def test_an_interrupted_scoring_resumes_to_the_same_sums(tiny_model_pairs, tmp_path, monkeypatch):
+    import crossdiff.causal.experiment as experiment
+    from crossdiff.causal.progress import ScoringProgress, fingerprint
+
+    pair = load_model_pair(*tiny_model_pairs["llama"], dtype="float32")
+    texts = ["Write a poem.", "Hi", "How are you today, my friend?", "Again please", "Tell me a story about the sea and the wind."]
+    conversations = [tokenize_conversation(pair.tokenizer, [{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}], i, 1024)
+                     for i, t in enumerate(texts)]
+    cc = _exact_crosscoder(pair.d_model, (2.0, 0.5))
+    conditions = Conditions(cc, [LatentSet("half", np.arange(0, 4 * pair.d_model, 2))])
+    config = CausalConfig(crosscoder="-", analysis_dir="-", conversations="-", batch_size=2, k_first=3)  # 3 batches
+    clean = score(pair, 1, conditions, conversations, config)
+
+    job = fingerprint({"layer": 1}, cc, conversations)
+    path = tmp_path / ".causal.progress.json"
+    real_kl, calls = experiment.kl_per_token, []
+
+    def failing_kl(*args):
+        calls.append(1)
+        if len(calls) > len(conditions.names()) + 1:  # partway through the second batch
+            raise KeyboardInterrupt
+        return real_kl(*args)
+
+    monkeypatch.setattr(experiment, "kl_per_token", failing_kl)
+    with pytest.raises(KeyboardInterrupt):
+        score(pair, 1, conditions, conversations, config, progress=ScoringProgress(path, job, every_s=0))
+    assert json.loads(path.read_text())["batches_done"] == 1
+    calls.clear()
+    monkeypatch.setattr(experiment, "kl_per_token", lambda *args: (calls.append(1), real_kl(*args))[1])
+    resumed = score(pair, 1, conditions, conversations, config, progress=ScoringProgress(path, job, every_s=0))
+    assert len(calls) == 2 * len(conditions.names())  # only the two batches left were scored
+    assert dict(resumed.sums) == dict(clean.sums) and dict(resumed.counts) == dict(clean.counts)  # bit for bit
+    # Another job (another crosscoder) does not take these sums.
+    other = fingerprint({"layer": 1}, _exact_crosscoder(pair.d_model, (1.0, 1.0)), conversations)
+    assert other != job and ScoringProgress(path, other).load() is None

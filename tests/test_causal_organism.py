@@ -28,6 +28,7 @@ def test_causal_outputs_follow_the_file_contract(organism_demo):
         assert (table.ci_low <= table.kl_mean).all() and (table.kl_mean <= table.ci_high).all()
         assert (folder / "kl.png").stat().st_size > 0
         summary = json.loads((folder / "summary.json").read_text())
+        assert not (folder.parent / ".causal.progress.json").exists()  # removed once the outputs are written
         assert summary["n_tokens"]["all"] == summary["n_tokens"]["first_k"] + summary["n_tokens"]["rest"]
 
 

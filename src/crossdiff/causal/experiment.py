@@ -14,6 +14,7 @@ predict assistant tokens. Outputs, in ``RUN/<name>/causal/`` (next to the analys
 
 Everything is checked before a model is loaded, and the files are written only once all
 conversations are scored, each by an atomic rename: a failed run leaves nothing half-written.
+An interrupted run resumes from the batches it scored (crossdiff.causal.progress).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from crossdiff.causal.conditions import Conditions, LatentSet, candidate_pool, paper_sets, user_set
 from crossdiff.causal.conversations import Conversation, answer_prompts, load_conversations, load_prompts, prediction_masks, tokenize_conversation
 from crossdiff.causal.kl import KLAccumulator, kl_per_token
+from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_path
 from crossdiff.causal.upper import SplitModel
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
@@ -141,26 +143,44 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
     conversations = [tokenize_conversation(pair.tokenizer, m, i, config.max_len) for i, m in enumerate(messages)]
 
     conditions = Conditions(crosscoder, sets)
-    accumulator = score(pair, layer, conditions, conversations, config, quiet=quiet)
+    job = fingerprint({"models": [base_name, chat_name], "layer": layer, "k_first": config.k_first, "batch_size": config.batch_size,
+                       "tokens_per_pass": config.tokens_per_pass, "model_dtype": config.model_dtype,
+                       "sets": [[s.name, s.latents.tolist()] for s in sets]}, crosscoder, conversations)
+    progress = ScoringProgress(progress_path(out), job)
+    accumulator = score(pair, layer, conditions, conversations, config, quiet=quiet, progress=progress)
     kl_table = results_table(accumulator, conditions)
     summary = build_summary(config, crosscoder, layer, (base_name, chat_name), pool, sets, kl_table, accumulator, len(conversations))
     files = write_outputs(out, kl_table, summary, others)
+    progress.remove()
     _say(quiet, summary["text"])
     return CausalResult(kl_table, summary, files)
 
 
 def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Conversation], config: CausalConfig,
-          *, quiet: bool = True) -> KLAccumulator:
-    """KL of every condition on every scored token, summed per conversation."""
+          *, quiet: bool = True, progress: ScoringProgress | None = None) -> KLAccumulator:
+    """KL of every condition on every scored token, summed per conversation.
+
+    With ``progress``, the batches a previous run of the same job scored are skipped and
+    their sums loaded, and the sums so far are saved after batches as they finish.
+    """
     from crossdiff.models import pad_batch
 
     base_half, chat_half = SplitModel(pair.base, layer), SplitModel(pair.chat, layer)
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     keys = conditions.names()
-    accumulator = KLAccumulator()
-    bar = tqdm(total=len(conversations), desc="causal: conversations", unit="conv", disable=quiet)
     by_length = sorted(conversations, key=lambda c: len(c.input_ids))  # batches of similar length: little padding
-    for start in range(0, len(by_length), config.batch_size):
+    starts = range(0, len(by_length), config.batch_size)
+    resumed = progress.load() if progress is not None else None
+    done, accumulator = resumed if resumed is not None else (0, KLAccumulator())
+    bar = tqdm(total=len(conversations), desc="causal: conversations", unit="conv", disable=quiet,
+               initial=min(len(by_length), done * config.batch_size))
+    if resumed is not None and not quiet:
+        tqdm.write(f"causal: resuming after {done} of {len(starts)} batches scored before")
+    for number, start in enumerate(starts):
+        if number < done:
+            continue
+        if progress is not None and number > done:  # the batches before this one are complete
+            progress.save(number, accumulator)
         batch = by_length[start:start + config.batch_size]
         input_ids, attention_mask = pad_batch([c.input_ids for c in batch], pad)
         real = attention_mask.bool()
@@ -206,6 +226,8 @@ def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Con
                             accumulator.add(key, subset, batch[row].index, float(sums[row]))
         bar.update(len(batch))
     bar.close()
+    if progress is not None:
+        progress.save(len(starts), accumulator, force=True)
     return accumulator
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +56,20 @@ class KLAccumulator:
     def add_counts(self, subset: str, conversation: int, n: int) -> None:
         """Count one conversation's scored tokens in ``subset`` (once, whatever the conditions)."""
         self.counts[subset][conversation] = self.counts[subset].get(conversation, 0) + int(n)
+
+    def state(self) -> dict[str, Any]:
+        """Everything, as JSON-ready data (floats round-trip exactly through JSON)."""
+        return {"sums": [[cond, subset, [[c, v] for c, v in values.items()]] for (cond, subset), values in self.sums.items()],
+                "counts": [[subset, [[c, n] for c, n in values.items()]] for subset, values in self.counts.items()]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "KLAccumulator":
+        accumulator = cls()
+        for cond, subset, values in state["sums"]:
+            accumulator.sums[cond, subset] = {int(c): float(v) for c, v in values}
+        for subset, values in state["counts"]:
+            accumulator.counts[subset] = {int(c): int(n) for c, n in values}
+        return accumulator
 
     def result(self, conditions: list[str], subset: str) -> tuple[float, float, float, int]:
         """Mean, CI and tokens for conditions averaged per conversation (random draws share tokens)."""
