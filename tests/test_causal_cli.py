@@ -42,6 +42,18 @@ def test_bad_input_is_one_line_and_writes_nothing(organism_demo, conversations, 
     assert not out.exists()
 
 
+def test_a_second_causal_run_on_the_same_folder_is_refused(organism_demo, conversations, tmp_path, capsys):
+    from crossdiff.locks import output_lock
+
+    out = tmp_path / "causal"
+    with output_lock(out, "causal"):  # as if another run were scoring into this folder
+        code = main(["causal", str(organism_demo / "l1" / "crosscoder"), str(organism_demo / "l1" / "analysis"),
+                     "--conversations", str(conversations), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is in use by" in err and len(err.strip().splitlines()) == 1
+    assert not any(out.iterdir())
+
+
 def test_steer_writes_side_by_side_rows(organism_demo, tmp_path, capsys):
     import pandas as pd
 

@@ -40,6 +40,7 @@ from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_pat
 from crossdiff.causal.upper import SplitModel
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
+from crossdiff.locks import output_lock
 
 SUBSETS = ("all", "first_k", "rest")
 SPARSITY_NAMES = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
@@ -129,29 +130,31 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
     if not (messages or prompts):
         raise CrossdiffError("no conversations to evaluate")
 
-    if pair is None:
-        _say(quiet, f"loading {base_name} and {chat_name}")
-        pair = load_model_pair(base_name, chat_name, dtype=config.model_dtype, device=config.device)
-    if layer >= pair.n_layers:
-        raise CrossdiffError(f"the crosscoder reads block {layer} but the models have {pair.n_layers} blocks")
-    if pair.d_model != crosscoder.config.d_in:
-        raise CrossdiffError(f"the crosscoder reads width {crosscoder.config.d_in} but the models' residual width is {pair.d_model}")
-    crosscoder = crosscoder.to(pair.device)
-    if messages is None:
-        _say(quiet, f"answering {len(prompts)} prompts with the chat model (greedy, up to {config.max_new_tokens} tokens)")
-        messages = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 16))
-    conversations = [tokenize_conversation(pair.tokenizer, m, i, config.max_len) for i, m in enumerate(messages)]
+    # One run per folder (two would share the progress file), checked before the models load.
+    with output_lock(out, "causal"):
+        if pair is None:
+            _say(quiet, f"loading {base_name} and {chat_name}")
+            pair = load_model_pair(base_name, chat_name, dtype=config.model_dtype, device=config.device)
+        if layer >= pair.n_layers:
+            raise CrossdiffError(f"the crosscoder reads block {layer} but the models have {pair.n_layers} blocks")
+        if pair.d_model != crosscoder.config.d_in:
+            raise CrossdiffError(f"the crosscoder reads width {crosscoder.config.d_in} but the models' residual width is {pair.d_model}")
+        crosscoder = crosscoder.to(pair.device)
+        if messages is None:
+            _say(quiet, f"answering {len(prompts)} prompts with the chat model (greedy, up to {config.max_new_tokens} tokens)")
+            messages = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 16))
+        conversations = [tokenize_conversation(pair.tokenizer, m, i, config.max_len) for i, m in enumerate(messages)]
 
-    conditions = Conditions(crosscoder, sets)
-    job = fingerprint({"models": [base_name, chat_name], "layer": layer, "k_first": config.k_first, "batch_size": config.batch_size,
-                       "tokens_per_pass": config.tokens_per_pass, "model_dtype": config.model_dtype,
-                       "sets": [[s.name, s.latents.tolist()] for s in sets]}, crosscoder, conversations)
-    progress = ScoringProgress(progress_path(out), job)
-    accumulator = score(pair, layer, conditions, conversations, config, quiet=quiet, progress=progress)
-    kl_table = results_table(accumulator, conditions)
-    summary = build_summary(config, crosscoder, layer, (base_name, chat_name), pool, sets, kl_table, accumulator, len(conversations))
-    files = write_outputs(out, kl_table, summary, others)
-    progress.remove()
+        conditions = Conditions(crosscoder, sets)
+        job = fingerprint({"models": [base_name, chat_name], "layer": layer, "k_first": config.k_first, "batch_size": config.batch_size,
+                           "tokens_per_pass": config.tokens_per_pass, "model_dtype": config.model_dtype,
+                           "sets": [[s.name, s.latents.tolist()] for s in sets]}, crosscoder, conversations)
+        progress = ScoringProgress(progress_path(out), job)
+        accumulator = score(pair, layer, conditions, conversations, config, quiet=quiet, progress=progress)
+        kl_table = results_table(accumulator, conditions)
+        summary = build_summary(config, crosscoder, layer, (base_name, chat_name), pool, sets, kl_table, accumulator, len(conversations))
+        files = write_outputs(out, kl_table, summary, others)
+        progress.remove()
     _say(quiet, summary["text"])
     return CausalResult(kl_table, summary, files)
 
