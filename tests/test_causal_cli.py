@@ -54,6 +54,41 @@ def test_a_second_causal_run_on_the_same_folder_is_refused(organism_demo, conver
     assert not any(out.iterdir())
 
 
+def test_kill_9_mid_scoring_then_rerun_gives_the_uninterrupted_numbers(organism_demo, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    def command(out):
+        return [sys.executable, "-m", "crossdiff.cli", "causal", str(organism_demo / "l1" / "crosscoder"), str(organism_demo / "l1" / "analysis"),
+                "--conversations", str(organism_demo / "data" / "causal_conversations.jsonl"), "--batch-size", "2",
+                "--save-every", "0", "--out", str(out), "--quiet"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    progress = tmp_path / ".killed.progress.json"
+    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # kill once a few batches are saved
+        if progress.is_file() and json.loads(progress.read_text() or "{}").get("batches_done", 0) >= 5:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    done = json.loads(progress.read_text())["batches_done"]
+    assert 5 <= done < 35  # 70 conversations, 2 per batch
+    subprocess.run(command(killed), check=True, env=env, capture_output=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(killed / "kl.parquet"), pd.read_parquet(straight / "kl.parquet"), check_exact=True)
+    assert not progress.exists()
+
+
 def test_steer_writes_side_by_side_rows(organism_demo, tmp_path, capsys):
     import pandas as pd
 

@@ -41,6 +41,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-len", type=int, default=1024, help="tokens kept per conversation (default 1024)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--model-dtype", default="float32", help="dtype the models run in (default float32)")
+    parser.add_argument("--save-every", type=float, default=30.0, metavar="SECONDS",
+                        help="save the scored batches (the resume point) at most this often (default 30; 0: after every batch)")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=_run_causal)
 
@@ -58,6 +60,7 @@ def _run_causal(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, limit=args.limit, base=args.base, chat=args.chat, layer=args.layer,
         k_first=args.k_first, pool_size=args.pool_size, random_seeds=args.random_seeds, latents=args.latents, compare=args.compare,
         batch_size=args.batch_size, tokens_per_pass=args.tokens_per_pass, max_len=args.max_len, device=args.device, model_dtype=args.model_dtype,
+        save_every_s=args.save_every,
     )
     run_causal(config, quiet=args.quiet)
     return 0

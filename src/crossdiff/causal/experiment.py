@@ -83,6 +83,8 @@ class CausalConfig:
     max_len: int = 1024
     device: str = "cpu"
     model_dtype: str = "float32"
+    save_every_s: float = 30.0
+    """Seconds between saves of the scored batches' sums (the resume point); 0 saves after every batch."""
 
     def __post_init__(self) -> None:
         if (self.conversations is None) == (self.prompts is None):
@@ -149,7 +151,7 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
         job = fingerprint({"models": [base_name, chat_name], "layer": layer, "k_first": config.k_first, "batch_size": config.batch_size,
                            "tokens_per_pass": config.tokens_per_pass, "model_dtype": config.model_dtype,
                            "sets": [[s.name, s.latents.tolist()] for s in sets]}, crosscoder, conversations)
-        progress = ScoringProgress(progress_path(out), job)
+        progress = ScoringProgress(progress_path(out), job, every_s=config.save_every_s)
         accumulator = score(pair, layer, conditions, conversations, config, quiet=quiet, progress=progress)
         kl_table = results_table(accumulator, conditions)
         summary = build_summary(config, crosscoder, layer, (base_name, chat_name), pool, sets, kl_table, accumulator, len(conversations))
