@@ -100,6 +100,12 @@ def steering_vector(crosscoder: Any, table: Any, latents: np.ndarray) -> torch.T
     return vector / crosscoder.input_scale.float()[1]
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of one user prompt rendered with the chat template, ready for the answer."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @torch.inference_mode()
 def answer_start_contrast(crosscoder: Any, pair: Any, prompts: list[str], others: list[str], *, layer: int | None = None) -> Any:
     """Latents ranked by how much more they fire where the models start answering ``prompts`` than ``others``.
@@ -113,22 +119,22 @@ def answer_start_contrast(crosscoder: Any, pair: Any, prompts: list[str], others
     """
     import pandas as pd
 
-    from crossdiff.models import residual_after_block
+    from crossdiff.models import ResidualExtractor
 
     layer = crosscoder.config.layer if layer is None else layer
     if layer is None:
         raise CrossdiffError("the crosscoder does not record its layer; give layer=")
     if not prompts or not others:
         raise CrossdiffError("give at least one prompt on each side of the contrast")
+    extract = ResidualExtractor(pair, layer)
     device = next(pair.chat.parameters()).device
 
     def mean_activation(texts: list[str]) -> torch.Tensor:
         total = torch.zeros(crosscoder.config.d_sae, dtype=torch.float64)
         for prompt in texts:  # one at a time: no padding to get wrong, and prompts are few
-            rendered = pair.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-            ids = torch.tensor([pair.tokenizer(rendered, add_special_tokens=False)["input_ids"]], device=device)
-            mask = torch.ones_like(ids)
-            x = torch.stack([residual_after_block(model, layer, ids, mask)[0, -1] for model in (pair.base, pair.chat)])
+            ids = torch.tensor([prompt_ids(pair.tokenizer, prompt)], device=device)
+            base, chat = extract(ids, torch.ones_like(ids))
+            x = torch.stack([base[0, -1], chat[0, -1]])
             x = crosscoder.normalize(x[None].to(crosscoder.W_enc.device, crosscoder.W_enc.dtype))
             total += crosscoder.get_activations(x)[0].double().cpu()
         return total / len(texts)
@@ -145,8 +151,7 @@ def generate_steered(model: Any, tokenizer: Any, layer: int, prompt: str, vector
     """Greedy answers to one chat prompt: unsteered, then one per factor (one batch)."""
     from crossdiff.models import decoder_layers
 
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]).repeat(len(factors) + 1, 1)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)]).repeat(len(factors) + 1, 1)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     scales = torch.tensor([0.0, *factors], device=device, dtype=dtype)[:, None, None]
