@@ -35,7 +35,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     # merged manifest, and a shared name would let one rank rename another's half-written file.
     tmp = path.with_name(f"{uuid.uuid4().hex[:12]}.{path.name}{TMP_SUFFIX}")
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:  # not the locale's: the files travel between machines
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

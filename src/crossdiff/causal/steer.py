@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import textwrap
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 
 from crossdiff.causal.conditions import user_set
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import write_text_atomic
 
 DEFAULT_FACTORS = (-0.5, 0.5, 1.0, 1.5)
 
@@ -226,12 +225,7 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
                              "positions": config.positions, "prompt": prompt, "unsteered": unsteered, "steered": text,
                              "control": is_control, "matches": shows(text), "unsteered_matches": shows(unsteered)})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{uuid.uuid4().hex[:8]}.{out.name}")
-    try:
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     if not quiet:
         print(format_steering([row for row in rows if not row["control"]]))
         if pattern is not None:
