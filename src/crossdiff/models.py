@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from crossdiff import model_sources
 from crossdiff.errors import CrossdiffError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
@@ -99,6 +100,8 @@ class ModelPair:
     d_model: int
     n_layers: int
     base_tokenizer: Any = None  # kept so later texts can be checked with check_same_tokenization
+    identities: tuple[dict, dict] | None = None
+    """model_sources.identity of each spec: GGUF and adapter sha256s, for the run's records."""
 
     @property
     def device(self) -> torch.device:
@@ -126,14 +129,20 @@ def load_model_pair(
     """
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     base_name, chat_name = str(base), str(chat)
+    # GGUF files are converted once, adapter folders checked, missing paths named: before anything loads.
+    (base_weights, base_adapter), (chat_weights, chat_adapter) = (
+        model_sources.resolve(name, role) for name, role in ((base_name, "base"), (chat_name, "chat"))
+    )
 
     # Cheap checks first: configs and tokenizers, before gigabytes of weights are loaded.
-    d_base, d_chat = (_text_config(_load_config(name, role)).hidden_size for name, role in ((base_name, "base"), (chat_name, "chat")))
+    d_base, d_chat = (
+        _text_config(_load_config(name, role)).hidden_size for name, role in ((base_weights, "base"), (chat_weights, "chat"))
+    )
     if d_base != d_chat:
         raise CrossdiffError(f"residual widths differ: base {d_base}, chat {d_chat}")
-    chat_tokenizer = _load_tokenizer(chat_name, "chat")
+    chat_tokenizer = _load_tokenizer(chat_weights, "chat")
     try:
-        base_tokenizer = _load_tokenizer(base_name, "base")
+        base_tokenizer = _load_tokenizer(base_weights, "base")
     except CrossdiffError:
         # Some base checkpoints ship weights only; the chat tokenizer is what both models see anyway.
         base_tokenizer = chat_tokenizer
@@ -148,8 +157,8 @@ def load_model_pair(
             pass  # an unusual template that wants other turns; the chat sources are checked when collected
     check_same_tokenization((base_tokenizer, chat_tokenizer), probes)
 
-    base_model = _load_model(base_name, "base", torch_dtype, torch_device)
-    chat_model = _load_model(chat_name, "chat", torch_dtype, torch_device)
+    base_model = load_model(base_name, "base", torch_dtype, torch_device, resolved=(base_weights, base_adapter))
+    chat_model = load_model(chat_name, "chat", torch_dtype, torch_device, resolved=(chat_weights, chat_adapter))
     n_base, n_chat = len(decoder_layers(base_model)), len(decoder_layers(chat_model))
     if n_base != n_chat:
         raise CrossdiffError(f"numbers of decoder blocks differ: base {n_base}, chat {n_chat}")
@@ -169,6 +178,7 @@ def load_model_pair(
         d_model=int(d_chat),
         n_layers=n_chat,
         base_tokenizer=base_tokenizer,
+        identities=(model_sources.identity(base_name), model_sources.identity(chat_name)),
     )
 
 
@@ -317,6 +327,9 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
 def _load_config(name: str, role: str) -> Any:
     from transformers import AutoConfig
 
+    problem = model_sources.missing_path_problem(name, f"{role} model")
+    if problem:  # transformers would report a failed hub lookup instead
+        raise CrossdiffError(problem)
     try:
         return AutoConfig.from_pretrained(name)
     except Exception as err:  # OSError, ValueError, HF hub errors: all mean "cannot load"
@@ -326,24 +339,48 @@ def _load_config(name: str, role: str) -> Any:
 def _load_tokenizer(name: str, role: str) -> Any:
     from transformers import AutoTokenizer
 
+    problem = model_sources.missing_path_problem(name, f"{role} tokenizer")
+    if problem:
+        raise CrossdiffError(problem)
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as err:  # OSError, ValueError, HF hub errors: all mean "cannot load"
         raise CrossdiffError(f"cannot load the {role} tokenizer from {name!r}: {first_line(err)}") from None
 
 
-def _load_model(name: str, role: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(
+    spec: str | Path,
+    role: str = "model",
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    *,
+    resolved: tuple[str, str | None] | None = None,
+) -> nn.Module:
+    """One causal LM from a model spec (hub id, folder, GGUF, ``BASE::ADAPTER``; see
+    model_sources), in eval mode without gradients. An adapter is merged into the weights.
+
+    Remote code never runs: ``trust_remote_code`` stays False, so an architecture that
+    needs it fails to load with transformers' own message."""
     import transformers
     from transformers import AutoModelForCausalLM
 
+    weights, adapter = resolved or model_sources.resolve(str(spec), role)
     # transformers renamed torch_dtype to dtype in 4.56.
     dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **{dtype_kw: dtype})
+        model = AutoModelForCausalLM.from_pretrained(weights, trust_remote_code=False, **{dtype_kw: parse_dtype(dtype)})
     except Exception as err:
-        raise CrossdiffError(f"cannot load the {role} model from {name!r}: {first_line(err)}") from None
-    model.to(device).eval().requires_grad_(False)
+        raise CrossdiffError(f"cannot load the {role} model from {str(spec)!r}: {first_line(err)}") from None
+    if adapter is not None:
+        model = model_sources.merge_adapter(model, adapter, role)
+    model.to(parse_device(device)).eval().requires_grad_(False)
     return model
+
+
+def load_tokenizer_of(spec: str | Path, role: str = "model") -> Any:
+    """The tokenizer of a model spec (an adapter keeps its base model's tokenizer)."""
+    weights, _ = model_sources.resolve(str(spec), role)
+    return _load_tokenizer(weights, role)
 
 
 def _check_same_vocabulary(base_tok: Any, chat_tok: Any) -> None:

