@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from crossdiff import model_sources
 from crossdiff.cache import (
     MANIFEST,
     STORAGE_DTYPES,
@@ -77,6 +78,11 @@ class CollectConfig:
         for key, default in (("bos", "auto"), ("holdout", 0.0), ("part", "train")):
             if data[key] == default:  # defaults: caches from before these settings existed resume unchanged
                 data.pop(key)
+        # Which weights exactly, where a name alone does not say: a GGUF file's or an adapter's sha256.
+        # (A hub id or folder adds nothing, so caches of such pairs keep the settings they had.)
+        weights = [model_sources.identity(spec) for spec in (self.base, self.chat)]
+        if any(set(w) - {"spec", "model"} for w in weights):
+            data["model_identities"] = weights
         return data
 
 

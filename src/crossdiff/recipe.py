@@ -11,8 +11,9 @@
                      (``prompts`` are answered once by the chat model and shared by all)
     [models."ID"]    optional known shapes (d_model, n_layers, params, vocab) for --dry-run
 
-Every string may use ``{run}`` (the run folder) and ``{organism}`` (the bundled model
-organism's weights folder). A recipe without ``[crosscoders]`` trains one crosscoder named
+Every string may use ``{run}`` (the run folder), ``{organism}`` (the bundled model
+organism's weights folder) and ``{smollm2_lora}`` (the SmolLM2 LoRA organism's folder, holding
+``adapter/``). A recipe without ``[crosscoders]`` trains one crosscoder named
 after its activation (``batchtopk``, ``l1`` for relu, ``topk``). The stage tables are the
 ones ``crossdiff collect/train/analyze --config`` read, so one file serves both the
 runner and the single-stage commands.
@@ -50,9 +51,16 @@ class RunSettings:
 class DataSettings:
     """The recipe's optional ``[data]`` table: texts written into RUN/data before collecting."""
 
-    kind: Literal["organism"] = "organism"
-    """`organism`: the bundled organism's held-out texts plus planted-behaviour conversations."""
+    kind: Literal["organism", "smollm2-lora"] = "organism"
+    """`organism`: the bundled organism's held-out texts plus planted-behaviour conversations;
+    `smollm2-lora`: the same plain text, and requests of every planted behaviour of the SmolLM2
+    LoRA organism answered by its chat model (crossdiff.organism.smollm2.data)."""
     behaviour_conversations: int = 400
+    """Conversations per planted behaviour (smollm2-lora: at most this many requests of each kind)."""
+    chitchat_conversations: int = 400
+    """smollm2-lora: human chitchat conversations added to the chat source."""
+    answer_tokens: int = 48
+    """smollm2-lora: the longest answer the chat model writes to a data request."""
     seed: int = 0
     causal_per_behaviour: int = 10
     """Held-out prompts per planted behaviour written to RUN/data/causal_prompts.jsonl."""
@@ -107,7 +115,8 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
         if "out" not in run_table:
             raise CrossdiffError("[run] needs 'out', the run folder (or pass --out)")
         run = from_dict(RunSettings, run_table, "run")
-        data = _substitute(data, {"{run}": run.out, "{organism}": _organism_root(data)})
+        data = _substitute(data, {"{run}": run.out, "{organism}": _organism_root(data),
+                                  "{smollm2_lora}": _smollm2_lora_root(data)})
         collect_table = dict(data.get("collect") or {})
         collect_table.setdefault("out", str(Path(run.out) / "cache"))
         collect = from_dict(CollectConfig, collect_table, "collect")
@@ -162,6 +171,14 @@ def _organism_root(data: dict[str, Any]) -> str:
     from crossdiff.organism import WEIGHTS_DIR
 
     return str(WEIGHTS_DIR)
+
+
+def _smollm2_lora_root(data: dict[str, Any]) -> str:
+    if "{smollm2_lora}" not in repr(data):
+        return "{smollm2_lora}"
+    from crossdiff.organism.smollm2 import ADAPTER_DIR
+
+    return str(ADAPTER_DIR.parent)
 
 
 def _substitute(value: Any, names: dict[str, str]) -> Any:

@@ -281,7 +281,12 @@ def _write_data(recipe: Recipe) -> None:
     from crossdiff.demo import write_demo_data
 
     folder = recipe.out / "data"
-    write_demo_data(folder, recipe.data)
+    if recipe.data.kind == "smollm2-lora":
+        from crossdiff.organism.smollm2.data import write_data
+
+        write_data(folder, recipe.data, recipe.collect.chat)
+    else:
+        write_demo_data(folder, recipe.data)
     save_json(recipe.data, folder / "settings.json")  # last: the stage's completion mark
 
 

