@@ -10,11 +10,14 @@ Both sides start from token ids and end with paired activations of the middle la
   bf16 on the CPU; nothing is written to disk.
 
 The models are random-init Llama-shaped (12 blocks, d_model 512, a 32k-row vocabulary
-like Llama's), saved to a temporary folder and loaded the way users load theirs. Each side
-runs ``--repeats`` times, interleaved (the first naive run also pays one-off import and
-allocator costs); the best time of each is reported.
+like Llama's), saved to a temporary folder and loaded the way users load theirs, or with
+``--real-pair`` the SmolLM2-135M-Instruct LoRA organism (30 blocks, d_model 576, vocabulary
+49,152; the adapter merged), collected at block 15. Each side runs ``--repeats`` times,
+interleaved (the first naive run also pays one-off import and allocator costs); the best
+time of each is reported.
 
     python benchmarks/collect.py [--layers 12] [--d-model 512] [--docs 12] [--device cpu]
+    python benchmarks/collect.py --real-pair [--docs 12]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from conftest import build_tiny_tokenizer  # noqa: E402  (a small BPE tokenizer 
 
 from crossdiff.collect import CollectConfig, collect  # noqa: E402
 from crossdiff.config import from_dict  # noqa: E402
-from crossdiff.models import pad_batch  # noqa: E402
+from crossdiff.models import load_model, load_tokenizer_of, pad_batch  # noqa: E402
 from crossdiff.texts import iter_documents  # noqa: E402
 
 WORDS = (
@@ -81,14 +84,9 @@ def write_texts(root: Path, docs: int) -> dict[str, Path]:
 
 def naive(config: CollectConfig) -> tuple[int, float]:
     """Tokens and seconds for the naive path (including model loading, like collect())."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.perf_counter()
-    dtype = getattr(torch, config.model_dtype)
-    models = [
-        AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(config.device).eval() for p in (config.base, config.chat)
-    ]
-    tokenizer = AutoTokenizer.from_pretrained(config.chat)
+    models = [load_model(spec, role, config.model_dtype, config.device) for spec, role in ((config.base, "base"), (config.chat, "chat"))]
+    tokenizer = load_tokenizer_of(config.chat)
     tokens = 0
     for source in config.sources:
         docs = list(iter_documents(source, tokenizer, config.max_len))
@@ -120,11 +118,18 @@ def main() -> None:
     parser.add_argument("--model-dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--real-pair", action="store_true", help="SmolLM2-135M-Instruct and its LoRA organism, layer 15")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, chat = build_models(root, args.layers, args.d_model, args.vocab)
+        if args.real_pair:
+            from crossdiff.organism import smollm2
+
+            base, chat = smollm2.pair_specs()
+            args.layers, args.d_model, args.vocab = 30, 576, 49152
+        else:
+            base, chat = build_models(root, args.layers, args.d_model, args.vocab)
         texts = write_texts(root, args.docs)
 
         def config(out: str) -> CollectConfig:
@@ -149,7 +154,8 @@ def main() -> None:
             assert tokens == n, (tokens, n)
 
     ours, base_rate = tokens / min(ours_s), tokens / min(naive_s)
-    print(f"model: Llama-shaped, {args.layers} blocks, d_model {args.d_model}, vocab {args.vocab}, "
+    shape = "SmolLM2-135M-Instruct and its LoRA organism" if args.real_pair else "Llama-shaped, random init"
+    print(f"model: {shape}, {args.layers} blocks, d_model {args.d_model}, vocab {args.vocab}, "
           f"{args.model_dtype} on {args.device}; layer {args.layers // 2}; {tokens} tokens "
           f"({args.docs} web + {args.docs} chat documents, max_len {args.max_len}, batch {args.batch_size})")
     print(f"naive full forward (output_hidden_states): {base_rate:,.0f} tokens/s (best of {naive_s})")

@@ -47,8 +47,8 @@ from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents
 class CollectConfig:
     """What to collect and where; a recipe's ``[collect]`` table."""
 
-    base: str  # base model: hub id or local folder
-    chat: str  # chat model: hub id or local folder (its tokenizer and chat template are used)
+    base: str  # base model spec: hub id, folder, .gguf file, smollm2, or BASE::ADAPTER (docs/models-and-texts.md)
+    chat: str  # chat model spec, as base (its tokenizer and chat template are used)
     layer: int  # residual stream after this decoder block (0-based)
     sources: list[TextSourceConfig]
     out: str  # cache folder
@@ -353,8 +353,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--config", help="recipe file (.toml or .json)")
-    parser.add_argument("--base", help="base model: hub id or local folder")
-    parser.add_argument("--chat", help="chat model: hub id or local folder")
+    parser.add_argument("--base", help="base model: hub id, folder, .gguf file, smollm2, or BASE::ADAPTER")
+    parser.add_argument("--chat", help="chat model: as --base, e.g. smollm2::path/to/adapter")
     parser.add_argument("--layer", type=int, help="decoder block whose output is cached (0-based)")
     parser.add_argument(
         "--source", action="append", metavar="NAME:KIND:PATH[:COLUMN]",

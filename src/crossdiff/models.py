@@ -1,6 +1,7 @@
 """A base/chat model pair and the residual stream after one decoder block of each.
 
-``load_model_pair`` loads any two transformers causal LMs (hub id or local folder) and
+``load_model_pair`` loads any two transformers causal LMs (model specs: hub id, folder, GGUF
+file, or any of those plus a LoRA adapter; see ``model_sources``) and
 refuses pairs that cannot be diffed: a crosscoder compares the two models token by
 token, so both must see the same token ids (same tokenizer behaviour) and write
 residual vectors of the same width. ``ResidualExtractor`` reads the residual stream
