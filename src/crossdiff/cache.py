@@ -202,6 +202,15 @@ class ReadFilters:
         return ", ".join(parts) or "nothing"
 
 
+def recorded_filter(metadata: dict[str, Any]) -> ReadFilters | None:
+    """The token filter a crosscoder records (``config.metadata["token_filter"]``, written by
+    training); None for crosscoders trained before crossdiff recorded one, or imported."""
+    from crossdiff.config import from_dict
+
+    data = metadata.get("token_filter")
+    return from_dict(ReadFilters, data, "token_filter") if data is not None else None
+
+
 _REASON_WORDS = {"first_position": "first positions", "bos": "BOS tokens", "special": "special tokens", "norm": "above {ratio}x the median norm"}
 
 
@@ -239,6 +248,16 @@ class LeftOut:
         return {"tokens_seen": self.seen, "left_out": self.total, "by_reason": dict(self.by_reason),
                 "by_position": {str(p): n for p, n in top},
                 "filter": dataclasses.asdict(self.filter) if self.filter is not None else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LeftOut:
+        """Back from :meth:`to_dict` (a summary.json entry)."""
+        from crossdiff.config import from_dict
+
+        out = cls(from_dict(ReadFilters, data["filter"], "filter") if data.get("filter") is not None else None)
+        out.seen, out.by_reason = int(data["tokens_seen"]), dict(data["by_reason"])
+        out.by_position = {int(p): n for p, n in data["by_position"].items()}
+        return out
 
     def line(self) -> str:
         """E.g. "left out 1,234 of 60,000 tokens: 1,200 first positions, 34 above 10x the median norm"."""
