@@ -37,7 +37,14 @@ import numpy as np
 import torch
 
 from crossdiff.errors import CrossdiffError, first_line
-from crossdiff.files import fsync_dir, remove_stray_temporaries, sha256_stream, write_error, write_json_atomic
+from crossdiff.files import (
+    fsync_dir,
+    remove_stray_temporaries,
+    sha256_mismatch,
+    sha256_stream,
+    write_error,
+    write_json_atomic,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "crossdiff-paired-cache"
@@ -194,7 +201,7 @@ def _check_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str 
             raise CrossdiffError(f"{name} is corrupt (size {actual} bytes, expected {expected})")
         if sha256 is not None:
             if sha256_stream(f) != sha256:
-                raise CrossdiffError(f"{name} is corrupt (sha256 mismatch)")
+                raise CrossdiffError(sha256_mismatch(name, MANIFEST))
 
 
 # ----------------------------------------------------------------------------- stats

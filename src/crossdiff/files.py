@@ -71,6 +71,14 @@ def sha256_file(path: Path) -> str:
         return sha256_stream(f)
 
 
+def sha256_mismatch(name: str, record: str) -> str:
+    """What to say when file ``name`` and the sha256 that file ``record`` holds for it differ.
+
+    The checksum proves only that the two disagree: the data file may be intact and the
+    record edited or damaged, so the message blames neither alone."""
+    return f"{name} does not match the sha256 recorded in {record}: the file or {record} is damaged"
+
+
 def sha256_stream(f: Any, chunk: int = 1 << 22) -> str:
     """sha256 of the rest of binary file ``f`` (from its position), read through a memory
     map: no Python buffer is allocated, whatever the file size."""
@@ -171,7 +179,7 @@ def checksum_problem(folder: Path) -> str | None:
         if not file.is_file():
             return f"is missing {name}"
         if sha256_file(file) != expected:
-            return f"has a damaged {name} (sha256 mismatch)"
+            return f"fails its checksum: {sha256_mismatch(name, CHECKSUMS)}"
     return None
 
 

@@ -44,7 +44,7 @@ from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
 from crossdiff.distributed import DataParallel, local_device, split_batches
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import checksum_problem, write_checksums, write_error, write_text_atomic
+from crossdiff.files import checksum_problem, remove_stray_temporaries, write_checksums, write_error, write_text_atomic
 from crossdiff.locks import output_lock
 from crossdiff.losses import (
     Reconstruction,
@@ -286,6 +286,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.config, self.out / "train_config.json")
+            remove_stray_temporaries(self.out, "metrics.jsonl")  # a kill during an earlier resume's trim
             self._trim_metrics()
         skip = 0
         if data_state is not None and hasattr(batches, "load_state_dict"):
