@@ -280,6 +280,25 @@ def test_an_empty_text_source_is_an_error(tmp_path, tiny_pair_paths, capsys):
     assert "source 'web' gave no tokens" in one_line_error(capsys)
 
 
+def test_a_cache_whose_collect_stopped_on_an_empty_source_says_why(tmp_path, tiny_pair_paths, capsys):
+    (tmp_path / "web.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    (tmp_path / "chat.txt").write_text("")
+    argv = _collect_args(tiny_pair_paths, [f"web:text:{tmp_path / 'web.txt'}", f"chat:text:{tmp_path / 'chat.txt'}"],
+                         tmp_path / "c")
+    assert main(argv) == 2
+    capsys.readouterr()
+    for command in (["train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--quiet"],
+                    ["analyze", str(_crosscoder().save_pretrained(tmp_path / "cc")), str(tmp_path / "c"),
+                     "--out", str(tmp_path / "a"), "--quiet"]):
+        assert main(command) == 2
+        line = one_line_error(capsys)
+        assert "rerun the same collect command" not in line
+        assert "its collect stopped with \"source 'chat' gave no tokens" in line
+    (tmp_path / "chat.txt").write_text("user asks a question and the model answers\n" * 4)
+    assert main(argv) == 0  # the source fixed, the same command finishes the cache
+    assert PairedCache(tmp_path / "c", verify=True).manifest.get("stopped") is None
+
+
 # ---------------------------------------------------------------------- one clear line, not a traceback
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     cache = _make_cache(tmp_path / "cache")

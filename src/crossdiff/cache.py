@@ -289,7 +289,8 @@ class CacheWriter:
             self.manifest = {**header, "complete": False, "n_tokens": 0, "shards": [], "stats": {}}
             self._stats = {m: _empty_stats(d_model) for m in MODELS}
         self._discard_unsealed_shards()
-        if not manifest_path.exists():
+        # A rerun starts afresh from what stopped the last one (see stop); it stops again if it must.
+        if not manifest_path.exists() or self.manifest.pop("stopped", None) is not None:
             self._write_manifest()
         self._files: tuple[_AppendOnlyArray, _AppendOnlyArray] | None = None
         self._shard_stats = {m: _empty_stats(d_model) for m in MODELS}
@@ -413,6 +414,13 @@ class CacheWriter:
         if self.open_tokens:
             raise RuntimeError("seal the open shard before finishing")
         self.manifest["complete"] = True
+        self._write_manifest()
+
+    def stop(self, reason: str) -> None:
+        """Record in the manifest why the producer gave up on this cache (a problem a plain
+        rerun will not fix, such as an empty source), so that readers of the incomplete cache
+        say so instead of advising to rerun the collect."""
+        self.manifest["stopped"] = reason
         self._write_manifest()
 
     def close(self) -> None:
@@ -618,6 +626,11 @@ class PairedCache:
             raise CrossdiffError(f"no paired-activation cache at {self.path} ({MANIFEST} missing)")
         self.manifest = _read_manifest(manifest_path)
         if not self.manifest["complete"] and not allow_incomplete:
+            if self.manifest.get("stopped"):
+                raise CrossdiffError(
+                    f"cache at {self.path} is incomplete: its collect stopped with \"{self.manifest['stopped']}\"; "
+                    "fix that, then rerun the collect command"
+                )
             raise CrossdiffError(
                 f"cache at {self.path} is incomplete ({self.manifest['n_tokens']} tokens so far); "
                 "rerun the same collect command to finish it"
