@@ -176,6 +176,41 @@ def test_a_flipped_byte_in_saved_weights_is_refused(tmp_path):
         CrossCoder.from_pretrained(folder)
 
 
+class _RunsCode:
+    """Unpickled, it writes a file: the proof that loading ran code."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return exec, (f"open({self.sentinel!r}, 'w').write('ran')",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, capsys):
+    from crossdiff.files import write_checksums
+    from crossdiff.stream import saved_data_state
+
+    sentinel = tmp_path / "code-ran"
+    cache = _make_cache(tmp_path / "cache")
+    run = tmp_path / "run"
+    assert main(train_args(cache, run, "--set", "checkpoint_every=4", "--set", "steps=8")) == 0
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    # A training state that is a hostile pickle, its checksum recorded too (as an attacker would).
+    torch.save({"step": 8, "payload": _RunsCode(sentinel)}, checkpoint / "training_state.pt")
+    write_checksums(checkpoint)
+    assert main(train_args(cache, run, "--set", "checkpoint_every=4", "--set", "steps=12")) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"crossdiff: error: refusing {checkpoint / 'training_state.pt'}: it names Python objects "
+                           "other than tensors, which could run code when loaded (")
+    with pytest.raises(CrossdiffError, match="^refusing .*training_state.pt: it names Python objects"):
+        saved_data_state(run)  # a streamed run's resume reads the same file
+    # A dictionary_learning checkpoint (.pt) is a pickle too.
+    torch.save({"encoder.weight": torch.zeros(2, 2), "payload": _RunsCode(sentinel)}, tmp_path / "ae.pt")
+    with pytest.raises(CrossdiffError, match=r"^refusing .*ae\.pt: it names Python objects other than tensors"):
+        CrossCoder.from_pretrained(tmp_path / "ae.pt")
+    assert not sentinel.exists()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
