@@ -37,7 +37,14 @@ import numpy as np
 import torch
 
 from crossdiff.errors import CrossdiffError, first_line
-from crossdiff.files import fsync_dir, remove_stray_temporaries, sha256_stream, write_error, write_json_atomic
+from crossdiff.files import (
+    fsync_dir,
+    remove_stray_temporaries,
+    sha256_mismatch,
+    sha256_stream,
+    write_error,
+    write_json_atomic,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "crossdiff-paired-cache"
@@ -404,7 +411,7 @@ def _check_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str 
             raise CrossdiffError(f"{name} is corrupt (size {actual} bytes, expected {expected})")
         if sha256 is not None:
             if sha256_stream(f) != sha256:
-                raise CrossdiffError(f"{name} is corrupt (sha256 mismatch)")
+                raise CrossdiffError(sha256_mismatch(name, MANIFEST))
 
 
 # ----------------------------------------------------------------------------- stats
@@ -492,7 +499,8 @@ class CacheWriter:
             self.manifest = {**header, "complete": False, "n_tokens": 0, "shards": [], "stats": {}}
             self._stats = {m: _empty_stats(d_model) for m in MODELS}
         self._discard_unsealed_shards()
-        if not manifest_path.exists():
+        # A rerun starts afresh from what stopped the last one (see stop); it stops again if it must.
+        if not manifest_path.exists() or self.manifest.pop("stopped", None) is not None:
             self._write_manifest()
         self._files: tuple[_AppendOnlyArray, _AppendOnlyArray] | None = None
         self._shard_stats = {m: _empty_stats(d_model) for m in MODELS}
@@ -618,6 +626,13 @@ class CacheWriter:
         self.manifest["norms"] = norm_profile([np.load(self.path / s["name"] / TOKENS_FILE, mmap_mode="r")
                                                for s in self.manifest["shards"]])
         self.manifest["complete"] = True
+        self._write_manifest()
+
+    def stop(self, reason: str) -> None:
+        """Record in the manifest why the producer gave up on this cache (a problem a plain
+        rerun will not fix, such as an empty source), so that readers of the incomplete cache
+        say so instead of advising to rerun the collect."""
+        self.manifest["stopped"] = reason
         self._write_manifest()
 
     def close(self) -> None:
@@ -825,6 +840,11 @@ class PairedCache:
             raise CrossdiffError(f"no paired-activation cache at {self.path} ({MANIFEST} missing)")
         self.manifest = _read_manifest(manifest_path)
         if not self.manifest["complete"] and not allow_incomplete:
+            if self.manifest.get("stopped"):
+                raise CrossdiffError(
+                    f"cache at {self.path} is incomplete: its collect stopped with \"{self.manifest['stopped']}\"; "
+                    "fix that, then rerun the collect command"
+                )
             raise CrossdiffError(
                 f"cache at {self.path} is incomplete ({self.manifest['n_tokens']} tokens so far); "
                 "rerun the same collect command to finish it"

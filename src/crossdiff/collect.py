@@ -180,7 +180,9 @@ def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary
                 last_doc = batch[-1].doc_id
                 progress.update(n)
             if tokens == 0 and config.world_size == 1:
-                raise CrossdiffError(f"source {source.name!r} gave no tokens: is {source.path} empty (or its column)?")
+                reason = f"source {source.name!r} gave no tokens: is {source.path} empty (or its column)?"
+                writer.stop(reason)  # train and analyze then say this, not "rerun the collect"
+                raise CrossdiffError(reason)
             writer.seal({"source": source.name, "next_doc": last_doc + 1, "source_tokens": tokens, "done": True})
         writer.finish()
     finally:

@@ -51,6 +51,7 @@ import torch
 from crossdiff.cache import STORAGE_DTYPES, CacheBatch, LeftOut, ReadFilters, norm_profile
 from crossdiff.config import from_dict, to_dict
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import load_tensors
 
 RECORDS = ("token_ids", "doc_ids", "positions", "source_ids", "template")
 _END = "end"
@@ -472,11 +473,7 @@ def saved_data_state(out_dir: str | Path) -> dict[str, Any] | None:
     folders = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
     if not folders or not (folders[-1] / STATE_NAME).is_file():
         return None
-    try:
-        state = torch.load(folders[-1] / STATE_NAME, map_location="cpu", weights_only=True)
-    except Exception as err:  # the trainer reports a damaged checkpoint the same way
-        raise CrossdiffError(f"cannot read {folders[-1] / STATE_NAME}: {type(err).__name__}: {err}") from None
-    return state.get("data")
+    return load_tensors(folders[-1] / STATE_NAME).get("data")  # as the trainer reads it
 
 
 def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any, out_dir: str | Path, *,

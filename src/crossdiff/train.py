@@ -45,7 +45,7 @@ from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
 from crossdiff.distributed import DataParallel, local_device, split_batches
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import checksum_problem, write_checksums, write_error, write_text_atomic
+from crossdiff.files import checksum_problem, load_tensors, remove_stray_temporaries, write_checksums, write_error, write_text_atomic
 from crossdiff.locks import output_lock
 from crossdiff.losses import (
     Reconstruction,
@@ -300,6 +300,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.config, self.out / "train_config.json")
+            remove_stray_temporaries(self.out, "metrics.jsonl")  # a kill during an earlier resume's trim
             self._trim_metrics()
         skip = 0
         if data_state is not None and hasattr(batches, "load_state_dict"):
@@ -523,10 +524,7 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path) -> Any:
         """Restore everything from ``folder``; returns the saved data position (or None)."""
-        try:
-            state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated or foreign file
-            raise CrossdiffError(f"cannot read {folder / STATE_NAME}: {type(err).__name__}: {err}") from None
+        state = load_tensors(folder / STATE_NAME)
         if state["d_in"] != self.model.config.d_in:
             raise CrossdiffError(f"cannot resume: the checkpoint has d_in={state['d_in']}, the data has {self.model.config.d_in}")
         saved, now = state["config"], to_dict(self.config)

@@ -48,6 +48,7 @@ from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
 from crossdiff.cache import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import quoted
 from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
 from crossdiff.locks import output_lock
 from crossdiff.models import parse_device
@@ -443,7 +444,7 @@ def _top_context(examples_path: Path) -> Callable[[int], str]:
     def context(latent: int) -> str:
         with ExampleStore(examples_path) as store:
             top = store.examples(latent, "top")
-        return repr(render_example(top[0], before=12, after=3)) if top else "(no example)"
+        return quoted(render_example(top[0], before=12, after=3)) if top else "(no example)"
 
     return context
 
