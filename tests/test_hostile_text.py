@@ -126,7 +126,7 @@ def test_invalid_utf8_in_a_jsonl_file_is_one_line(tmp_path, tiny_pair_paths, cap
     (tmp_path / "chat.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9 \xff\xfe"}]}\n')
     assert main(["collect", "--base", str(tiny_pair_paths[0]), "--chat", str(tiny_pair_paths[1]), "--layer", "1",
                  "--source", f"chat:chat:{tmp_path / 'chat.jsonl'}", "--out", str(tmp_path / "cache"),
-                 "--device", "cpu", "--quiet"]) == 2
+                 "--max-len", "64", "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == f"crossdiff: error: {tmp_path / 'chat.jsonl'}:1: not valid UTF-8 (byte 0xe9 at column 47); convert the file to UTF-8\n"
 
