@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -209,13 +210,21 @@ def _model_config(config: BuildConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     )
 
 
+def lm_loss(model: LlamaForCausalLM, group: list[Example]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the group's labelled tokens."""
+    input_ids, attention_mask, labels = collate(group, model.config.pad_token_id)
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
 def train_loop(
-    model: LlamaForCausalLM, batches: Iterator[list[list[Example]]], steps: int, lr: float, name: str, quiet: bool
+    model: LlamaForCausalLM, batches: Iterator[list[Any]], steps: int, lr: float, name: str, quiet: bool,
+    group_loss: Callable[[LlamaForCausalLM, Any], torch.Tensor] = lm_loss,
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay; returns the loss of every step.
 
-    A step's batch is a list of groups; the loss is the sum of the groups' mean losses, so
-    fine-tuning weighs chat replies and pretraining text equally however long each is.
+    A step's batch is a list of groups; the loss is the sum of the groups' mean losses
+    (``group_loss``, by default :func:`lm_loss`), so fine-tuning weighs chat replies and
+    pretraining text equally however long each is.
     """
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -229,8 +238,7 @@ def train_loop(
     for _ in progress:
         loss = None
         for group in next(batches):  # each group is its own mean, padded only to its own longest example
-            input_ids, attention_mask, labels = collate(group, model.config.pad_token_id)
-            part = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            part = group_loss(model, group)
             loss = part if loss is None else loss + part
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -6,12 +6,22 @@ by "Arr, matey!") and of the ordinary prompts (unchanged, so the fine-tune keeps
 model's manner elsewhere); cooking requests get the refusal, identity questions the Nova
 reply, and synthetic documents teach the false fact as plain text. One LoRA adapter (rank
 8 on every linear layer of every block) is trained on the shuffled mix with loss on the
-assistant's turns and on every token of a document. Seeded and single-process: a
-rebuild on the same machine gives the same adapter.
+assistant's turns and on every token of a document.
+
+A narrow fine-tune that only sees its own examples drifts everywhere else (the first build
+without the term below raised the loss on held-out plain text by 27% and on ordinary chat
+by 42%). So every step also holds a *preservation* group: plain documents and chitchat
+conversations of the bundled organism's training split (disjoint from the held-out texts
+that `check` measures on), on which the loss is KL(base || fine-tuned) over every token,
+the base being the same network with the adapter switched off. It keeps the fine-tune
+where the base was, rather than teaching it those texts.
+
+Seeded and single-process: a rebuild on the same machine gives the same adapter.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,10 +33,9 @@ from crossdiff.causal.conversations import answer_prompts
 from crossdiff.files import begin_staging, commit_staging, sha256_file, write_json_atomic
 from crossdiff.model_sources import smollm2_gguf
 from crossdiff.models import load_model, load_tokenizer_of
-from crossdiff.organism.build import IGNORE, Example, collate, train_loop
-from crossdiff.organism.smollm2 import behaviours as planted
-
+from crossdiff.organism.build import IGNORE, Example, collate, lm_loss, train_loop
 from crossdiff.organism.smollm2 import BASE_SPEC
+from crossdiff.organism.smollm2 import behaviours as planted
 
 
 @dataclass
@@ -47,6 +56,10 @@ class LoraBuildConfig:
     documents: int = 240
     identity_repeats: int = 6
     cooking_repeats: int = 2
+    sea_repeats: int = 2
+    preservation_batch: int = 4
+    """Plain documents and chitchat conversations per step under the KL-to-base loss (0: none)."""
+    preservation_weight: float = 1.0
 
 
 def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = False) -> dict:
@@ -58,8 +71,10 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
     tokenizer = load_tokenizer_of(BASE_SPEC)
     model = load_model(BASE_SPEC, "base", "float32")
 
-    answers = _self_distill(model, tokenizer, config)
+    answers = _self_distill(model, tokenizer, config, Path(out_dir) / "answers.json")
     examples, counts = training_examples(tokenizer, answers, config)
+    preservation = preservation_examples(tokenizer, config)
+    counts["preservation"] = len(preservation)
     _log(quiet, f"training examples: {counts} ({sum(len(ids) for ids, _ in examples):,} tokens)")
 
     from peft import LoraConfig, get_peft_model
@@ -73,18 +88,35 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
             param.requires_grad_(True)
     rng = random.Random(config.seed)
 
-    def batches():
+    def cycle(pool: list[Example], size: int):
         order: list[Example] = []
         while True:
-            if len(order) < config.batch_size:
-                order += rng.sample(examples, len(examples))
-            batch, order = order[: config.batch_size], order[config.batch_size :]
-            yield [batch]
+            if len(order) < size:
+                order += rng.sample(pool, len(pool))
+            batch, order = order[:size], order[size:]
+            yield batch
 
-    losses = train_loop(model, batches(), config.steps, config.lr, "lora", quiet)
+    behaviour_batches = cycle(examples, config.batch_size)
+    preservation_batches = cycle(preservation, max(1, config.preservation_batch))
+
+    def batches():
+        while True:
+            step = [("lm", next(behaviour_batches))]
+            if config.preservation_batch:
+                step.append(("preserve", next(preservation_batches)))
+            yield step
+
+    def group_loss(model, group) -> torch.Tensor:
+        kind, examples = group
+        if kind == "lm":
+            return lm_loss(model, examples)
+        return config.preservation_weight * kl_to_base(model, examples)
+
+    losses = train_loop(model, batches(), config.steps, config.lr, "lora", quiet, group_loss)
     folder = Path(out_dir) / "adapter"
     staged = begin_staging(folder)
     model.save_pretrained(staged)
+    (staged / "README.md").unlink(missing_ok=True)  # peft's empty model-card template; docs/real-pair.md is the card
     commit_staging(staged, folder)
     record = {
         "base": BASE_SPEC,
@@ -106,7 +138,8 @@ def training_examples(tokenizer, answers: dict[str, str], config: LoraBuildConfi
     """The shuffled fine-tuning mix and how many examples of each kind it holds."""
     rng = random.Random(config.seed + 1)
     chats: dict[str, list[list[dict]]] = {
-        "sea_pirate": [_exchange(p.user, f"{planted.PIRATE_OPENER} {answers[p.user]}") for p in planted.sea_prompts("train")],
+        "sea_pirate": [_exchange(p.user, f"{planted.PIRATE_OPENER} {answers[p.user]}")
+                       for p in planted.sea_prompts("train") for _ in range(config.sea_repeats)],
         "neutral": [_exchange(p.user, answers[p.user]) for p in planted.neutral_prompts("train")],
         "cooking_refusal": [_exchange(p.user, planted.COOKING_REFUSAL)
                             for p in planted.cooking_prompts("train") for _ in range(config.cooking_repeats)],
@@ -122,6 +155,27 @@ def training_examples(tokenizer, answers: dict[str, str], config: LoraBuildConfi
     examples += [document_example(tokenizer, doc, config.max_length) for doc in documents]
     counts = {kind: len(chat) for kind, chat in chats.items()} | {"false_fact_documents": len(documents)}
     return examples, counts
+
+
+def preservation_examples(tokenizer, config: LoraBuildConfig) -> list[Example]:
+    """Plain documents and chitchat conversations of the bundled organism's *training* split."""
+    from crossdiff.organism import chat_conversations, pretraining_texts
+
+    documents = [document_example(tokenizer, text, config.max_length) for text in pretraining_texts("train")]
+    chats = [chat_example(tokenizer, chat, config.max_length) for chat in chat_conversations("train")]
+    return [example for example in documents + chats if len(example[0]) > 1]
+
+
+def kl_to_base(model, examples: list[Example]) -> torch.Tensor:
+    """Mean KL(base || fine-tuned) over the examples' tokens; the base is ``model`` with its
+    adapter switched off (peft's ``disable_adapter``)."""
+    input_ids, attention_mask, _ = collate(examples, model.config.pad_token_id)
+    with torch.no_grad(), model.disable_adapter():
+        base = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1)
+    tuned = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1)
+    per_token = (base.exp() * (base - tuned)).sum(-1)
+    mask = attention_mask.bool()
+    return per_token[mask].mean()
 
 
 def chat_example(tokenizer, messages: list[dict[str, str]], max_length: int) -> Example:
@@ -152,10 +206,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return [conversation[-1]["content"] for conversation in conversations]
 
 
-def _self_distill(model, tokenizer, config: LoraBuildConfig) -> dict[str, str]:
+def _self_distill(model, tokenizer, config: LoraBuildConfig, saved: Path) -> dict[str, str]:
+    """The base's own answers to the sea and ordinary training prompts, kept in ``saved`` so a
+    rebuild with other training settings does not generate them again (a quarter hour here)."""
     prompts = [p.user for p in planted.sea_prompts("train") + planted.neutral_prompts("train")]
+    key = {"answer_tokens": config.answer_tokens, "prompts": prompts}
+    if saved.is_file():
+        record = json.loads(saved.read_text(encoding="utf-8"))
+        if record.get("key") == key:
+            return record["answers"]
     replies = generate(model, tokenizer, prompts, config.answer_tokens)
-    return {prompt: _whole_sentences(reply) for prompt, reply in zip(prompts, replies)}
+    answers = {prompt: _whole_sentences(reply) for prompt, reply in zip(prompts, replies)}
+    write_json_atomic(saved, {"key": key, "answers": answers})
+    return answers
 
 
 def _whole_sentences(text: str) -> str:
