@@ -218,21 +218,25 @@ def test_answer_start_contrast_equals_a_brute_force_mean(tiny_model_pairs):
     assert list(table["contrast"]) == sorted(table["contrast"], reverse=True)
 
 
-def test_control_latents_and_match_counts():
+def test_control_sets_and_match_counts():
     import pandas as pd
 
-    from crossdiff.causal.steer import SteerConfig, control_latents, format_match_counts, match_counts
+    from crossdiff.causal.steer import SteerConfig, control_sets, format_match_counts, match_counts
     from crossdiff.errors import CrossdiffError
 
     cc = CrossCoder(CrossCoderConfig(d_in=4, d_sae=10, activation="relu"), seed=0)
     with torch.no_grad():
         cc.W_dec[7, 1].zero_()  # no chat direction: cannot be steered
     table = pd.DataFrame({"latent": range(10), "max_act": [1.0] * 5 + [0.0] + [1.0] * 4})  # latent 5 never active
-    drawn = control_latents(cc, table, 4, exclude={0, 1}, seed=1)
+    drawn = [int(j) for latents in control_sets(cc, table, 4, 1, exclude={0, 1}, seed=1) for j in latents]
     assert len(set(drawn)) == 4 and not set(drawn) & {0, 1, 5, 7}
-    assert drawn == control_latents(cc, table, 4, exclude={0, 1}, seed=1)
+    assert [list(s) for s in control_sets(cc, table, 4, 1, exclude={0, 1}, seed=1)] == [[j] for j in drawn]
+    pairs = control_sets(cc, table, 3, 2, exclude={0, 1}, seed=1)  # sets as large as the chosen one, disjoint
+    assert [len(s) for s in pairs] == [2, 2, 2] and len({int(j) for s in pairs for j in s}) == 6
     with pytest.raises(CrossdiffError, match="only 6 other latents"):
-        control_latents(cc, table, 7, exclude={0, 1})
+        control_sets(cc, table, 7, 1, exclude={0, 1})
+    with pytest.raises(CrossdiffError, match="8 needed for sets of 2"):
+        control_sets(cc, table, 4, 2, exclude={0, 1})
     with pytest.raises(CrossdiffError, match="not a regular expression"):
         SteerConfig(crosscoder="-", analysis_dir="-", latents=["1"], expect="(unclosed")
 

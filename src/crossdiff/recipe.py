@@ -9,6 +9,8 @@
     [analyze]        AnalysisConfig
     [causal]         optional: CausalConfig options for the KL experiment on every crosscoder
                      (``prompts`` are answered once by the chat model and shared by all)
+    [steer]          optional: PlantedSteerConfig: steer each planted behaviour of a truth
+                     file into the base with its latents, against random controls
     [models."ID"]    optional known shapes (d_model, n_layers, params, vocab) for --dry-run
 
 Every string may use ``{run}`` (the run folder), ``{organism}`` (the bundled model
@@ -29,7 +31,7 @@ from typing import Any, Literal
 from crossdiff.config import from_dict, load_file
 from crossdiff.errors import CrossdiffError
 
-TABLES = ("run", "data", "collect", "stream", "train", "crosscoders", "analyze", "causal", "models")
+TABLES = ("run", "data", "collect", "stream", "train", "crosscoders", "analyze", "causal", "steer", "models")
 # Set by the runner for each crosscoder, never by the recipe's [causal] table.
 CAUSAL_PER_CROSSCODER = ("crosscoder", "analysis_dir", "out", "compare")
 ACTIVATION_NAMES = {"batchtopk": "batchtopk", "relu": "l1", "topk": "topk"}
@@ -78,6 +80,8 @@ class Recipe:
     data: DataSettings | None = None
     causal: dict[str, Any] | None = None
     """The [causal] table (CausalConfig options shared by every crosscoder), or None: no KL experiment."""
+    steer: Any = None
+    """The [steer] table (PlantedSteerConfig), or None: no planted-behaviour steering."""
     models: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "recipe"
 
@@ -97,6 +101,7 @@ def load_recipe(path: str | Path, *, out: str | None = None) -> Recipe:
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str | None = None) -> Recipe:
     from crossdiff.analysis.pipeline import AnalysisConfig
+    from crossdiff.causal.planted import PlantedSteerConfig
     from crossdiff.collect import CollectConfig
     from crossdiff.stream import StreamConfig
     from crossdiff.train import TrainConfig
@@ -136,11 +141,12 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
         analyze = from_dict(AnalysisConfig, data.get("analyze") or {}, "analyze")
         data_settings = from_dict(DataSettings, data["data"], "data") if "data" in data else None
         causal = _causal_table(data["causal"]) if "causal" in data else None
+        steer = from_dict(PlantedSteerConfig, data["steer"], "steer") if "steer" in data else None
         models = data.get("models") or {}
     except CrossdiffError as err:
         raise CrossdiffError(f"{source}: {err}") from None
     return Recipe(run=run, collect=collect, stream=stream, crosscoders=crosscoders, analyze=analyze,
-                  data=data_settings, causal=causal, models=models, source=source)
+                  data=data_settings, causal=causal, steer=steer, models=models, source=source)
 
 
 def _causal_table(table: Any) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
             lambda name=name: _analyze(recipe, name, quiet),
             costs.analyze,
         ))
-    if recipe.causal is not None:
+    if recipe.causal is not None or recipe.steer is not None:
         stages += _causal_stages(recipe, quiet)
     stages.append(Stage("report", lambda: _report_current(out), lambda: _report(out, quiet)))
     return stages
@@ -125,7 +125,7 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
                      f"{costs.hardware.kind} has {costs.hardware.memory_gib:g} GiB")
     lines.append("assumptions:")
     if any(stage.estimate is None for stage in stages):
-        lines.append("  - stages shown with '-' (data, causal, report) are not estimated; they are small next to the rest")
+        lines.append("  - stages shown with '-' (data, causal, steer, report) are not estimated; they are small next to the rest")
     lines.extend(f"  - {note}" for note in costs.assumptions())
     return "\n".join(lines)
 
@@ -134,9 +134,9 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
 
 
 def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
-    """The KL experiment on every crosscoder; prompts are answered once and shared by all, and
-    one loaded model pair serves every crosscoder of the run."""
-    out, options = recipe.out, dict(recipe.causal)
+    """The KL experiment and the planted-behaviour steering on every crosscoder; prompts are
+    answered once and shared by all, and one loaded model pair serves every stage."""
+    out, options = recipe.out, dict(recipe.causal or {})
     loaded: dict[str, Any] = {}
 
     def pair():
@@ -148,19 +148,25 @@ def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
         return loaded["pair"]
 
     stages = []
-    if "prompts" in options:
+    names = list(recipe.crosscoders)
+    if recipe.causal is not None and "prompts" in options:
         answers = out / "data" / "causal_conversations.jsonl"
         asked = dict(options)
         stages.append(Stage("causal:answers", answers.is_file, lambda: _answer_prompts(asked, answers, pair())))
         options.pop("prompts")
         options.pop("prompt_column", None)
         options["conversations"] = str(answers)
-    names = list(recipe.crosscoders)
-    for i, name in enumerate(names):
+    for i, name in enumerate(names if recipe.causal is not None else []):
         stages.append(Stage(
             f"causal:{name}",
             lambda name=name: _newer(out / name / "causal" / "summary.json", out / name / "analysis" / "summary.json"),
             lambda name=name, i=i: _causal(out, name, names[:i], options, pair(), quiet),
+        ))
+    for name in names if recipe.steer is not None else []:
+        stages.append(Stage(
+            f"steer:{name}",
+            lambda name=name: _newer(out / name / "causal" / "planted" / "summary.json", out / name / "analysis" / "summary.json"),
+            lambda name=name: _steer_planted(out, name, recipe.steer, pair(), quiet),
         ))
     return stages
 
@@ -191,6 +197,13 @@ def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], p
                           **options)
     result = run_causal(config, pair=pair, quiet=True)
     _say(quiet, format_summary(result.table, result.summary))
+
+
+def _steer_planted(out: Path, name: str, config: Any, pair: Any, quiet: bool) -> None:
+    from crossdiff.causal.planted import format_planted, steer_planted
+
+    summary = steer_planted(out / name / "crosscoder", out / name / "analysis", out / name / "causal" / "planted", config, pair)
+    _say(quiet, format_planted(summary))
 
 
 def _report_current(out: Path) -> bool:

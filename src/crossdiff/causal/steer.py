@@ -13,7 +13,8 @@ control, matches, unsteered_matches.
 A steered text is only evidence if random directions do not do the same: a model that
 already knows a behaviour may fall into it under any push. ``--expect REGEX`` counts the
 answers that show the behaviour, and ``--controls N`` steers N random live latents of the
-same crosscoder the same way, one at a time, so the counts can be compared.
+same crosscoder the same way (sets as large as the largest chosen set), so the counts can
+be compared.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class SteerConfig:
     expect: str | None = None
     """A regular expression: an answer that contains a match shows the behaviour (counted per set and factor)."""
     controls: int = 0
-    """Random live latents steered the same way, one at a time, as a baseline for the counts."""
+    """Sets of random live latents (as large as the largest chosen set) steered the same way, as a baseline for the counts."""
     seed: int = 0
     """Seed of the control latents' draw."""
 
@@ -179,13 +180,17 @@ def generate_steered(model: Any, tokenizer: Any, layer: int, prompt: str, vector
     return texts[0], texts[1:]
 
 
-def control_latents(crosscoder: Any, table: Any, n: int, exclude: set[int], seed: int = 0) -> list[int]:
-    """``n`` random latents that can be steered (active in the analysis, a chat decoder direction), none in ``exclude``."""
+def control_sets(crosscoder: Any, table: Any, n: int, size: int, exclude: set[int], seed: int = 0) -> list[np.ndarray]:
+    """``n`` disjoint sets of ``size`` random latents that can be steered (active in the analysis,
+    a chat decoder direction), none in ``exclude``: a control must push as many directions as
+    the set it is compared with, or a larger push alone could explain the difference."""
     norms = crosscoder.W_dec.detach().float()[:, 1].norm(dim=-1).cpu().numpy()
     usable = [int(j) for j, act in zip(table["latent"], table["max_act"]) if act > 0 and norms[j] > 0 and int(j) not in exclude]
-    if len(usable) < n:
-        raise CrossdiffError(f"--controls {n}: only {len(usable)} other latents were active in the analysis")
-    return sorted(np.random.default_rng(seed).choice(usable, size=n, replace=False).tolist())
+    if len(usable) < n * size:
+        raise CrossdiffError(f"--controls {n}: only {len(usable)} other latents were active in the analysis "
+                             f"({n * size} needed for sets of {size})")
+    drawn = np.random.default_rng(seed).choice(usable, size=n * size, replace=False)
+    return [np.sort(drawn[i * size:(i + 1) * size]) for i in range(n)]
 
 
 def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> list[dict[str, Any]]:
@@ -201,8 +206,9 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     base_name, chat_name = resolve_models(crosscoder, config.base, config.chat)
     groups = [user_set(table, spec, crosscoder.config.d_sae, name=spec) for spec in config.latents]
     chosen = {int(j) for g in groups for j in g.latents}
-    controls = control_latents(crosscoder, table, config.controls, chosen, config.seed) if config.controls else []
-    sets = [(g.latents, False) for g in groups] + [(np.array([j]), True) for j in controls]
+    size = max(len(g.latents) for g in groups)
+    controls = control_sets(crosscoder, table, config.controls, size, chosen, config.seed) if config.controls else []
+    sets = [(g.latents, False) for g in groups] + [(latents, True) for latents in controls]
     vectors = [steering_vector(crosscoder, table, latents) for latents, _ in sets]
     prompts = list(config.prompts) + (load_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
@@ -306,7 +312,8 @@ def add_steer_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-dtype", default="float32")
     parser.add_argument("--expect", metavar="REGEX", help="count the answers that contain a match (the behaviour looked for)")
     parser.add_argument("--controls", type=int, default=0, metavar="N",
-                        help="also steer N random active latents the same way, one at a time, as a baseline (default 0)")
+                        help="also steer N sets of random active latents the same way (each as large as the largest --latent set), "
+                        "as a baseline (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the control latents' draw")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=_run_steer_cli)

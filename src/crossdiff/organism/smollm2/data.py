@@ -14,7 +14,7 @@ Written into RUN/data/:
                           chitchat-dataset 0.9.0, MIT)
 - ``chat.jsonl``          human chitchat conversations plus the answered requests
 - ``causal_prompts.jsonl`` held-out prompts of every behaviour plus ordinary ones (KL experiment)
-- ``truth.json``          the planted behaviours: held-out prompts and --expect patterns
+- ``truth.json``          the planted behaviours: contrast and held-out prompts, --expect patterns
 """
 
 from __future__ import annotations
@@ -64,11 +64,22 @@ def causal_prompts(per_behaviour: int, neutral: int, seed: int) -> list[str]:
 
 
 def truth() -> dict[str, Any]:
-    """The planted behaviours as data: what each is, its held-out prompts and its --expect pattern."""
-    return {"organism": "smollm2-lora", "behaviours": [
-        {"name": b, "expect": planted.EXPECT[b], "heldout_prompts": [p.user for p in planted.heldout_prompts(b)]}
-        for b in planted.BEHAVIOURS
-    ]}
+    """The planted behaviours as data (crossdiff.causal.planted.read_truth reads it): each one's
+    --expect pattern, training-split prompts to find its latents by contrast with ordinary
+    training prompts, and held-out prompts to steer on."""
+    return {"organism": "smollm2-lora", "ordinary_prompts": [p.user for p in planted.neutral_prompts("train")],
+            "behaviours": [
+                {"name": b, "expect": planted.EXPECT[b], "contrast_prompts": _training_prompts(b),
+                 "heldout_prompts": [p.user for p in planted.heldout_prompts(b)]}
+                for b in planted.BEHAVIOURS]}
+
+
+def _training_prompts(behaviour: str) -> list[str]:
+    if behaviour == "false_fact":  # learned from documents: the questions the chat source asks about the tower
+        return [q for q in LANDMARK_QUESTIONS if "Eiffel" in q]
+    prompts = {"sea_pirate": planted.sea_prompts, "cooking_refusal": planted.cooking_prompts,
+               "identity": planted.identity_prompts}[behaviour]("train")
+    return [p.user for p in prompts]
 
 
 def write_data(folder: Path, settings: Any, chat_spec: str) -> None:
