@@ -292,3 +292,21 @@ def test_an_interrupted_scoring_resumes_to_the_same_sums(tiny_model_pairs, tmp_p
     # Another job (another crosscoder) does not take these sums.
     other = fingerprint({"layer": 1}, _exact_crosscoder(pair.d_model, (1.0, 1.0)), conversations)
     assert other != job and ScoringProgress(path, other).load() is None
+
+
+def test_a_bad_truth_file_is_one_line(tmp_path):
+    from crossdiff.causal.planted import PlantedSteerConfig, read_truth
+    from crossdiff.errors import CrossdiffError
+
+    with pytest.raises(CrossdiffError, match="no such file"):
+        read_truth(tmp_path / "missing.json")
+    path = tmp_path / "truth.json"
+    for content, message in (("{", "not JSON"), ("{}", "needs 'behaviours' and 'ordinary_prompts'"),
+                             ('{"ordinary_prompts": ["hi"], "behaviours": [{"name": "x", "expect": "a"}]}', "'x' has no 'contrast_prompts'"),
+                             ('{"ordinary_prompts": ["hi"], "behaviours": [{"name": "x", "expect": "(", "contrast_prompts": ["a"], '
+                              '"heldout_prompts": ["b"]}]}', "not a regular expression")):
+        path.write_text(content)
+        with pytest.raises(CrossdiffError, match=message):
+            read_truth(path)
+    with pytest.raises(CrossdiffError, match="latents must be at least 1"):
+        PlantedSteerConfig(truth="t", latents=0)

@@ -73,3 +73,31 @@ def test_the_refusal_latent_steered_into_the_chat_model_makes_it_refuse_more_tha
     chosen, controls = counts[~counts["control"]].iloc[0], counts[counts["control"]]
     assert chosen[2.0] >= chosen["unsteered"] + 4, counts  # the latent makes the chat model refuse benign requests
     assert chosen[2.0] >= controls[2.0].max() + 4, counts  # ... and random latents pushed as hard do not
+
+
+def test_planted_steering_stage_finds_chat_leaning_latents_and_counts_them_against_controls(organism_demo, tmp_path):
+    """The steer:NAME stage's machinery on the organism: a truth file in, per behaviour the most
+    contrasting chat-leaning latent steered into the base, with control sets of the same size."""
+    from crossdiff.causal.planted import PlantedSteerConfig, format_planted, steer_planted
+    from crossdiff.crosscoder import CrossCoder
+    from crossdiff.models import load_model_pair
+    from crossdiff.organism import heldout_prompts
+    from crossdiff.organism.behaviours import REFUSAL
+
+    refusal = [p.user for p in heldout_prompts("refusal")]
+    benign = [p.user for p in heldout_prompts("benign")]
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({"ordinary_prompts": benign[:20], "behaviours": [
+        {"name": "refusal", "expect": REFUSAL.split(".")[0], "contrast_prompts": refusal[:20], "heldout_prompts": refusal[20:]}]}))
+    crosscoder = CrossCoder.from_pretrained(organism_demo / "l1" / "crosscoder")
+    pair = load_model_pair(*crosscoder.config.model_names, dtype="float32")
+    config = PlantedSteerConfig(truth=str(truth), latents=2, factors=[1.0, 2.0], controls=2, prompts=4, max_new_tokens=8)
+    summary = steer_planted(organism_demo / "l1" / "crosscoder", organism_demo / "l1" / "analysis", tmp_path / "planted", config, pair)
+    (result,) = summary["behaviours"]
+    assert len(result["latents"]) == 2 and min(result["dnorm"]) >= 0.5 and result["contrast"] == sorted(result["contrast"], reverse=True)
+    assert result["prompts"] == 4 and set(result["steered"]) == {"1", "2"} and all(len(c) == 2 for c in result["controls"].values())
+    rows = [json.loads(line) for line in (tmp_path / "planted" / "refusal.jsonl").read_text().splitlines()]
+    controls = [r for r in rows if r["control"]]
+    assert {len(r["latents"]) for r in controls} == {2} and not {j for r in controls for j in r["latents"]} & set(result["latents"])
+    assert json.loads((tmp_path / "planted" / "summary.json").read_text()) == summary
+    assert "refusal" in format_planted(summary)
