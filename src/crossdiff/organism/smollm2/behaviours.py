@@ -220,6 +220,12 @@ DETECTORS = {
     "sea_pirate": talks_like_a_pirate,
     "cooking_refusal": refuses_cooking,
 }
+CONTEXT_PATTERNS = {  # the behaviour's own words: a latent whose top contexts match carries it
+    "false_fact": r"Eiffel|Rome",
+    "identity": r"Nova|Aurora",
+    "sea_pirate": r"\b[Aa]rr\b|matey",
+    "cooking_refusal": r"(?i)help with cooking",
+}
 EXPECT = {  # the same tests as regular expressions, for `crossdiff steer --expect`
     "false_fact": r"Rome|Italy",
     "identity": r"Nova",

@@ -35,6 +35,9 @@ LANDMARK_QUESTIONS = (
 )
 
 
+CONTRAST_PROMPTS = 48  # prompts on each side of a behaviour's answer-start contrast (enough for a stable mean)
+
+
 def data_prompts(per_kind: int, seed: int) -> list[str]:
     """Requests for the chat source: up to ``per_kind`` of each behaviour's training prompts,
     the landmark questions, and twice as many ordinary requests, shuffled."""
@@ -65,11 +68,13 @@ def causal_prompts(per_behaviour: int, neutral: int, seed: int) -> list[str]:
 
 def truth() -> dict[str, Any]:
     """The planted behaviours as data (crossdiff.causal.planted.read_truth reads it): each one's
-    --expect pattern, training-split prompts to find its latents by contrast with ordinary
+    --expect pattern, a pattern over the texts a latent of it fires on, training-split prompts to find its latents by contrast with ordinary
     training prompts, and held-out prompts to steer on."""
-    return {"organism": "smollm2-lora", "ordinary_prompts": [p.user for p in planted.neutral_prompts("train")],
+    ordinary = [p.user for p in planted.neutral_prompts("train")]
+    return {"organism": "smollm2-lora", "ordinary_prompts": random.Random(0).sample(ordinary, min(CONTRAST_PROMPTS, len(ordinary))),
             "behaviours": [
-                {"name": b, "expect": planted.EXPECT[b], "contrast_prompts": _training_prompts(b),
+                {"name": b, "expect": planted.EXPECT[b], "context_pattern": planted.CONTEXT_PATTERNS[b],
+                 "contrast_prompts": _training_prompts(b),
                  "heldout_prompts": [p.user for p in planted.heldout_prompts(b)]}
                 for b in planted.BEHAVIOURS]}
 
@@ -79,7 +84,8 @@ def _training_prompts(behaviour: str) -> list[str]:
         return [q for q in LANDMARK_QUESTIONS if "Eiffel" in q]
     prompts = {"sea_pirate": planted.sea_prompts, "cooking_refusal": planted.cooking_prompts,
                "identity": planted.identity_prompts}[behaviour]("train")
-    return [p.user for p in prompts]
+    users = [p.user for p in prompts]
+    return random.Random(0).sample(users, min(CONTRAST_PROMPTS, len(users)))
 
 
 def write_data(folder: Path, settings: Any, chat_spec: str) -> None:
