@@ -68,6 +68,11 @@ def small_run(tmp_path_factory, tiny_tokenizer):
     steering = [{"latent": 1, "factor": 4.0, "model": "base", "prompt": "Hello there", "unsteered": "Hi!",
                  "steered": "I cannot help with <that>"}]
     (causal / "steering.jsonl").write_text("".join(json.dumps(row) + "\n" for row in steering))
+    (causal / "planted").mkdir()
+    (causal / "planted" / "summary.json").write_text(json.dumps({
+        "model": "base", "factors": [1.0, 2.0], "controls": 2, "behaviours": [
+            {"behaviour": "sea_<pirate>", "latents": [3, 5], "contrast": [0.4, 0.2], "dnorm": [0.9, 0.8], "prompts": 10,
+             "unsteered": 0, "steered": {"1": 4, "2": 9}, "controls": {"1": [0, 1], "2": [0, 2]}}]}))
     return run
 
 
@@ -294,3 +299,16 @@ def test_packed_examples_decode_to_the_stored_examples(small_run, tmp_path):
     assert checked > 50
     table = analysis.table
     assert set(digest.preview) == set(table.loc[~table["dead"], "latent"])
+
+
+def test_the_overview_names_the_top_findings_and_the_planted_steering(small_run, tmp_path):
+    """Each crosscoder's card lists its top chat-leaning latents (linked, with verdict and top
+    context, from summary.json's findings) and, where the steer stage ran, the planted table."""
+    index = build_report(small_run, tmp_path / "report")
+    page = index.read_text()
+    summary = json.loads((small_run / "l1" / "analysis" / "summary.json").read_text())
+    top = summary["findings"]["top_by_rank_sum"] or summary["findings"]["top_by_dnorm"]
+    assert top and f'href="#latent/l1/{top[0]["latent"]}"' in page and "Top findings" in page
+    card = page[page.index('data-key="l1"'):]
+    assert "Planted behaviours steered into the base" in card and "sea_&lt;pirate&gt;" in card and "9/10 / 2/10" in card
+    assert "Planted behaviours" not in page[page.index('data-key="batchtopk"'):page.index('data-key="l1"')]

@@ -43,6 +43,8 @@ class Analysis:
     """causal/kl.parquet, when the causal stage has run."""
     steering: pd.DataFrame | None = None
     """causal/steering.jsonl, when `crossdiff steer` has run."""
+    planted: dict[str, Any] | None = None
+    """causal/planted/summary.json, when a run's steer stage steered planted behaviours."""
     notes: list[str] = field(default_factory=list)
     """Parts left out, one line each (printed by the CLI)."""
 
@@ -142,6 +144,12 @@ def _read_causal(analysis: Analysis) -> None:
                 analysis.notes.append(f"{kl_path} lacks {', '.join(missing)}; the KL table and figure are left out")
             else:
                 analysis.kl = kl
+    planted_path = causal / "planted" / "summary.json"
+    if planted_path.is_file():
+        try:
+            analysis.planted = json.loads(planted_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            analysis.notes.append(f"{planted_path}: unreadable ({err}); the planted-behaviour steering is left out")
     if steering_path.is_file():
         rows = []
         for number, line in enumerate(steering_path.read_text().splitlines(), 1):

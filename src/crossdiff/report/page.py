@@ -105,10 +105,50 @@ def _overview_card(key: str, analysis: Analysis) -> str:
 <table class="kv">{body}</table>
 <div class="tags">{tag_cells}</div>
 {verdict}
+{_findings_table(key, s.get("findings") or {})}
+{_planted_table(analysis.planted)}
 {_kl_table(analysis.kl)}
 <p><a class="button" href="#latents/{key}">Latent table &rarr;</a></p>
 </div>
 """
+
+
+FINDINGS_ROWS = 10
+
+
+def _findings_table(key: str, findings: dict[str, Any]) -> str:
+    """The analysis's top chat-leaning latents (by Latent Scaling rank-sum, then by dnorm), each
+    with its verdict and top context, linked to its page: what to look at first."""
+    rows, seen = [], set()
+    for source in ("top_by_rank_sum", "top_by_dnorm"):
+        for row in findings.get(source) or []:
+            if row["latent"] not in seen and len(rows) < FINDINGS_ROWS:
+                seen.add(row["latent"])
+                rows.append(row)
+    if not rows:
+        return ""
+    body = "".join(
+        f'<tr><td><a href="#latent/{key}/{int(r["latent"])}">{int(r["latent"])}</a></td><td>{_num(r.get("dnorm"), 2) or "–"}</td>'
+        f'<td>{_e(r.get("verdict") or "–")}</td><td class="context">{_e(r.get("context") or "")}</td></tr>'
+        for r in rows)
+    return ('<h4>Top findings: the most chat-specific latents (Latent Scaling rank-sum, then relative norm)</h4>'
+            f'<table class="grid findings"><tr><th>latent</th><th>dnorm</th><th>verdict</th><th>top context</th></tr>{body}</table>')
+
+
+def _planted_table(planted: dict[str, Any] | None) -> str:
+    """Per planted behaviour: its latents and how often steering them into the base shows it, against controls."""
+    if not planted or not planted.get("behaviours"):
+        return ""
+    factors = [f"{f:g}" for f in planted.get("factors", [])]
+    head = "".join(f"<th>x{_e(f)}: steered / controls max</th>" for f in factors)
+    body = []
+    for r in planted["behaviours"]:
+        n = r.get("prompts", 0)
+        cells = "".join(f"<td>{r['steered'].get(f, 0)}/{n} / {max(r['controls'].get(f, []), default=0)}/{n}</td>" for f in factors)
+        latents = ", ".join(str(j) for j in r.get("latents", []))
+        body.append(f"<tr><td>{_e(r.get('behaviour'))}</td><td>{_e(latents)}</td><td>{r.get('unsteered', 0)}/{n}</td>{cells}</tr>")
+    return (f'<h4>Planted behaviours steered into the {_e(planted.get("model", "base"))} (answers showing each, of n held-out prompts)</h4>'
+            f'<table class="grid planted"><tr><th>behaviour</th><th>latents</th><th>unsteered</th>{head}</tr>{"".join(body)}</table>')
 
 
 def _kl_table(kl: pd.DataFrame | None) -> str:
