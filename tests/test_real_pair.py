@@ -82,3 +82,30 @@ def test_the_committed_adapter_loads_merged_records_its_identity_and_collects(tm
     recorded = manifest["config"]["model_identities"]
     assert recorded[1]["adapter_sha256"] == sha256_file(adapter / "adapter_model.safetensors")
     assert recorded[0]["gguf_sha256"] == recorded[1]["gguf_sha256"]
+
+
+def test_the_preservation_loss_is_the_kl_from_the_base_to_the_adapted_model(tiny_pair_paths):
+    """kl_to_base against brute force: the same network with the adapter off is the base, and the
+    loss is KL(base || adapted) averaged over the real (unpadded) tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from crossdiff.organism.smollm2.build import kl_to_base
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_pair_paths[0])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_pair_paths[0]), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    examples = [([5, 9, 14, 3], [5, 9, 14, 3]), ([7, 8], [7, 8])]
+    assert kl_to_base(model, examples).item() == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    expected = []
+    for ids, _ in examples:
+        x = torch.tensor([ids])
+        p = torch.log_softmax(base(input_ids=x).logits.double(), -1)
+        q = torch.log_softmax(model(input_ids=x).logits.double(), -1)
+        expected += (p.exp() * (p - q)).sum(-1)[0].tolist()
+    assert kl_to_base(model, examples).item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    assert kl_to_base(model, examples).item() > 1e-4
