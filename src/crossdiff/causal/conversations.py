@@ -81,7 +81,8 @@ def load_conversations(path: str, *, column: str = "messages", split: str = "tra
 
 
 def load_prompts(path: str, *, column: str = "prompt", limit: int | None = None) -> list[str]:
-    """User prompts: a .txt file (one per line) or a jsonl/parquet/dataset column of strings."""
+    """User prompts: a .txt file (one per line) or a jsonl/parquet/dataset column of strings or
+    of conversations (then each conversation's first user turn)."""
     file = Path(path)
     if file.suffix == ".txt":
         prompts = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -89,10 +90,17 @@ def load_prompts(path: str, *, column: str = "prompt", limit: int | None = None)
     source = TextSourceConfig(name="prompts", kind="text", path=path, column=column, max_docs=limit)
     prompts = []
     for row, value in iter_column(source):
+        if isinstance(value, (list, tuple, dict)):
+            value = first_user_turn(value)
         if not isinstance(value, str):
             raise CrossdiffError(f"{path}: row {row} of column '{column}' is {type(value).__name__}, expected a prompt string")
         prompts.append(value)
     return prompts
+
+
+def first_user_turn(conversation: Any) -> str:
+    """The content of a conversation's first user message ("" if it has none)."""
+    return next((m["content"] for m in normalize_messages(conversation) if m["role"] == "user"), "")
 
 
 def end_of_turn_ids(tokenizer: Any, model: Any = None) -> list[int]:
@@ -116,25 +124,39 @@ def end_of_turn_ids(tokenizer: Any, model: Any = None) -> list[int]:
 
 @torch.inference_mode()
 def answer_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-                   history: Sequence[Sequence[dict[str, str]]] | None = None) -> list[list[dict[str, str]]]:
-    """Conversations ``[user prompt, chat model's greedy answer]``, answers ending at end-of-turn."""
+                   history: Sequence[Sequence[dict[str, str]]] | None = None,
+                   max_len: int | None = None) -> list[list[dict[str, str]]]:
+    """Conversations ``[user prompt, chat model's greedy answer]``, answers ending at end-of-turn.
+
+    ``max_len`` (default: the model's max_position_embeddings) caps prompt plus answer: a
+    batch's answers stop where its longest prompt would run past it."""
+    from crossdiff.models import context_length
+
     stop = end_of_turn_ids(tokenizer, model)
     device = next(model.parameters()).device
+    max_len = max_len if max_len is not None else context_length(model)
     conversations = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         turns = [[*(history[start + i] if history else []), {"role": "user", "content": p}] for i, p in enumerate(chunk)]
-        answers = generate(model, tokenizer, turns, max_new_tokens=max_new_tokens, stop_ids=stop, device=device)
+        answers = generate(model, tokenizer, turns, max_new_tokens=max_new_tokens, stop_ids=stop, device=device,
+                           max_len=max_len)
         conversations.extend([*turn, {"role": "assistant", "content": answer}] for turn, answer in zip(turns, answers))
     return conversations
 
 
 def generate(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], *, max_new_tokens: int,
-             stop_ids: Sequence[int], device: torch.device) -> list[str]:
-    """Greedy replies to conversations that end with a user turn (left-padded batch)."""
-    rendered = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in conversations]
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
+             stop_ids: Sequence[int], device: torch.device, max_len: int | None = None) -> list[str]:
+    """Greedy replies to conversations that end with a user turn (left-padded batch).
+
+    With ``max_len``, prompt plus reply stay within ``max_len`` tokens (padding included, as
+    position ids count it); a batch whose longest prompt leaves no room gets empty replies."""
+    encoded = [prompt_ids(tokenizer, c) for c in conversations]
     width = max(len(ids) for ids in encoded)
+    if max_len is not None:
+        max_new_tokens = min(max_new_tokens, max_len - width)
+        if max_new_tokens < 1:
+            return [""] * len(conversations)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -148,6 +170,12 @@ def generate(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[s
         cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
         replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
     return replies
+
+
+def prompt_ids(tokenizer: Any, conversation: Sequence[dict[str, str]]) -> list[int]:
+    """The token ids a model continues to answer ``conversation`` (rendered with the generation prompt)."""
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def write_conversations(path: Path, conversations: list[list[dict[str, str]]]) -> None:
