@@ -7,6 +7,7 @@
     [train]          TrainConfig keys shared by every crosscoder (with its [train.data] table)
     [crosscoders.NAME]  one table per crosscoder: overrides of [train]; RUN/NAME/ holds it
     [analyze]        AnalysisConfig
+    [behaviour]      optional: BehaviourConfig, the behavioural diff (RUN/behaviour_diff.json), run first
     [causal]         optional: CausalConfig options for the KL experiment on every crosscoder
                      (``prompts`` are answered once by the chat model and shared by all)
     [models."ID"]    optional known shapes (d_model, n_layers, params, vocab) for --dry-run
@@ -29,7 +30,7 @@ from typing import Any, Literal
 from crossdiff.config import from_dict, load_file
 from crossdiff.errors import CrossdiffError
 
-TABLES = ("run", "data", "collect", "stream", "train", "crosscoders", "analyze", "causal", "models")
+TABLES = ("run", "data", "behaviour", "collect", "stream", "train", "crosscoders", "analyze", "causal", "models")
 # Set by the runner for each crosscoder, never by the recipe's [causal] table.
 CAUSAL_PER_CROSSCODER = ("crosscoder", "analysis_dir", "out", "compare")
 ACTIVATION_NAMES = {"batchtopk": "batchtopk", "relu": "l1", "topk": "topk"}
@@ -76,6 +77,8 @@ class Recipe:
     crosscoders: dict[str, Any]  # name -> TrainConfig
     analyze: Any  # AnalysisConfig
     data: DataSettings | None = None
+    behaviour: Any = None
+    """The [behaviour] table (a BehaviourConfig), or None: no behavioural diff."""
     causal: dict[str, Any] | None = None
     """The [causal] table (CausalConfig options shared by every crosscoder), or None: no KL experiment."""
     models: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -97,6 +100,7 @@ def load_recipe(path: str | Path, *, out: str | None = None) -> Recipe:
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str | None = None) -> Recipe:
     from crossdiff.analysis.pipeline import AnalysisConfig
+    from crossdiff.behaviour import BehaviourConfig
     from crossdiff.collect import CollectConfig
     from crossdiff.stream import StreamConfig
     from crossdiff.train import TrainConfig
@@ -136,11 +140,12 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
         analyze = from_dict(AnalysisConfig, data.get("analyze") or {}, "analyze")
         data_settings = from_dict(DataSettings, data["data"], "data") if "data" in data else None
         causal = _causal_table(data["causal"]) if "causal" in data else None
+        behaviour = from_dict(BehaviourConfig, data["behaviour"] or {}, "behaviour") if "behaviour" in data else None
         models = data.get("models") or {}
     except CrossdiffError as err:
         raise CrossdiffError(f"{source}: {err}") from None
     return Recipe(run=run, collect=collect, stream=stream, crosscoders=crosscoders, analyze=analyze,
-                  data=data_settings, causal=causal, models=models, source=source)
+                  data=data_settings, behaviour=behaviour, causal=causal, models=models, source=source)
 
 
 def _causal_table(table: Any) -> dict[str, Any]:

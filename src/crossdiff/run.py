@@ -9,6 +9,7 @@ sealed shard, training from its last checkpoint; analysis writes summary.json la
 Stages, for a recipe with crosscoders ``batchtopk`` and ``l1``::
 
     data              RUN/data/        (only with a [data] table: the organism's texts)
+    behaviour         RUN/behaviour_diff.json(l)  (with a [behaviour] table: both models' answers, KL per prompt)
     collect           RUN/cache/       (with train_from = "stream": a small cache for analysis only)
     train:batchtopk   RUN/batchtopk/crosscoder/   from the cache, or from a stream of both models
     train:l1          RUN/l1/crosscoder/
@@ -57,6 +58,8 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
     stages = []
     if recipe.data is not None:
         stages.append(Stage("data", lambda: _data_done(recipe), lambda: _write_data(recipe)))
+    if recipe.behaviour is not None:
+        stages.append(Stage("behaviour", (out / "behaviour_diff.json").is_file, lambda: _behaviour(recipe, quiet)))
     collect = _collect_config(recipe)
     stages.append(Stage("collect", lambda: _cache_complete(collect), lambda: _collect(collect, quiet), costs.collect))
     for name, config in recipe.crosscoders.items():
@@ -125,12 +128,19 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
                      f"{costs.hardware.kind} has {costs.hardware.memory_gib:g} GiB")
     lines.append("assumptions:")
     if any(stage.estimate is None for stage in stages):
-        lines.append("  - stages shown with '-' (data, causal, report) are not estimated; they are small next to the rest")
+        lines.append("  - stages shown with '-' (data, behaviour, causal, report) are not estimated; they are small next to the rest")
     lines.extend(f"  - {note}" for note in costs.assumptions())
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- stages
+
+
+def _behaviour(recipe: Recipe, quiet: bool) -> None:
+    from crossdiff.behaviour import run_behaviour
+
+    collect = recipe.collect
+    run_behaviour(recipe.behaviour, recipe.out, base=collect.base, chat=collect.chat, sources=collect.sources, quiet=quiet)
 
 
 def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
