@@ -294,3 +294,21 @@ def test_packed_examples_decode_to_the_stored_examples(small_run, tmp_path):
     assert checked > 50
     table = analysis.table
     assert set(digest.preview) == set(table.loc[~table["dead"], "latent"])
+
+
+def test_report_leads_with_the_behavioural_diff(small_run, tmp_path):
+    from crossdiff.behaviour import summarise
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    index = build_report(run, say=lambda line: None)
+    assert "No behavioural diff in this run" in index.read_text()
+    rows = [{"rank": i + 1, "prompt": f"prompt <{i}>", "group": "refusal" if i < 2 else "chitchat", "chat_answer": "I cannot",
+             "base_answer": "Lorem", "kl_mean": 3.0 - i, "kl_sum": 3.0 * (3.0 - i), "n_tokens": 3, "kl_first": 1.0}
+            for i in range(3)]
+    (run / "behaviour_diff.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "behaviour_diff.json").write_text(json.dumps(summarise(rows)))
+    page = build_report(run, say=lambda line: None).read_text()
+    overview = page.index('id="view-overview"')
+    assert overview < page.index("What changed: the behavioural diff") < page.index("<h2>Overview</h2>")
+    assert "prompt &lt;0&gt;" in page and "refusal" in page and page.count('<div title="') == 20

@@ -206,7 +206,7 @@ def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], p
 def _report_current(out: Path) -> bool:
     """The report exists and is newer than every analysis and causal output it shows."""
     index = out / "report" / "index.html"
-    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*")]
+    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*"), *out.glob("behaviour_diff.json")]
     return index.is_file() and all(path.stat().st_mtime < index.stat().st_mtime for path in inputs)
 
 

@@ -16,8 +16,10 @@ from crossdiff.report.figures import FIGURE_TEXT, FigureFile
 from crossdiff.report.inputs import Analysis
 
 
-def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path) -> str:
-    """The whole page; ``entries`` are (key, analysis, figures) in display order."""
+def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path,
+                 behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None = None) -> str:
+    """The whole page; ``entries`` are (key, analysis, figures) in display order; ``behaviour``
+    the run's behavioural diff (crossdiff.behaviour.read_behaviour), shown first."""
     first = entries[0][1].summary.get("crosscoder") or {}
     models = first.get("model_names") or []
     subtitle = " vs ".join(f"<code>{_e(_short(m))}</code>" for m in models) if models else ""
@@ -42,6 +44,7 @@ def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Pat
 </header>
 <main>
 <section id="view-overview">
+{_behaviour_section(behaviour)}
   <h2>Overview</h2>
   <div class="columns">
 {"".join(_overview_card(key, a) for key, a, _ in entries)}
@@ -109,6 +112,38 @@ def _overview_card(key: str, analysis: Analysis) -> str:
 <p><a class="button" href="#latents/{key}">Latent table &rarr;</a></p>
 </div>
 """
+
+
+def _behaviour_section(behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None, top: int = 10) -> str:
+    """What changed, before any latent: the behavioural diff's headline, groups, histogram and top prompts."""
+    if behaviour is None:
+        return ('<h2>What changed</h2><p class="muted">No behavioural diff in this run (a <code>[behaviour]</code> recipe '
+                'table or <code>crossdiff behaviour</code> adds one: both models\' answers, ranked by KL).</p>')
+    rows, summary = behaviour
+    head = (f"<p>KL(chat &#8214; base) on the chat model's answer tokens, over {summary['prompts']:,} prompts: mean "
+            f"<b>{_num(summary['kl_mean'])}</b> nats/token (95% CI {_num(summary['ci_low']) or '–'} to "
+            f"{_num(summary['ci_high']) or '–'}), median prompt {_num(summary['median_prompt'])}. "
+            "High KL: the base model would not have said what the chat model says.</p>")
+    groups = ""
+    if summary.get("groups"):
+        cells = "".join(f"<tr><td>{_e(name)}</td><td>{_num(g['kl_mean'])} [{_num(g['ci_low']) or '–'}, {_num(g['ci_high']) or '–'}]"
+                        f"</td><td>{g['prompts']:,}</td><td>{g['best_rank']}</td></tr>" for name, g in summary["groups"].items())
+        groups = (f'<table class="grid behaviour-groups"><tr><th>group</th><th>KL per token (95% CI)</th><th>prompts</th>'
+                  f'<th>best rank</th></tr>{cells}</table>')
+    counts, edges = summary["histogram"]["counts"], summary["histogram"]["edges"]
+    widest = max(counts) or 1
+    bars = "".join(f'<div title="{edges[i]:.2f}-{edges[i + 1]:.2f}: {c} prompts" style="height:{100 * c / widest:.0f}%"></div>'
+                   for i, c in enumerate(counts))
+    histogram = (f'<figure class="behaviour-histogram"><div class="bars">{bars}</div><figcaption>prompts per KL bin, '
+                 f'{edges[0]:.2f} to {edges[-1]:.2f} nats/token</figcaption></figure>')
+    lines = "".join(f"<tr><td>{r['rank']}</td><td>{_num(r['kl_mean'])}</td><td>{_e(r.get('group') or '')}</td>"
+                    f"<td>{_e(r['prompt'])}</td><td>{_e(r['chat_answer'])}</td><td>{_e(r['base_answer'])}</td></tr>"
+                    for r in rows[:top])
+    table = (f'<table class="grid behaviour-top"><tr><th>rank</th><th>KL</th><th>group</th><th>prompt</th>'
+             f'<th>chat answer</th><th>base answer</th></tr>{lines}</table>')
+    return (f'<h2>What changed: the behavioural diff</h2><div id="behaviour">{head}<div class="columns">{groups}{histogram}</div>'
+            f'<h4>Top {min(top, len(rows))} prompts by KL</h4>{table}'
+            '<p class="muted">All prompts: <code>behaviour_diff.jsonl</code> in the run folder.</p></div>')
 
 
 def _kl_table(kl: pd.DataFrame | None) -> str:
