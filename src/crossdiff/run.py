@@ -15,6 +15,8 @@ Stages, for a recipe with crosscoders ``batchtopk`` and ``l1``::
     train:l1          RUN/l1/crosscoder/
     analyze:batchtopk RUN/batchtopk/analysis/
     analyze:l1        RUN/l1/analysis/
+    findings:batchtopk RUN/batchtopk/findings.json  (with [behaviour]: latents ranked by evidence, grouped into concepts)
+    findings:l1       RUN/l1/findings.json
     causal:answers    RUN/data/causal_conversations.jsonl  (with [causal] prompts: the chat model's answers)
     causal:batchtopk  RUN/batchtopk/causal/    (with a [causal] table: the KL experiment)
     causal:l1         RUN/l1/causal/
@@ -76,6 +78,8 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
             lambda name=name: _analyze(recipe, name, quiet),
             costs.analyze,
         ))
+    if recipe.behaviour is not None:
+        stages += _findings_stages(recipe, quiet)
     if recipe.causal is not None:
         stages += _causal_stages(recipe, quiet)
     stages.append(Stage("report", lambda: _report_current(out), lambda: _report(out, quiet)))
@@ -143,6 +147,33 @@ def _behaviour(recipe: Recipe, quiet: bool) -> None:
     run_behaviour(recipe.behaviour, recipe.out, base=collect.base, chat=collect.chat, sources=collect.sources, quiet=quiet)
 
 
+def _findings_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
+    """Per crosscoder, RUN/NAME/findings.json: latents ranked by evidence and grouped into concepts
+    (crossdiff.analysis.concepts); one model pair serves every crosscoder."""
+    out, loaded = recipe.out, {}
+
+    def run(name: str) -> None:
+        from crossdiff.analysis.concepts import find_concepts, format_findings, write_findings
+        from crossdiff.analysis.table import read_table
+        from crossdiff.behaviour import read_behaviour
+        from crossdiff.crosscoder import CrossCoder
+
+        if "pair" not in loaded:
+            from crossdiff.models import load_model_pair
+
+            settings = recipe.behaviour
+            loaded["pair"] = load_model_pair(recipe.collect.base, recipe.collect.chat, dtype=settings.model_dtype, device=settings.device)
+        crosscoder = CrossCoder.from_pretrained(out / name / "crosscoder").to(loaded["pair"].device)
+        table = read_table(out / name / "analysis")
+        findings = find_concepts(crosscoder, table, pair=loaded["pair"], layer=recipe.collect.layer, behaviour=read_behaviour(out),
+                                 examples=out / name / "analysis" / "examples.sqlite")
+        write_findings(findings, out / name)
+        _say(quiet, format_findings(findings, name))
+
+    return [Stage(f"findings:{name}", lambda name=name: _newer(out / name / "findings.json", out / name / "analysis" / "summary.json"),
+                  lambda name=name: run(name)) for name in recipe.crosscoders]
+
+
 def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
     """The KL experiment on every crosscoder; prompts are answered once and shared by all, and
     one loaded model pair serves every crosscoder of the run."""
@@ -206,7 +237,8 @@ def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], p
 def _report_current(out: Path) -> bool:
     """The report exists and is newer than every analysis and causal output it shows."""
     index = out / "report" / "index.html"
-    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*"), *out.glob("behaviour_diff.json")]
+    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*"), *out.glob("behaviour_diff.json"),
+              *out.glob("*/findings.json")]
     return index.is_file() and all(path.stat().st_mtime < index.stat().st_mtime for path in inputs)
 
 

@@ -45,6 +45,7 @@ def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Pat
 <main>
 <section id="view-overview">
 {_behaviour_section(behaviour)}
+{_concepts_section(entries)}
   <h2>Overview</h2>
   <div class="columns">
 {"".join(_overview_card(key, a) for key, a, _ in entries)}
@@ -144,6 +145,37 @@ def _behaviour_section(behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | 
     return (f'<h2>What changed: the behavioural diff</h2><div id="behaviour">{head}<div class="columns">{groups}{histogram}</div>'
             f'<h4>Top {min(top, len(rows))} prompts by KL</h4>{table}'
             '<p class="muted">All prompts: <code>behaviour_diff.jsonl</code> in the run folder.</p></div>')
+
+
+def _concepts_section(entries: list[tuple[str, Analysis, list[FigureFile]]], shown: int = 10) -> str:
+    """The concepts of each crosscoder's findings.json (crossdiff.analysis.concepts), when the run has them."""
+    from crossdiff.analysis.concepts import read_findings
+
+    cards = []
+    for key, analysis, _ in entries:
+        findings = read_findings(analysis.crosscoder_dir)
+        if findings is None:
+            continue
+        latents = {e["latent"]: e for e in findings["latents"]}
+        rows = []
+        for concept in findings["concepts"][:shown]:
+            lead = latents[concept["lead"]]
+            links = ", ".join(f'<a href="#latent/{key}/{i}">{i}</a>' for i in concept["latents"])
+            kind = "chat template" if concept.get("kind") == "chat template" else _e(concept.get("group") or "")
+            promotes = " ".join(_e(repr(t)) for t in concept.get("promotes_chat", []))
+            rows.append(f"<tr><td>{concept['concept']}</td><td>{links}</td><td>{kind}</td><td>{lead['rank']}</td>"
+                        f"<td>{_num(lead['dnorm'], 2)}</td><td>{_e(lead['verdict'])}</td><td><code>{_e(concept.get('context') or '')}</code></td>"
+                        f"<td><code>{promotes}</code></td></tr>")
+        cards.append(f'<div class="card concepts" data-key="{key}"><h3>{_e(analysis.name)}: {len(findings["concepts"])} concepts '
+                     f'among the top {len(findings["latents"])} latents</h3><table class="grid"><tr><th>concept</th><th>latents</th>'
+                     f'<th>group</th><th>best rank</th><th>dnorm</th><th>lead verdict</th><th>lead context</th>'
+                     f'<th>promotes in chat</th></tr>{"".join(rows)}</table></div>')
+    if not cards:
+        return ""
+    return ('<h2>Concepts: the latents that carry it</h2><p class="muted">Chat-leaning latents ranked by evidence (dnorm relative '
+            'to its distribution, the contrast between high-KL and low-KL prompts, Latent Scaling rejections last) and grouped '
+            'into concepts; <code>findings.json</code> beside each analysis holds every number.</p>'
+            f'<div class="columns">{"".join(cards)}</div>')
 
 
 def _kl_table(kl: pd.DataFrame | None) -> str:
