@@ -77,7 +77,7 @@ def test_organism_recipe_end_to_end_then_skips_and_resumes(tmp_path, capsys):
     toy = _toy_recipe(tmp_path)
     out = tmp_path / "run"
     assert main(["run", str(toy), "--out", str(out), "--quiet"]) == 0
-    assert "11 stage(s) ran, 0 already done" in capsys.readouterr().out
+    assert "13 stage(s) ran, 0 already done" in capsys.readouterr().out
     assert (out / "behaviour_diff.json").is_file() and (out / "behaviour_diff.jsonl").is_file()
     for name in ("batchtopk", "l1"):
         assert (out / name / "crosscoder" / "model.safetensors").is_file()
@@ -95,7 +95,7 @@ def test_organism_recipe_end_to_end_then_skips_and_resumes(tmp_path, capsys):
     shutil.rmtree(out / "l1" / "crosscoder")
     shutil.rmtree(out / "l1" / "analysis")
     outcome = run_recipe(recipe, quiet=True)
-    assert [n for n, what in outcome.items() if what == "ran"] == ["train:l1", "analyze:l1", "causal:l1", "report"]
+    assert [n for n, what in outcome.items() if what == "ran"] == ["train:l1", "analyze:l1", "findings:l1", "causal:l1", "report"]
     assert (out / "l1" / "crosscoder" / "model.safetensors").read_bytes() == weights
 
 
