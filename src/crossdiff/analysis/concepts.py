@@ -264,7 +264,7 @@ def _ids(latents: list[int], shown: int = 6) -> str:
 
 def _majority(values: list[Any]) -> Any:
     present = [v for v in values if v is not None]
-    return max(set(present), key=present.count) if present else None
+    return max(present, key=present.count) if present else None  # ties: the best-ranked latent's
 
 
 def _counts(values: list[str]) -> dict[str, int]:
