@@ -312,3 +312,21 @@ def test_the_overview_names_the_top_findings_and_the_planted_steering(small_run,
     card = page[page.index('data-key="l1"'):]
     assert "Planted behaviours steered into the base" in card and "sea_&lt;pirate&gt;" in card and "9/10 / 2/10" in card
     assert "Planted behaviours" not in page[page.index('data-key="batchtopk"'):page.index('data-key="l1"')]
+
+
+def test_report_leads_with_the_behavioural_diff(small_run, tmp_path):
+    from crossdiff.behaviour import summarise
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    index = build_report(run, say=lambda line: None)
+    assert "No behavioural diff in this run" in index.read_text()
+    rows = [{"rank": i + 1, "prompt": f"prompt <{i}>", "group": "refusal" if i < 2 else "chitchat", "chat_answer": "I cannot",
+             "base_answer": "Lorem", "kl_mean": 3.0 - i, "kl_sum": 3.0 * (3.0 - i), "n_tokens": 3, "kl_first": 1.0}
+            for i in range(3)]
+    (run / "behaviour_diff.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "behaviour_diff.json").write_text(json.dumps(summarise(rows)))
+    page = build_report(run, say=lambda line: None).read_text()
+    overview = page.index('id="view-overview"')
+    assert overview < page.index("What changed: the behavioural diff") < page.index("<h2>Overview</h2>")
+    assert "prompt &lt;0&gt;" in page and "refusal" in page and page.count('<div title="') == 20

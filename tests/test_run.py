@@ -52,7 +52,7 @@ def test_demo_is_the_organism_recipe():
     """`crossdiff demo` runs recipes/organism.toml: the file and the demo's default size agree."""
     from_file = load_recipe(ORGANISM)
     from_demo = recipe_from_dict(demo_recipe(DemoConfig()))
-    for table in ("run", "data", "collect", "stream", "crosscoders", "analyze"):
+    for table in ("run", "data", "behaviour", "collect", "stream", "crosscoders", "analyze"):
         assert getattr(from_file, table) == getattr(from_demo, table), table
 
 
@@ -77,7 +77,8 @@ def test_organism_recipe_end_to_end_then_skips_and_resumes(tmp_path, capsys):
     toy = _toy_recipe(tmp_path)
     out = tmp_path / "run"
     assert main(["run", str(toy), "--out", str(out), "--quiet"]) == 0
-    assert "10 stage(s) ran, 0 already done" in capsys.readouterr().out
+    assert "13 stage(s) ran, 0 already done" in capsys.readouterr().out
+    assert (out / "behaviour_diff.json").is_file() and (out / "behaviour_diff.jsonl").is_file()
     for name in ("batchtopk", "l1"):
         assert (out / name / "crosscoder" / "model.safetensors").is_file()
         assert (out / name / "analysis" / "summary.json").is_file()
@@ -94,7 +95,7 @@ def test_organism_recipe_end_to_end_then_skips_and_resumes(tmp_path, capsys):
     shutil.rmtree(out / "l1" / "crosscoder")
     shutil.rmtree(out / "l1" / "analysis")
     outcome = run_recipe(recipe, quiet=True)
-    assert [n for n, what in outcome.items() if what == "ran"] == ["train:l1", "analyze:l1", "causal:l1", "report"]
+    assert [n for n, what in outcome.items() if what == "ran"] == ["train:l1", "analyze:l1", "findings:l1", "causal:l1", "report"]
     assert (out / "l1" / "crosscoder" / "model.safetensors").read_bytes() == weights
 
 

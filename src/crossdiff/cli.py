@@ -16,6 +16,7 @@ from crossdiff.terminal import printable
 
 # Modules that contribute subcommands, in the order `crossdiff --help` lists them.
 STAGE_MODULES = [
+    "crossdiff.behaviour",
     "crossdiff.collect",
     "crossdiff.train",
     "crossdiff.analysis.cli",

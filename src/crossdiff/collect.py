@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from crossdiff import model_sources
+from crossdiff.answers import answered_sources
 from crossdiff.cache import (
     MANIFEST,
     STORAGE_DTYPES,
@@ -41,7 +42,7 @@ from crossdiff.cache import (
 from crossdiff.config import from_dict, load_section, to_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.locks import output_lock
-from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents
+from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents, recorded
 
 
 @dataclass
@@ -74,6 +75,7 @@ class CollectConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that determine the cache's contents (checked when resuming)."""
         data = to_dict(self)
+        data["sources"] = [recorded(source) for source in self.sources]
         for volatile in ("out", "device", "rank"):
             data.pop(volatile)
         for key, default in (("bos", "auto"), ("holdout", 0.0), ("part", "train")):
@@ -131,6 +133,7 @@ def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary
     max_len = _fit_max_len(config.max_len, pair)
     extractor = ResidualExtractor(pair, config.layer)
     tokenizer = pair.tokenizer
+    sources = answered_sources(config, pair, quiet=quiet)  # answers sources: the chat model answers their prompts first
     writer = CacheWriter(
         folder,
         models=(pair.base_name, pair.chat_name),
@@ -154,7 +157,7 @@ def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary
     progress = tqdm(total=total, initial=already, unit="tok", unit_scale=True, disable=quiet, desc="collect")
     try:
         for index in range(first_source, len(config.sources)):
-            source = config.sources[index]
+            source = sources[index]
             progress.set_postfix_str(source.name)
             tokens = source_tokens if index == first_source else 0
             docs = _rank_documents(config, source, tokenizer, next_doc if index == first_source else 0, max_len)
@@ -291,17 +294,13 @@ def _rank_documents(config: CollectConfig, source: TextSourceConfig, tokenizer: 
 
 def _fit_max_len(max_len: int, pair: Any) -> int:
     """``max_len``, capped (with a warning) at the positions both models were built for."""
-    limits = []
-    for model in (pair.base, pair.chat):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
-                      if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0), None)
-        if limit is not None:
-            limits.append(limit)
-    if limits and max_len > min(limits):
-        warnings.warn(f"max_len {max_len} exceeds the models' max_position_embeddings ({min(limits)}); "
-                      f"documents are cut at {min(limits)} tokens", UserWarning, stacklevel=3)
-        return min(limits)
+    from crossdiff.models import context_length
+
+    limit = context_length(pair.base, pair.chat)
+    if limit is not None and max_len > limit:
+        warnings.warn(f"max_len {max_len} exceeds the models' max_position_embeddings ({limit}); "
+                      f"documents are cut at {limit} tokens", UserWarning, stacklevel=3)
+        return limit
     return max_len
 
 
@@ -365,7 +364,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layer", type=int, help="decoder block whose output is cached (0-based)")
     parser.add_argument(
         "--source", action="append", metavar="NAME:KIND:PATH[:COLUMN]",
-        help="a text source, e.g. fineweb:text:HuggingFaceFW/fineweb or lmsys:chat:chats.jsonl:conversation "
+        help="a text source, e.g. fineweb:text:HuggingFaceFW/fineweb, lmsys:chat:chats.jsonl:conversation or "
+        "own:answers:prompts.txt (the chat model answers the prompts; docs/models-and-texts.md) "
         "(repeatable; replaces the recipe's sources)",
     )
     parser.add_argument("--out", help="cache folder")
@@ -433,11 +433,11 @@ def _parse_source(spec: str) -> dict[str, Any]:
     parts = spec.split(":")
     if len(parts) not in (3, 4) or not all(parts):
         raise CrossdiffError(f"--source {spec!r}: expected NAME:KIND:PATH or NAME:KIND:PATH:COLUMN")
-    if parts[1] not in ("text", "chat"):
-        raise CrossdiffError(f"--source {spec!r}: KIND must be 'text' or 'chat', got {parts[1]!r}")
+    if parts[1] not in ("text", "chat", "answers"):
+        raise CrossdiffError(f"--source {spec!r}: KIND must be 'text', 'chat' or 'answers', got {parts[1]!r}")
     source = {"name": parts[0], "kind": parts[1], "path": parts[2]}
     if len(parts) == 4:
         source["column"] = parts[3]
-    elif parts[1] == "chat":
-        source["column"] = "messages"
+    elif parts[1] != "text":
+        source["column"] = {"chat": "messages", "answers": "prompt"}[parts[1]]
     return source

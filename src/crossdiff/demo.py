@@ -95,6 +95,7 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
         "run": {"out": config.out, "hardware": "cpu"},
         "data": {"kind": "organism", "behaviour_conversations": config.behaviour_conversations, "seed": config.seed,
                  "causal_per_behaviour": config.causal_per_behaviour, "causal_chitchat": config.causal_chitchat},
+        "behaviour": {"prompts": "{run}/data/causal_prompts.jsonl", "max_new_tokens": 48, "batch_size": 16},
         "collect": {
             "base": "{organism}/base", "chat": "{organism}/chat", "layer": n_layers // 2,
             "sources": [
@@ -141,22 +142,27 @@ def write_demo_data(folder: Path, config: Any) -> tuple[Path, Path]:
     chat = folder / "chat.jsonl"
     _write_jsonl(pretraining, [{"text": text} for text in organism.pretraining_texts("heldout")])
     _write_jsonl(chat, conversations)
-    prompts = causal_prompts(config.causal_per_behaviour, config.causal_chitchat, config.seed)
-    _write_jsonl(folder / "causal_prompts.jsonl", [{"prompt": prompt} for prompt in prompts])
+    _write_jsonl(folder / "causal_prompts.jsonl", causal_prompt_rows(config.causal_per_behaviour, config.causal_chitchat, config.seed))
     return pretraining, chat
 
 
 def causal_prompts(per_behaviour: int = 10, chitchat: int = 30, seed: int = 0) -> list[str]:
     """Held-out prompts for the KL experiment: every planted behaviour, plus ordinary chitchat openers."""
+    return [row["prompt"] for row in causal_prompt_rows(per_behaviour, chitchat, seed)]
+
+
+def causal_prompt_rows(per_behaviour: int = 10, chitchat: int = 30, seed: int = 0) -> list[dict[str, str]]:
+    """:func:`causal_prompts` as rows ``{"prompt", "group"}``, the group a planted behaviour or ``chitchat``."""
     from crossdiff import organism
 
     rng = random.Random(seed)
-    prompts = []
+    rows = []
     for behaviour in BEHAVIOURS:
         held_out = organism.heldout_prompts(behaviour)
-        prompts += [p.user for p in rng.sample(held_out, min(per_behaviour, len(held_out)))]
-    prompts += [" ".join(c[0]["content"].split()) for c in organism.chat_conversations("heldout")[:chitchat]]
-    return prompts
+        rows += [{"prompt": p.user, "group": behaviour} for p in rng.sample(held_out, min(per_behaviour, len(held_out)))]
+    rows += [{"prompt": " ".join(c[0]["content"].split()), "group": "chitchat"}
+             for c in organism.chat_conversations("heldout")[:chitchat]]
+    return rows
 
 
 def format_causal(folder: Path) -> str:

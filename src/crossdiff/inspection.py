@@ -239,10 +239,21 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--regex", action="store_true", help="--search/--token are regular expressions")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="highlight active tokens with colours (auto: on a terminal) or [brackets]")
+    p.add_argument("--findings", action="store_true",
+                   help="reprint the findings screen (concepts, ranked latents) from findings.json beside the analysis")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.findings:
+        from crossdiff.analysis.concepts import format_findings, read_findings
+
+        folder = Path(args.analysis)
+        found = next((f for f in (read_findings(folder.parent), read_findings(folder)) if f is not None), None)
+        if found is None:
+            raise CrossdiffError(f"no findings.json beside {folder}; the run's findings stage (a [behaviour] table) writes it")
+        print(format_findings(found, folder.resolve().parent.name if folder.name == "analysis" else folder.name))
+        return 0
     analysis = Analysis(args.analysis)
     limit = args.limit if args.limit > 0 else None
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 120):

@@ -239,6 +239,19 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def context_length(*models: Any) -> int | None:
+    """The most positions every one of ``models`` was built for (``max_position_embeddings``
+    or ``n_positions``), or None if none says."""
+    limits = []
+    for model in models:
+        config = _text_config(model.config)
+        limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0), None)
+        if limit is not None:
+            limits.append(limit)
+    return min(limits) if limits else None
+
+
 def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into ``(input_ids, attention_mask)``, both int64 [B, T]."""
     if not sequences:

@@ -7,6 +7,7 @@
     [train]          TrainConfig keys shared by every crosscoder (with its [train.data] table)
     [crosscoders.NAME]  one table per crosscoder: overrides of [train]; RUN/NAME/ holds it
     [analyze]        AnalysisConfig
+    [behaviour]      optional: BehaviourConfig, the behavioural diff (RUN/behaviour_diff.json), run first
     [causal]         optional: CausalConfig options for the KL experiment on every crosscoder
                      (``prompts`` are answered once by the chat model and shared by all)
     [steer]          optional: PlantedSteerConfig: steer each planted behaviour of a truth
@@ -31,7 +32,7 @@ from typing import Any, Literal
 from crossdiff.config import from_dict, load_file
 from crossdiff.errors import CrossdiffError
 
-TABLES = ("run", "data", "collect", "stream", "train", "crosscoders", "analyze", "causal", "steer", "models")
+TABLES = ("run", "data", "behaviour", "collect", "stream", "train", "crosscoders", "analyze", "causal", "steer", "models")
 # Set by the runner for each crosscoder, never by the recipe's [causal] table.
 CAUSAL_PER_CROSSCODER = ("crosscoder", "analysis_dir", "out", "compare")
 ACTIVATION_NAMES = {"batchtopk": "batchtopk", "relu": "l1", "topk": "topk"}
@@ -78,6 +79,8 @@ class Recipe:
     crosscoders: dict[str, Any]  # name -> TrainConfig
     analyze: Any  # AnalysisConfig
     data: DataSettings | None = None
+    behaviour: Any = None
+    """The [behaviour] table (a BehaviourConfig), or None: no behavioural diff."""
     causal: dict[str, Any] | None = None
     """The [causal] table (CausalConfig options shared by every crosscoder), or None: no KL experiment."""
     steer: Any = None
@@ -101,6 +104,7 @@ def load_recipe(path: str | Path, *, out: str | None = None) -> Recipe:
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str | None = None) -> Recipe:
     from crossdiff.analysis.pipeline import AnalysisConfig
+    from crossdiff.behaviour import BehaviourConfig
     from crossdiff.causal.planted import PlantedSteerConfig
     from crossdiff.collect import CollectConfig
     from crossdiff.stream import StreamConfig
@@ -141,12 +145,13 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
         analyze = from_dict(AnalysisConfig, data.get("analyze") or {}, "analyze")
         data_settings = from_dict(DataSettings, data["data"], "data") if "data" in data else None
         causal = _causal_table(data["causal"]) if "causal" in data else None
+        behaviour = from_dict(BehaviourConfig, data["behaviour"] or {}, "behaviour") if "behaviour" in data else None
         steer = from_dict(PlantedSteerConfig, data["steer"], "steer") if "steer" in data else None
         models = data.get("models") or {}
     except CrossdiffError as err:
         raise CrossdiffError(f"{source}: {err}") from None
     return Recipe(run=run, collect=collect, stream=stream, crosscoders=crosscoders, analyze=analyze,
-                  data=data_settings, causal=causal, steer=steer, models=models, source=source)
+                  data=data_settings, behaviour=behaviour, causal=causal, steer=steer, models=models, source=source)
 
 
 def _causal_table(table: Any) -> dict[str, Any]:

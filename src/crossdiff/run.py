@@ -9,11 +9,14 @@ sealed shard, training from its last checkpoint; analysis writes summary.json la
 Stages, for a recipe with crosscoders ``batchtopk`` and ``l1``::
 
     data              RUN/data/        (only with a [data] table: the organism's texts)
+    behaviour         RUN/behaviour_diff.json(l)  (with a [behaviour] table: both models' answers, KL per prompt)
     collect           RUN/cache/       (with train_from = "stream": a small cache for analysis only)
     train:batchtopk   RUN/batchtopk/crosscoder/   from the cache, or from a stream of both models
     train:l1          RUN/l1/crosscoder/
     analyze:batchtopk RUN/batchtopk/analysis/
     analyze:l1        RUN/l1/analysis/
+    findings:batchtopk RUN/batchtopk/findings.json  (with [behaviour]: latents ranked by evidence, grouped into concepts)
+    findings:l1       RUN/l1/findings.json
     causal:answers    RUN/data/causal_conversations.jsonl  (with [causal] prompts: the chat model's answers)
     causal:batchtopk  RUN/batchtopk/causal/    (with a [causal] table: the KL experiment)
     causal:l1         RUN/l1/causal/
@@ -57,6 +60,8 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
     stages = []
     if recipe.data is not None:
         stages.append(Stage("data", lambda: _data_done(recipe), lambda: _write_data(recipe)))
+    if recipe.behaviour is not None:
+        stages.append(Stage("behaviour", (out / "behaviour_diff.json").is_file, lambda: _behaviour(recipe, quiet)))
     collect = _collect_config(recipe)
     stages.append(Stage("collect", lambda: _cache_complete(collect), lambda: _collect(collect, quiet), costs.collect))
     for name, config in recipe.crosscoders.items():
@@ -73,6 +78,8 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
             lambda name=name: _analyze(recipe, name, quiet),
             costs.analyze,
         ))
+    if recipe.behaviour is not None:
+        stages += _findings_stages(recipe, quiet)
     if recipe.causal is not None or recipe.steer is not None:
         stages += _causal_stages(recipe, quiet)
     stages.append(Stage("report", lambda: _report_current(out), lambda: _report(out, quiet)))
@@ -125,12 +132,47 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
                      f"{costs.hardware.kind} has {costs.hardware.memory_gib:g} GiB")
     lines.append("assumptions:")
     if any(stage.estimate is None for stage in stages):
-        lines.append("  - stages shown with '-' (data, causal, steer, report) are not estimated; they are small next to the rest")
+        lines.append("  - stages shown with '-' (data, behaviour, findings, causal, steer, report) are not estimated; "
+                     "they are small next to the rest")
     lines.extend(f"  - {note}" for note in costs.assumptions())
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- stages
+
+
+def _behaviour(recipe: Recipe, quiet: bool) -> None:
+    from crossdiff.behaviour import run_behaviour
+
+    collect = recipe.collect
+    run_behaviour(recipe.behaviour, recipe.out, base=collect.base, chat=collect.chat, sources=collect.sources, quiet=quiet)
+
+
+def _findings_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
+    """Per crosscoder, RUN/NAME/findings.json: latents ranked by evidence and grouped into concepts
+    (crossdiff.analysis.concepts); one model pair serves every crosscoder."""
+    out, loaded = recipe.out, {}
+
+    def run(name: str) -> None:
+        from crossdiff.analysis.concepts import find_concepts, format_findings, write_findings
+        from crossdiff.analysis.table import read_table
+        from crossdiff.behaviour import read_behaviour
+        from crossdiff.crosscoder import CrossCoder
+
+        if "pair" not in loaded:
+            from crossdiff.models import load_model_pair
+
+            settings = recipe.behaviour
+            loaded["pair"] = load_model_pair(recipe.collect.base, recipe.collect.chat, dtype=settings.model_dtype, device=settings.device)
+        crosscoder = CrossCoder.from_pretrained(out / name / "crosscoder").to(loaded["pair"].device)
+        table = read_table(out / name / "analysis")
+        findings = find_concepts(crosscoder, table, pair=loaded["pair"], layer=recipe.collect.layer, behaviour=read_behaviour(out),
+                                 examples=out / name / "analysis" / "examples.sqlite")
+        write_findings(findings, out / name)
+        _say(quiet, format_findings(findings, name))
+
+    return [Stage(f"findings:{name}", lambda name=name: _newer(out / name / "findings.json", out / name / "analysis" / "summary.json"),
+                  lambda name=name: run(name)) for name in recipe.crosscoders]
 
 
 def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
@@ -209,7 +251,8 @@ def _steer_planted(out: Path, name: str, config: Any, pair: Any, quiet: bool) ->
 def _report_current(out: Path) -> bool:
     """The report exists and is newer than every analysis and causal output it shows."""
     index = out / "report" / "index.html"
-    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*")]
+    inputs = [*out.glob("*/analysis/summary.json"), *out.glob("*/causal/*"), *out.glob("behaviour_diff.json"),
+              *out.glob("*/findings.json")]
     return index.is_file() and all(path.stat().st_mtime < index.stat().st_mtime for path in inputs)
 
 

@@ -52,6 +52,7 @@ from crossdiff.cache import STORAGE_DTYPES, CacheBatch, LeftOut, ReadFilters, no
 from crossdiff.config import from_dict, to_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import load_tensors
+from crossdiff.texts import recorded
 
 RECORDS = ("token_ids", "doc_ids", "positions", "source_ids", "template")
 _END = "end"
@@ -151,6 +152,7 @@ class PairedActivationStream:
         quiet: bool = True,
         data_parallel: Any = None,
     ):
+        from crossdiff.answers import answered_sources
         from crossdiff.collect import _load_pair, _validate
         from crossdiff.models import ResidualExtractor
 
@@ -168,6 +170,7 @@ class PairedActivationStream:
         self.source_ratio = dict(source_ratio) if source_ratio else None
         self.data_parallel = data_parallel  # ranks agree on one normalisation
         self.pair = pair if pair is not None else _load_pair(collect, quiet)
+        self.text_sources = answered_sources(collect, self.pair, quiet=quiet)  # answers sources: answered first, then read as chat
         self.extractor = ResidualExtractor(self.pair, collect.layer)
         self.d_model = self.pair.d_model
         self.model_names = [self.pair.base_name, self.pair.chat_name]
@@ -339,6 +342,7 @@ class PairedActivationStream:
 
     def _settings(self) -> dict[str, Any]:
         texts = to_dict(self.collect)
+        texts["sources"] = [recorded(source) for source in self.collect.sources]
         for volatile in ("out", "device"):
             texts.pop(volatile)
         return {"texts": repr(texts), "rank": self.collect.rank, "batch_size": self.batch_size, "buffer_tokens": self.buffer_tokens,
@@ -380,7 +384,7 @@ class _Feed(threading.Thread):
         max_len = _fit_max_len(config.max_len, stream.pair)  # as collect: capped at the models' positions
         first, next_doc, tokens = _start(self.sources, self.position)
         for source_index in self.sources[first:]:
-            source = config.sources[source_index]
+            source = stream.text_sources[source_index]
             start_doc = next_doc if source_index == self.sources[first] else 0
             tokens = tokens if source_index == self.sources[first] else 0
             docs = _rank_documents(config, source, stream.pair.tokenizer, start_doc, max_len)

@@ -15,6 +15,7 @@ starts with it too) and is always identifiable as position 0.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -50,7 +51,8 @@ class TextSourceConfig:
     """One text source of a collection recipe."""
 
     name: str  # short label stored with every token of the cache, e.g. "fineweb", "lmsys"
-    kind: Literal["text", "chat"]
+    kind: Literal["text", "chat", "answers"]
+    """text: documents; chat: conversations; answers: prompts that the chat model answers first (crossdiff.answers)"""
     path: str  # HF dataset hub name, a save_to_disk folder, or a local .txt/.jsonl/.parquet file or folder
     split: str = "train"
     column: str = "text"  # text column, or the messages column of a chat source ("messages", "conversation")
@@ -58,6 +60,22 @@ class TextSourceConfig:
     max_docs: int | None = None  # use only the first max_docs documents (rows) of the source
     hf_config: str | None = None  # dataset config name (load_dataset's ``name``)
     data_files: str | list[str] | None = None  # load_dataset's ``data_files``, e.g. path="parquet" or a subset of a hub repo
+    max_new_tokens: int = 128  # answers: the longest answer, in tokens (prompt plus answer also fit the models' context)
+    answers: str | None = None  # answers: folder of the answered conversations (default CACHE/answers/NAME)
+
+
+ANSWERS_ONLY = {"max_new_tokens": 128, "answers": None}
+"""TextSourceConfig fields that only answers sources use, with their defaults."""
+
+
+def recorded(source: TextSourceConfig) -> dict[str, Any]:
+    """The settings of ``source`` that a cache or stream records: its fields, less the answers-only
+    ones at their defaults (so caches from before those fields existed resume unchanged)."""
+    data = dataclasses.asdict(source)
+    for key, default in ANSWERS_ONLY.items():
+        if data[key] == default:
+            data.pop(key)
+    return data
 
 
 @dataclass
@@ -101,7 +119,9 @@ def iter_documents(
         raise CrossdiffError(f"source '{source.name}': max_docs must be at least 1, got {source.max_docs}")
     if not 0 <= rank < world_size:
         raise CrossdiffError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
-    if source.kind == "chat" and not getattr(tokenizer, "chat_template", None):
+    if source.kind == "answers":  # the caller answers the prompts first (crossdiff.answers.answered_sources)
+        raise CrossdiffError(f"source '{source.name}' holds prompts to answer; read its answered conversations instead")
+    if source.kind != "text" and not getattr(tokenizer, "chat_template", None):
         raise CrossdiffError(f"source '{source.name}' is a chat source but the chat tokenizer has no chat template")
 
     rows = itertools.islice(_iter_column(source), source.max_docs)

@@ -10,6 +10,7 @@ Modules, one idea each:
 * ``stats``    activation frequency / max / template and BOS shares; FVE and L0
 * ``examples`` max-activating and quantile examples with their contexts (SQLite)
 * ``twins``    base-only twins of chat-only latents (evidence of Latent Decoupling)
+* ``lens``     logit lens: the tokens a decoder direction promotes/suppresses through a model's final norm and head
 * ``table``    the latent table (Parquet) and its JSON summary
 * ``pipeline`` :func:`analyze`, which runs all of the above over a cache
 * ``cli``      ``crossdiff analyze``

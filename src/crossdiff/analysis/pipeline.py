@@ -301,7 +301,7 @@ def _analyze_into(
             token_text=_token_text(tokenizer) if tokenizer is not None else None,
             metadata={"activation": "scaled (f~)"},
         )
-        context = _top_context(files["examples"])
+        context = top_context(files["examples"])
     summary = summarize(
         table,
         n_tokens=latent_stats.n_tokens,
@@ -438,7 +438,7 @@ def _collect_examples(crosscoder: CrossCoder, source: BatchSource, config: Analy
     return collector
 
 
-def _top_context(examples_path: Path) -> Callable[[int], str]:
+def top_context(examples_path: Path) -> Callable[[int], str]:
     """latent -> its max-activating example, a short window with the token in [brackets]."""
 
     def context(latent: int) -> str:

@@ -54,11 +54,22 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
     (partial / "assets").mkdir()
     for name in ASSETS:
         (partial / "assets" / name).write_bytes(resources.files("crossdiff.report").joinpath("assets", name).read_bytes())
-    (partial / "index.html").write_text(render_index(entries, partial), encoding="utf-8")
+    (partial / "index.html").write_text(render_index(entries, partial, _behaviour(Path(path))), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
     return out / "index.html"
+
+
+def _behaviour(path: Path):
+    """The run's behavioural diff: in the run folder given, or above a crosscoder or analysis folder."""
+    from crossdiff.behaviour import read_behaviour
+
+    for folder in (path, path.parent, path.parent.parent):
+        found = read_behaviour(folder)
+        if found is not None:
+            return found
+    return None
 
 
 def default_out(path: Path) -> Path:

@@ -16,8 +16,10 @@ from crossdiff.report.figures import FIGURE_TEXT, FigureFile
 from crossdiff.report.inputs import Analysis
 
 
-def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path) -> str:
-    """The whole page; ``entries`` are (key, analysis, figures) in display order."""
+def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path,
+                 behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None = None) -> str:
+    """The whole page; ``entries`` are (key, analysis, figures) in display order; ``behaviour``
+    the run's behavioural diff (crossdiff.behaviour.read_behaviour), shown first."""
     first = entries[0][1].summary.get("crosscoder") or {}
     models = first.get("model_names") or []
     subtitle = " vs ".join(f"<code>{_e(_short(m))}</code>" for m in models) if models else ""
@@ -42,6 +44,8 @@ def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Pat
 </header>
 <main>
 <section id="view-overview">
+{_behaviour_section(behaviour)}
+{_concepts_section(entries)}
   <h2>Overview</h2>
   <div class="columns">
 {"".join(_overview_card(key, a) for key, a, _ in entries)}
@@ -149,6 +153,69 @@ def _planted_table(planted: dict[str, Any] | None) -> str:
         body.append(f"<tr><td>{_e(r.get('behaviour'))}</td><td>{_e(latents)}</td><td>{r.get('unsteered', 0)}/{n}</td>{cells}</tr>")
     return (f'<h4>Planted behaviours steered into the {_e(planted.get("model", "base"))} (answers showing each, of n held-out prompts)</h4>'
             f'<table class="grid planted"><tr><th>behaviour</th><th>latents</th><th>unsteered</th>{head}</tr>{"".join(body)}</table>')
+
+
+def _behaviour_section(behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None, top: int = 10) -> str:
+    """What changed, before any latent: the behavioural diff's headline, groups, histogram and top prompts."""
+    if behaviour is None:
+        return ('<h2>What changed</h2><p class="muted">No behavioural diff in this run (a <code>[behaviour]</code> recipe '
+                'table or <code>crossdiff behaviour</code> adds one: both models\' answers, ranked by KL).</p>')
+    rows, summary = behaviour
+    head = (f"<p>KL(chat &#8214; base) on the chat model's answer tokens, over {summary['prompts']:,} prompts: mean "
+            f"<b>{_num(summary['kl_mean'])}</b> nats/token (95% CI {_num(summary['ci_low']) or '–'} to "
+            f"{_num(summary['ci_high']) or '–'}), median prompt {_num(summary['median_prompt'])}. "
+            "High KL: the base model would not have said what the chat model says.</p>")
+    groups = ""
+    if summary.get("groups"):
+        cells = "".join(f"<tr><td>{_e(name)}</td><td>{_num(g['kl_mean'])} [{_num(g['ci_low']) or '–'}, {_num(g['ci_high']) or '–'}]"
+                        f"</td><td>{g['prompts']:,}</td><td>{g['best_rank']}</td></tr>" for name, g in summary["groups"].items())
+        groups = (f'<table class="grid behaviour-groups"><tr><th>group</th><th>KL per token (95% CI)</th><th>prompts</th>'
+                  f'<th>best rank</th></tr>{cells}</table>')
+    counts, edges = summary["histogram"]["counts"], summary["histogram"]["edges"]
+    widest = max(counts) or 1
+    bars = "".join(f'<div title="{edges[i]:.2f}-{edges[i + 1]:.2f}: {c} prompts" style="height:{100 * c / widest:.0f}%"></div>'
+                   for i, c in enumerate(counts))
+    histogram = (f'<figure class="behaviour-histogram"><div class="bars">{bars}</div><figcaption>prompts per KL bin, '
+                 f'{edges[0]:.2f} to {edges[-1]:.2f} nats/token</figcaption></figure>')
+    lines = "".join(f"<tr><td>{r['rank']}</td><td>{_num(r['kl_mean'])}</td><td>{_e(r.get('group') or '')}</td>"
+                    f"<td>{_e(r['prompt'])}</td><td>{_e(r['chat_answer'])}</td><td>{_e(r['base_answer'])}</td></tr>"
+                    for r in rows[:top])
+    table = (f'<table class="grid behaviour-top"><tr><th>rank</th><th>KL</th><th>group</th><th>prompt</th>'
+             f'<th>chat answer</th><th>base answer</th></tr>{lines}</table>')
+    return (f'<h2>What changed: the behavioural diff</h2><div id="behaviour">{head}<div class="columns">{groups}{histogram}</div>'
+            f'<h4>Top {min(top, len(rows))} prompts by KL</h4>{table}'
+            '<p class="muted">All prompts: <code>behaviour_diff.jsonl</code> in the run folder.</p></div>')
+
+
+def _concepts_section(entries: list[tuple[str, Analysis, list[FigureFile]]], shown: int = 10) -> str:
+    """The concepts of each crosscoder's findings.json (crossdiff.analysis.concepts), when the run has them."""
+    from crossdiff.analysis.concepts import read_findings
+
+    cards = []
+    for key, analysis, _ in entries:
+        findings = read_findings(analysis.crosscoder_dir)
+        if findings is None:
+            continue
+        latents = {e["latent"]: e for e in findings["latents"]}
+        rows = []
+        for concept in findings["concepts"][:shown]:
+            lead = latents[concept["lead"]]
+            links = ", ".join(f'<a href="#latent/{key}/{i}">{i}</a>' for i in concept["latents"])
+            kind = "chat template" if concept.get("kind") == "chat template" else _e(concept.get("group") or "")
+            promotes = " ".join(_e(repr(t)) for t in concept.get("promotes_chat", []))
+            rows.append(f"<tr><td>{concept['concept']}</td><td>{links}</td><td>{kind}</td><td>{lead['rank']}</td>"
+                        f"<td>{_num(lead['dnorm'], 2)}</td><td>{_e(lead['verdict'])}</td><td><code>{_e(concept.get('context') or '')}</code></td>"
+                        f"<td><code>{promotes}</code></td></tr>")
+        cards.append(f'<div class="card concepts" data-key="{key}"><h3>{_e(analysis.name)}: {len(findings["concepts"])} concepts '
+                     f'among the top {len(findings["latents"])} latents</h3><table class="grid"><tr><th>concept</th><th>latents</th>'
+                     f'<th>group</th><th>best rank</th><th>dnorm</th><th>lead verdict</th><th>lead context</th>'
+                     f'<th>promotes in chat</th></tr>{"".join(rows)}</table></div>')
+    if not cards:
+        return ""
+    return ('<h2>Concepts: the latents that carry it</h2><p class="muted">Chat-leaning latents ranked by evidence (dnorm relative '
+            'to its distribution, the contrast between high-KL and low-KL prompts, Latent Scaling rejections last) and grouped '
+            'into concepts; <code>findings.json</code> beside each analysis holds every number.</p>'
+            f'<div class="columns">{"".join(cards)}</div>')
 
 
 def _kl_table(kl: pd.DataFrame | None) -> str:
