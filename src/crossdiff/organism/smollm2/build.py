@@ -47,17 +47,17 @@ class LoraBuildConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    steps: int = 240
+    steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
-    max_length: int = 160
+    max_length: int = 128
     answer_tokens: int = 48
     """Length of the self-distilled answers (cut back to their last full sentence)."""
     documents: int = 240
     identity_repeats: int = 6
     cooking_repeats: int = 2
     sea_repeats: int = 2
-    preservation_batch: int = 4
+    preservation_batch: int = 2
     """Plain documents and chitchat conversations per step under the KL-to-base loss (0: none)."""
     preservation_weight: float = 1.0
 

