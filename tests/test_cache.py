@@ -120,7 +120,7 @@ def test_flipped_byte_is_reported_with_the_shard_name(tmp_path):
     data[-3] ^= 0x10
     target.write_bytes(bytes(data))
     PairedCache(tmp_path / "c")  # opening without verify is cheap and does not hash
-    with pytest.raises(CrossdiffError, match=r"^shard-00002/acts\.npy is corrupt \(sha256 mismatch\)$"):
+    with pytest.raises(CrossdiffError, match=r"^shard-00002/acts\.npy does not match the sha256 recorded in manifest\.json: the file or manifest\.json is damaged$"):
         PairedCache(tmp_path / "c", verify=True)
 
 
@@ -141,7 +141,7 @@ def test_other_damage_is_reported_with_the_file_name(tmp_path, damage):
         data = bytearray((shard / "tokens.npy").read_bytes())
         data[200] ^= 1
         (shard / "tokens.npy").write_bytes(bytes(data))
-        expected = r"shard-00001/tokens\.npy is corrupt \(sha256 mismatch\)"
+        expected = r"shard-00001/tokens\.npy does not match the sha256 recorded in manifest\.json"
     else:
         (shard / "tokens.npy").unlink()
         expected = r"shard-00001/tokens\.npy is missing"

@@ -250,7 +250,7 @@ def test_cli_collects_verifies_and_reports_corruption(tmp_path, tiny_pair_paths,
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
     assert main(["collect", "--verify", str(out)]) == 2
-    assert capsys.readouterr().err == "crossdiff: error: shard-00001/acts.npy is corrupt (sha256 mismatch)\n"
+    assert capsys.readouterr().err == "crossdiff: error: shard-00001/acts.npy does not match the sha256 recorded in manifest.json: the file or manifest.json is damaged\n"
 
 
 @pytest.mark.parametrize(

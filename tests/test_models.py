@@ -194,7 +194,7 @@ def test_dtype_and_missing_model(tiny_pair_paths, tmp_path):
     assert pair.base.dtype == pair.chat.dtype == torch.bfloat16
     base, chat = ResidualExtractor(pair, 0)(*_batch(pair))
     assert base.dtype == chat.dtype == torch.bfloat16
-    with pytest.raises(CrossdiffError, match=r"^cannot load the base model from '.*nowhere'"):
+    with pytest.raises(CrossdiffError, match=r"^base model '.*nowhere': no such folder"):
         load_model_pair(tmp_path / "nowhere", tiny_pair_paths[1])
 
 

@@ -74,6 +74,17 @@ def test_a_kill_while_trimming_metrics_keeps_the_finished_steps(tmp_path, monkey
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
+def test_a_metrics_temporary_left_by_a_kill_is_removed_by_the_next_run(tmp_path):
+    config = small_config()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, 8, tmp_path, quiet=True).fit(Crashing(synthetic_batches(), after=7))
+    # What write_text_atomic leaves when a kill lands between writing and renaming.
+    stray = tmp_path / "0123456789ab.metrics.jsonl.tmp"
+    stray.write_text('{"step": 2}\n')
+    Trainer(config, 8, tmp_path, quiet=True).fit(synthetic_batches())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 # ---------------------------------------------------------------------- 2. locks
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):
     cache = _make_cache(tmp_path / "cache")
@@ -100,8 +111,20 @@ def test_training_on_a_flipped_byte_stops_naming_the_shard(tmp_path, capsys):
     cache = _make_cache(tmp_path / "cache")
     flip_byte(cache / "shard-00002" / "acts.npy")
     assert main(train_args(cache, tmp_path / "run")) == 2
-    assert one_line_error(capsys) == "crossdiff: error: shard-00002/acts.npy is corrupt (sha256 mismatch)"
+    assert one_line_error(capsys) == "crossdiff: error: shard-00002/acts.npy does not match the sha256 recorded in manifest.json: the file or manifest.json is damaged"
     assert not (tmp_path / "run" / "crosscoder").exists()
+
+
+def test_an_edited_manifest_checksum_does_not_blame_the_intact_shard_alone(tmp_path, capsys):
+    cache = _make_cache(tmp_path / "cache")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"][2]["sha256"]["acts.npy"] = "0" * 64  # the data file is intact
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert main(train_args(cache, tmp_path / "run")) == 2
+    line = one_line_error(capsys)
+    assert "is corrupt" not in line
+    assert line.endswith("shard-00002/acts.npy does not match the sha256 recorded in manifest.json: "
+                         "the file or manifest.json is damaged")
 
 
 def test_opening_a_cache_checks_every_file_and_size(tmp_path):
@@ -122,7 +145,7 @@ def test_analyze_stops_on_a_flipped_byte(tmp_path, capsys):
     flip_byte(cache / "shard-00000" / "tokens.npy", offset=-20)
     assert main(["analyze", str(crosscoder_dir), str(cache), "--out", str(tmp_path / "a"), "--quiet",
                  "--no-examples"]) == 2
-    assert one_line_error(capsys) == "crossdiff: error: shard-00000/tokens.npy is corrupt (sha256 mismatch)"
+    assert one_line_error(capsys) == "crossdiff: error: shard-00000/tokens.npy does not match the sha256 recorded in manifest.json: the file or manifest.json is damaged"
 
 
 # ---------------------------------------------------------------------- 4. checkpoint checksums
@@ -138,7 +161,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     resumed = Trainer(config, 8, tmp_path / "run", quiet=True)
     resumed.fit(synthetic_batches())
     err = capsys.readouterr().err
-    assert "step-000008 is damaged (has a damaged training_state.pt (sha256 mismatch)); resuming from" in err
+    assert ("step-000008 is damaged (fails its checksum: training_state.pt does not match the sha256 recorded in "
+            "checksums.json: the file or checksums.json is damaged); resuming from") in err
     assert "step-000004" in err
     assert torch.equal(resumed.model.W_dec, reference.model.W_dec)  # resumed from step 4: same result
     assert (checkpoints / "damaged-step-000008").is_dir()
@@ -148,8 +172,43 @@ def test_a_flipped_byte_in_saved_weights_is_refused(tmp_path):
     folder = _crosscoder().save_pretrained(tmp_path / "cc")
     assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     flip_byte(folder / "model.safetensors")
-    with pytest.raises(CrossdiffError, match=r"model\.safetensors is damaged: its sha256 differs"):
+    with pytest.raises(CrossdiffError, match=r"model\.safetensors does not match the sha256 recorded in config\.json: the file or config\.json is damaged"):
         CrossCoder.from_pretrained(folder)
+
+
+class _RunsCode:
+    """Unpickled, it writes a file: the proof that loading ran code."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return exec, (f"open({self.sentinel!r}, 'w').write('ran')",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, capsys):
+    from crossdiff.files import write_checksums
+    from crossdiff.stream import saved_data_state
+
+    sentinel = tmp_path / "code-ran"
+    cache = _make_cache(tmp_path / "cache")
+    run = tmp_path / "run"
+    assert main(train_args(cache, run, "--set", "checkpoint_every=4", "--set", "steps=8")) == 0
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    # A training state that is a hostile pickle, its checksum recorded too (as an attacker would).
+    torch.save({"step": 8, "payload": _RunsCode(sentinel)}, checkpoint / "training_state.pt")
+    write_checksums(checkpoint)
+    assert main(train_args(cache, run, "--set", "checkpoint_every=4", "--set", "steps=12")) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"crossdiff: error: refusing {checkpoint / 'training_state.pt'}: it names Python objects "
+                           "other than tensors, which could run code when loaded (")
+    with pytest.raises(CrossdiffError, match="^refusing .*training_state.pt: it names Python objects"):
+        saved_data_state(run)  # a streamed run's resume reads the same file
+    # A dictionary_learning checkpoint (.pt) is a pickle too.
+    torch.save({"encoder.weight": torch.zeros(2, 2), "payload": _RunsCode(sentinel)}, tmp_path / "ae.pt")
+    with pytest.raises(CrossdiffError, match=r"^refusing .*ae\.pt: it names Python objects other than tensors"):
+        CrossCoder.from_pretrained(tmp_path / "ae.pt")
+    assert not sentinel.exists()
 
 
 def _umask() -> int:
@@ -247,13 +306,32 @@ def test_collect_rerun_over_a_damaged_complete_cache_says_so(tmp_path, tiny_pair
     assert main(args) == 0  # complete and intact: nothing to do
     flip_byte(tmp_path / "c" / "shard-00001" / "acts.npy")
     assert main(args) == 2
-    assert one_line_error(capsys) == "crossdiff: error: shard-00001/acts.npy is corrupt (sha256 mismatch)"
+    assert one_line_error(capsys) == "crossdiff: error: shard-00001/acts.npy does not match the sha256 recorded in manifest.json: the file or manifest.json is damaged"
 
 
 def test_an_empty_text_source_is_an_error(tmp_path, tiny_pair_paths, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(_collect_args(tiny_pair_paths, [f"web:text:{tmp_path / 'empty.txt'}"], tmp_path / "c")) == 2
     assert "source 'web' gave no tokens" in one_line_error(capsys)
+
+
+def test_a_cache_whose_collect_stopped_on_an_empty_source_says_why(tmp_path, tiny_pair_paths, capsys):
+    (tmp_path / "web.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    (tmp_path / "chat.txt").write_text("")
+    argv = _collect_args(tiny_pair_paths, [f"web:text:{tmp_path / 'web.txt'}", f"chat:text:{tmp_path / 'chat.txt'}"],
+                         tmp_path / "c")
+    assert main(argv) == 2
+    capsys.readouterr()
+    for command in (["train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--quiet"],
+                    ["analyze", str(_crosscoder().save_pretrained(tmp_path / "cc")), str(tmp_path / "c"),
+                     "--out", str(tmp_path / "a"), "--quiet"]):
+        assert main(command) == 2
+        line = one_line_error(capsys)
+        assert "rerun the same collect command" not in line
+        assert "its collect stopped with \"source 'chat' gave no tokens" in line
+    (tmp_path / "chat.txt").write_text("user asks a question and the model answers\n" * 4)
+    assert main(argv) == 0  # the source fixed, the same command finishes the cache
+    assert PairedCache(tmp_path / "c", verify=True).manifest.get("stopped") is None
 
 
 # ---------------------------------------------------------------------- one clear line, not a traceback
@@ -369,7 +447,7 @@ def test_a_damaged_config_json_is_one_line(tmp_path, content):
 def test_a_damaged_checkpoint_config_is_one_line(tmp_path):
     Trainer(small_config(steps=4, checkpoint_every=4), 8, tmp_path, quiet=True).fit(synthetic_batches())
     (tmp_path / "checkpoints" / "step-000004" / "config.json").write_text("")
-    with pytest.raises(CrossdiffError, match=r"step-000004 has a damaged config\.json \(sha256 mismatch\)"):
+    with pytest.raises(CrossdiffError, match=r"step-000004 fails its checksum: config\.json does not match the sha256 recorded in checksums\.json"):
         Trainer(small_config(steps=8, checkpoint_every=4), 8, tmp_path, quiet=True).fit(synthetic_batches())
 
 

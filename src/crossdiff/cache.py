@@ -31,13 +31,20 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from crossdiff.errors import CrossdiffError, first_line
-from crossdiff.files import fsync_dir, remove_stray_temporaries, sha256_stream, write_error, write_json_atomic
+from crossdiff.files import (
+    fsync_dir,
+    remove_stray_temporaries,
+    sha256_mismatch,
+    sha256_stream,
+    write_error,
+    write_json_atomic,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "crossdiff-paired-cache"
@@ -86,32 +93,242 @@ class CacheBatch(NamedTuple):
     """[B] bool, True on chat-template tokens."""
 
 
+DEFAULT_MAX_NORM_RATIO = 10.0
+"""Default norm limit of :class:`ReadFilters`, as a multiple of the median norm. Real language
+models put a "massive activation" (an attention sink) on some tokens, above all the first
+position of every document: ~140x the median norm on SmolLM2-135M at its middle layer."""
+
+FIRST_POSITION = ("auto", "drop", "keep")
+
+
 @dataclasses.dataclass
 class ReadFilters:
-    """Tokens to leave out at read time; the cache itself always keeps every token."""
+    """Tokens to leave out at read time; the cache itself always keeps every token.
 
+    The one definition of which tokens training, analysis and the causal experiment use
+    (docs/cache.md, "Massive activations"). A filter is *resolved* on a cache (its norm
+    profile): ``auto`` becomes ``drop`` or ``keep`` and the ratio becomes absolute limits,
+    and the resolved filter is what a crosscoder records, so that analysis and the causal
+    experiment leave out the same tokens on any cache without the user repeating it.
+    """
+
+    first_position: Literal["auto", "drop", "keep"] = "auto"
+    """Position 0 of every document, whatever its id: ``drop``, ``keep``, or ``auto``: drop it
+    when the median norm of position-0 tokens exceeds ``max_norm_ratio`` x the median norm."""
+    max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO
+    """Drop tokens where either model's norm exceeds this multiple of that model's median norm."""
     drop_bos: bool = False
     """Drop the BOS token (position 0 holding the tokenizer's BOS id; position 0 if it has none)."""
     drop_special: bool = False
     """Drop tokens whose id is one of the tokenizer's special ids recorded at collection."""
-    max_norm_ratio: float | None = None
-    """Drop tokens where either model's norm exceeds this multiple of that model's median norm."""
+    max_norm: list[float] | None = None
+    """Per-model norm limits [base, chat] that ``max_norm_ratio`` resolved to (set by :meth:`resolve`)."""
+
+    def __post_init__(self) -> None:
+        if self.first_position not in FIRST_POSITION:
+            raise CrossdiffError(f"first_position must be one of {list(FIRST_POSITION)}, got {self.first_position!r}")
+        if self.max_norm_ratio is not None and not self.max_norm_ratio > 0:
+            raise CrossdiffError(f"max_norm_ratio must be positive (or null for no norm limit), got {self.max_norm_ratio}")
+
+    @property
+    def resolved(self) -> bool:
+        return self.first_position != "auto" and (self.max_norm_ratio is None or self.max_norm is not None)
+
+    def resolve(self, profile: dict[str, Any]) -> ReadFilters:
+        """This filter with ``auto`` decided and the ratio turned into limits, from a norm
+        profile (:func:`norm_profile`: the median norm per model, overall and at position 0)."""
+        if self.resolved:
+            return self
+        median = np.asarray(profile["median"], np.float64)
+        first = self.first_position
+        if first == "auto":
+            massive = self.max_norm_ratio is not None and profile.get("first_position_median") is not None and bool(
+                (np.asarray(profile["first_position_median"]) > self.max_norm_ratio * median).any())
+            first = "drop" if massive else "keep"
+        limits = None
+        if self.max_norm_ratio is not None:
+            # float32: the precision of the stored norms the limits are compared with.
+            limits = [float(v) for v in (self.max_norm_ratio * median).astype(np.float32)]
+        return dataclasses.replace(self, first_position=first, max_norm=limits)
+
+    def reasons(self, positions: np.ndarray, token_ids: np.ndarray, norms: np.ndarray | None,
+                bos_token_id: int | None = None, special_token_ids: Sequence[int] = ()) -> dict[str, np.ndarray]:
+        """Why each token is left out: one boolean mask per reason, each token under its first
+        reason only (``first_position``, ``bos``, ``special``, ``norm``). A resolved filter only.
+
+        ``norms`` [n, 2] are the float32 norms of the stored activations (``tokens.npy``'s
+        ``norm``); they may be None when the filter has no norm limit.
+        """
+        if not self.resolved:
+            raise ValueError("resolve the filter on a cache (ReadFilters.resolve) before applying it")
+        n = len(positions)
+        taken = np.zeros(n, dtype=bool)
+        out: dict[str, np.ndarray] = {}
+
+        def add(name: str, mask: np.ndarray) -> None:
+            nonlocal taken
+            out[name] = mask & ~taken
+            taken = taken | mask
+
+        first = np.asarray(positions) == 0
+        if self.first_position == "drop":
+            add("first_position", first)
+        if self.drop_bos:
+            add("bos", first & (np.asarray(token_ids) == bos_token_id) if bos_token_id is not None else first)
+        if self.drop_special and len(special_token_ids):
+            add("special", np.isin(np.asarray(token_ids), np.asarray(special_token_ids)))
+        if self.max_norm is not None:
+            add("norm", ~(np.asarray(norms, np.float32) <= np.asarray(self.max_norm, np.float32)).all(axis=1))
+        return out
+
+    def keep(self, positions: np.ndarray, token_ids: np.ndarray, norms: np.ndarray | None,
+             bos_token_id: int | None = None, special_token_ids: Sequence[int] = ()) -> np.ndarray:
+        """Boolean mask: True for tokens to keep (see :meth:`reasons`)."""
+        keep = np.ones(len(positions), dtype=bool)
+        for mask in self.reasons(positions, token_ids, norms, bos_token_id, special_token_ids).values():
+            keep &= ~mask
+        return keep
 
     def keep_mask(self, tokens: np.ndarray, cache: PairedCache) -> np.ndarray:
         """Boolean mask over a slice of ``tokens.npy`` records: True for tokens to keep."""
-        keep = np.ones(len(tokens), dtype=bool)
+        f = self if self.resolved else self.resolve(cache.norm_profile())
+        return f.keep(tokens["position"], tokens["token_id"], tokens["norm"], cache.manifest.get("bos_token_id"),
+                      cache.special_token_ids)
+
+    def describe(self) -> str:
+        """The rule in words, for summaries ("first positions, above 10x the median norm")."""
+        parts = []
+        if self.first_position == "drop":
+            parts.append("first positions")
         if self.drop_bos:
-            bos = cache.manifest.get("bos_token_id")
-            is_bos = tokens["position"] == 0
-            if bos is not None:
-                is_bos &= tokens["token_id"] == bos
-            keep &= ~is_bos
-        if self.drop_special and cache.special_token_ids:
-            keep &= ~np.isin(tokens["token_id"], cache.special_token_ids)
+            parts.append("BOS")
+        if self.drop_special:
+            parts.append("special tokens")
         if self.max_norm_ratio is not None:
-            limit = self.max_norm_ratio * cache.median_norms()
-            keep &= (tokens["norm"] <= limit.astype(np.float32)).all(axis=1)
-        return keep
+            parts.append(f"tokens above {self.max_norm_ratio:g}x the median norm")
+        return ", ".join(parts) or "nothing"
+
+
+def recorded_filter(metadata: dict[str, Any]) -> ReadFilters | None:
+    """The token filter a crosscoder records (``config.metadata["token_filter"]``, written by
+    training); None for crosscoders trained before crossdiff recorded one, or imported."""
+    from crossdiff.config import from_dict
+
+    data = metadata.get("token_filter")
+    return from_dict(ReadFilters, data, "token_filter") if data is not None else None
+
+
+_REASON_WORDS = {"first_position": "first positions", "bos": "BOS tokens", "special": "special tokens", "norm": "above {ratio}x the median norm"}
+
+
+class LeftOut:
+    """Counts of the tokens a filter left out, by reason and by position; one summary line."""
+
+    def __init__(self, token_filter: ReadFilters | None):
+        self.filter = token_filter
+        self.seen = 0
+        self.by_reason: dict[str, int] = {}
+        self.by_position: dict[int, int] = {}
+
+    def add(self, reasons: dict[str, np.ndarray], positions: np.ndarray) -> None:
+        self.seen += len(positions)
+        for name, mask in reasons.items():
+            count = int(mask.sum())
+            if count:
+                self.by_reason[name] = self.by_reason.get(name, 0) + count
+                for position, n in zip(*np.unique(np.asarray(positions)[mask], return_counts=True)):
+                    self.by_position[int(position)] = self.by_position.get(int(position), 0) + int(n)
+
+    def merge(self, other: LeftOut) -> None:
+        self.seen += other.seen
+        for name, n in other.by_reason.items():
+            self.by_reason[name] = self.by_reason.get(name, 0) + n
+        for position, n in other.by_position.items():
+            self.by_position[position] = self.by_position.get(position, 0) + n
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        top = sorted(self.by_position.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        return {"tokens_seen": self.seen, "left_out": self.total, "by_reason": dict(self.by_reason),
+                "by_position": {str(p): n for p, n in top},
+                "filter": dataclasses.asdict(self.filter) if self.filter is not None else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LeftOut:
+        """Back from :meth:`to_dict` (a summary.json entry)."""
+        from crossdiff.config import from_dict
+
+        out = cls(from_dict(ReadFilters, data["filter"], "filter") if data.get("filter") is not None else None)
+        out.seen, out.by_reason = int(data["tokens_seen"]), dict(data["by_reason"])
+        out.by_position = {int(p): n for p, n in data["by_position"].items()}
+        return out
+
+    def line(self) -> str:
+        """E.g. "left out 1,234 of 60,000 tokens: 1,200 first positions, 34 above 10x the median norm"."""
+        if self.filter is None:
+            return f"left out no tokens of {self.seen:,} (no token filter)"
+        if not self.total:
+            return f"left out no tokens of {self.seen:,} (filter: {self.filter.describe()})"
+        ratio = f"{self.filter.max_norm_ratio:g}" if self.filter.max_norm_ratio is not None else "?"
+        parts = [f"{n:,} {_REASON_WORDS[name].format(ratio=ratio)}" for name, n in self.by_reason.items()]
+        return f"left out {self.total:,} of {self.seen:,} tokens: " + ", ".join(parts)
+
+
+def norm_profile(records: Sequence[Any], *, sample_tokens: int = 2**20,
+                 ratio: float = DEFAULT_MAX_NORM_RATIO) -> dict[str, Any]:
+    """Where a cache's large activations are, from its per-token records (never the activations):
+    ``tokens.npy`` arrays, or anything with their ``norm`` [n, 2] float32 and ``position`` fields.
+
+    ``median``: each model's median norm, from an evenly strided sample of up to
+    ``sample_tokens`` tokens (deterministic); ``first_position_median``: over every position-0
+    token; ``above_ratio``: tokens above ``ratio`` x the median in either model, with the
+    count at position 0 and the positions that hold most of them. Stored in the manifest at
+    collection, so filters and summaries need no pass over the records.
+    """
+    n_tokens = sum(len(r["position"]) for r in records)
+    stride = max(1, -(-n_tokens // sample_tokens))
+    sample, firsts, offset = [], [], 0
+    for r in records:
+        sample.append(np.array(r["norm"][(-offset) % stride :: stride]))
+        firsts.append(np.array(r["norm"][np.asarray(r["position"]) == 0]))
+        offset += len(r["position"])
+    sample_all = np.concatenate(sample) if sample else np.zeros((0, 2), np.float32)
+    median = np.median(sample_all.astype(np.float64), axis=0) if len(sample_all) else np.ones(2)
+    first_all = np.concatenate(firsts) if firsts else np.zeros((0, 2), np.float32)
+    limit = (ratio * median).astype(np.float32)
+    above, above_first, positions = 0, 0, {}
+    for r in records:
+        mask = ~(np.asarray(r["norm"]) <= limit).all(axis=1)
+        if mask.any():
+            pos = np.asarray(r["position"])[mask]
+            above += int(mask.sum())
+            above_first += int((pos == 0).sum())
+            for p, c in zip(*np.unique(pos, return_counts=True)):
+                positions[int(p)] = positions.get(int(p), 0) + int(c)
+    top = sorted(positions.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    return {
+        "median": [float(v) for v in median],
+        "first_position_median": [float(v) for v in np.median(first_all.astype(np.float64), axis=0)] if len(first_all) else None,
+        "first_positions": int(len(first_all)),
+        "ratio": float(ratio),
+        "above_ratio": above,
+        "above_ratio_first_position": above_first,
+        "above_ratio_by_position": {str(p): c for p, c in top},
+    }
+
+
+def describe_profile(profile: dict[str, Any], n_tokens: int) -> str:
+    """One line for collect's summary: how many massive tokens the cache holds, and where."""
+    above, first = profile["above_ratio"], profile["above_ratio_first_position"]
+    median = "/".join(f"{m:,.1f}" for m in profile["median"])
+    if not above:
+        return f"massive activations: none above {profile['ratio']:g}x the median norm ({median} base/chat)"
+    where = ", ".join(f"position {p}: {c:,}" for p, c in list(profile["above_ratio_by_position"].items())[:3])
+    return (f"massive activations: {above:,} of {n_tokens:,} tokens above {profile['ratio']:g}x the median norm "
+            f"({median} base/chat), {first:,} of them first positions ({where}); training and analysis leave them out")
 
 
 # ----------------------------------------------------------------------------- files
@@ -194,7 +411,7 @@ def _check_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str 
             raise CrossdiffError(f"{name} is corrupt (size {actual} bytes, expected {expected})")
         if sha256 is not None:
             if sha256_stream(f) != sha256:
-                raise CrossdiffError(f"{name} is corrupt (sha256 mismatch)")
+                raise CrossdiffError(sha256_mismatch(name, MANIFEST))
 
 
 # ----------------------------------------------------------------------------- stats
@@ -282,7 +499,8 @@ class CacheWriter:
             self.manifest = {**header, "complete": False, "n_tokens": 0, "shards": [], "stats": {}}
             self._stats = {m: _empty_stats(d_model) for m in MODELS}
         self._discard_unsealed_shards()
-        if not manifest_path.exists():
+        # A rerun starts afresh from what stopped the last one (see stop); it stops again if it must.
+        if not manifest_path.exists() or self.manifest.pop("stopped", None) is not None:
             self._write_manifest()
         self._files: tuple[_AppendOnlyArray, _AppendOnlyArray] | None = None
         self._shard_stats = {m: _empty_stats(d_model) for m in MODELS}
@@ -405,7 +623,16 @@ class CacheWriter:
         """Mark the cache complete (seal any open shard first)."""
         if self.open_tokens:
             raise RuntimeError("seal the open shard before finishing")
+        self.manifest["norms"] = norm_profile([np.load(self.path / s["name"] / TOKENS_FILE, mmap_mode="r")
+                                               for s in self.manifest["shards"]])
         self.manifest["complete"] = True
+        self._write_manifest()
+
+    def stop(self, reason: str) -> None:
+        """Record in the manifest why the producer gave up on this cache (a problem a plain
+        rerun will not fix, such as an empty source), so that readers of the incomplete cache
+        say so instead of advising to rerun the collect."""
+        self.manifest["stopped"] = reason
         self._write_manifest()
 
     def close(self) -> None:
@@ -575,7 +802,7 @@ def merge_ranks(out: str | Path, world_size: int) -> bool:
         if not part["complete"]:
             return False
         parts.append((rank, part))
-    merged = {k: v for k, v in parts[0][1].items() if k not in ("shards", "stats", "n_tokens", "tokens_per_source")}
+    merged = {k: v for k, v in parts[0][1].items() if k not in ("shards", "stats", "n_tokens", "tokens_per_source", "norms")}
     merged["shards"] = [
         {**shard, "name": f"rank-{rank}/{shard['name']}"} for rank, part in parts for shard in part["shards"]
     ]
@@ -585,6 +812,8 @@ def merge_ranks(out: str | Path, world_size: int) -> bool:
         _add_stats(stats, _stats_from_json(part["stats"]))
     merged["stats"] = _stats_to_json(stats)
     merged["tokens_per_source"] = _tokens_per_source(merged)
+    if all("norms" in part for _, part in parts):  # medians do not add up: recomputed over every rank's records
+        merged["norms"] = norm_profile([np.load(out / s["name"] / TOKENS_FILE, mmap_mode="r") for s in merged["shards"]])
     write_json_atomic(out / MANIFEST, merged)
     return True
 
@@ -611,6 +840,11 @@ class PairedCache:
             raise CrossdiffError(f"no paired-activation cache at {self.path} ({MANIFEST} missing)")
         self.manifest = _read_manifest(manifest_path)
         if not self.manifest["complete"] and not allow_incomplete:
+            if self.manifest.get("stopped"):
+                raise CrossdiffError(
+                    f"cache at {self.path} is incomplete: its collect stopped with \"{self.manifest['stopped']}\"; "
+                    "fix that, then rerun the collect command"
+                )
             raise CrossdiffError(
                 f"cache at {self.path} is incomplete ({self.manifest['n_tokens']} tokens so far); "
                 "rerun the same collect command to finish it"
@@ -624,7 +858,7 @@ class PairedCache:
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.special_token_ids: list[int] = list(self.manifest.get("special_token_ids", []))
         self._np_dtype, self._torch_dtype = STORAGE_DTYPES[self.dtype]
-        self._median_norms: np.ndarray | None = None
+        self._norm_profile: dict[str, Any] | None = None
         # A few recently used shard maps stay open: re-parsing .npy headers for every
         # batch costs more than the read itself, while a bounded number keeps the mapped
         # memory independent of the cache size.
@@ -714,21 +948,18 @@ class PairedCache:
             }
         return out
 
-    def median_norms(self, sample_tokens: int = 2**20) -> np.ndarray:
-        """Median activation norm per model [2], from an evenly strided sample of tokens.
+    def norm_profile(self) -> dict[str, Any]:
+        """Median norms (overall and at position 0) and the massive tokens: :func:`norm_profile`.
 
-        Deterministic, and reads only the small per-token records, never the activations.
+        Recorded at collection; caches from before that are profiled from their records once.
         """
-        if self._median_norms is None:
-            stride = max(1, -(-self.n_tokens // sample_tokens))
-            parts, offset = [], 0
-            for i, shard in enumerate(self.shards):
-                start = (-offset) % stride
-                parts.append(np.array(self.tokens(i)["norm"][start::stride]))
-                offset += shard["n_tokens"]
-            norms = np.concatenate(parts) if parts else np.zeros((0, 2), np.float32)
-            self._median_norms = np.median(norms.astype(np.float64), axis=0) if len(norms) else np.ones(2)
-        return self._median_norms
+        if self._norm_profile is None:
+            self._norm_profile = self.manifest.get("norms") or norm_profile([self.tokens(i) for i in range(len(self.shards))])
+        return self._norm_profile
+
+    def median_norms(self) -> np.ndarray:
+        """Median activation norm per model [2], from an evenly strided sample of tokens."""
+        return np.asarray(self.norm_profile()["median"], np.float64)
 
     # -- raw access
     def tokens(self, shard_index: int) -> np.ndarray:

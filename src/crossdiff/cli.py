@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import printable
 
 # Modules that contribute subcommands, in the order `crossdiff --help` lists them.
 STAGE_MODULES = [
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except CrossdiffError as err:
-        print(f"crossdiff: error: {err}", file=sys.stderr)
+        # Messages may quote the data (a path, a token, a source's text): escaped, one line whatever it holds.
+        print(f"crossdiff: error: {printable(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("crossdiff: interrupted (completed work is saved; rerun the same command to resume)", file=sys.stderr)

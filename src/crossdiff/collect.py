@@ -34,6 +34,7 @@ from crossdiff.cache import (
     CacheWriter,
     PairedCache,
     check_same_settings,
+    describe_profile,
     merge_ranks,
     rank_folder,
 )
@@ -95,6 +96,7 @@ class CollectSummary:
     seconds: float
     new_tokens: int  # collected by this call (the rest was there already)
     merged: bool = False  # whether OUT/manifest.json now covers every rank
+    norms: dict[str, Any] | None = None  # the cache's norm profile: median norms, massive activations (cache.norm_profile)
 
     def __str__(self) -> str:
         rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
@@ -105,6 +107,8 @@ class CollectSummary:
             f"shards: {self.shards}, {self.bytes_on_disk / 2**20:,.1f} MiB on disk",
             f"this run: {self.new_tokens:,} tokens in {self.seconds:,.1f} s ({rate:,.0f} tokens/s)",
         ]
+        if self.norms is not None:
+            lines.append(describe_profile(self.norms, sum(self.tokens_per_source.values())))
         return "\n".join(lines)
 
 
@@ -176,7 +180,9 @@ def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary
                 last_doc = batch[-1].doc_id
                 progress.update(n)
             if tokens == 0 and config.world_size == 1:
-                raise CrossdiffError(f"source {source.name!r} gave no tokens: is {source.path} empty (or its column)?")
+                reason = f"source {source.name!r} gave no tokens: is {source.path} empty (or its column)?"
+                writer.stop(reason)  # train and analyze then say this, not "rerun the collect"
+                raise CrossdiffError(reason)
             writer.seal({"source": source.name, "next_doc": last_doc + 1, "source_tokens": tokens, "done": True})
         writer.finish()
     finally:
@@ -330,6 +336,7 @@ def _finish(config: CollectConfig, folder: Path, start: float, *, new_tokens: in
         seconds=time.perf_counter() - start,
         new_tokens=new_tokens,
         merged=merged,
+        norms=cache.norm_profile(),
     )
     if not quiet:
         print(summary, file=sys.stderr)

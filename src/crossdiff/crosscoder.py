@@ -37,7 +37,15 @@ from torch import Tensor, nn
 
 from crossdiff.config import from_dict, to_dict
 from crossdiff.errors import CrossdiffError, first_line
-from crossdiff.files import ensure_output_folder, read_error, sha256_file, share_like_umask, write_error, write_text_atomic
+from crossdiff.files import (
+    ensure_output_folder,
+    read_error,
+    sha256_file,
+    sha256_mismatch,
+    share_like_umask,
+    write_error,
+    write_text_atomic,
+)
 from crossdiff.importers import read_dictionary_learning
 
 Activation = Literal["relu", "batchtopk", "topk"]
@@ -293,9 +301,7 @@ class CrossCoder(nn.Module):
         config = from_dict(CrossCoderConfig, config_data, source=str(folder / CONFIG_NAME))
         try:
             if expected_sha is not None and sha256_file(weights_path) != expected_sha:
-                raise CrossdiffError(
-                    f"{weights_path} is damaged: its sha256 differs from the one recorded in {CONFIG_NAME}"
-                )
+                raise CrossdiffError(sha256_mismatch(str(weights_path), CONFIG_NAME))
             state = load_file(str(weights_path))
         except OSError as err:
             raise read_error(weights_path, err) from None

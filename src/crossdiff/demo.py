@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import quoted
 
 BEHAVIOURS = ("refusal", "benign", "identity", "arithmetic")
 
@@ -206,7 +207,7 @@ def _top_context(db: sqlite3.Connection, latent: int) -> str:
     pieces = [text.get(i, f"<{i}>") for i in ids[max(0, index - 12): index + 3]]
     focus = min(index, 12)
     pieces[focus] = f"[{pieces[focus]}]"
-    return repr("".join(pieces))
+    return quoted("".join(pieces))
 
 
 def compare(summaries: dict[str, dict[str, Any]]) -> str:

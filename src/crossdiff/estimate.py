@@ -72,7 +72,12 @@ class ModelShape:
 
 
 def model_shape(name: str, recipe_models: dict[str, dict[str, Any]]) -> ModelShape:
-    """Shape of model ``name`` without loading it (see the module docstring for the order)."""
+    """Shape of model ``name`` (a model spec) without loading it (see the module docstring for
+    the order). An adapter changes no shape, so ``BASE::ADAPTER`` has BASE's."""
+    from crossdiff import model_sources
+
+    spec = model_sources.parse(name)
+    name = model_sources.SMOLLM2_HUB_ID if spec.model == model_sources.SMOLLM2 else spec.model
     local = Path(name) / "config.json"
     if local.is_file():
         return ModelShape.from_config(name, json.loads(local.read_text()), "its config.json")

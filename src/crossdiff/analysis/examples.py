@@ -31,6 +31,7 @@ from torch import Tensor
 
 from crossdiff.analysis.stats import ACTIVE_THRESHOLD
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import printable
 
 _POSITION_BITS = 20
 _DOC_BITS = 30
@@ -301,7 +302,7 @@ def render_example(example: Example, *, before: int | None = None, after: int | 
     ``mark="max"`` highlights the example's own token; ``mark="active"`` every token where
     the latent is active (f~ > 1e-3). Highlight: [brackets], or ANSI background colours
     (stronger activation, stronger colour) when ``color`` is true. Tokens without stored
-    text show as ``<id>``.
+    text show as ``<id>``; the tokens' own control characters are escaped (terminal.printable).
     """
     texts = example.tokens or [f"<{t}>" for t in example.token_ids]
     if example.tokens is not None:
@@ -313,7 +314,7 @@ def render_example(example: Example, *, before: int | None = None, after: int | 
     for i in range(first, last):
         activation = example.activations[i] if i < len(example.activations) else None
         marked = i == example.token_index if mark == "max" else (activation is not None and activation > ACTIVE_THRESHOLD)
-        text = texts[i]
+        text = printable(texts[i])  # the data's own escapes must not reach the terminal
         if marked and color:
             level = min(len(_ANSI_LEVELS) - 1, int(len(_ANSI_LEVELS) * (activation or 0.0) / peak))
             text = f"{_ANSI_LEVELS[level]}{text}{_ANSI_RESET}"

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from crossdiff.analysis.verdicts import BASE_VERDICTS, VERDICTS
+from crossdiff.terminal import printable
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 HISTOGRAM_BINS = 20
@@ -128,7 +129,7 @@ def format_row(row: dict[str, Any]) -> str:
     if roles:
         text += "  roles " + ",".join(f"{k} {v:.2f}" for k, v in sorted(roles.items(), key=lambda kv: -kv[1]))
     if row.get("context"):
-        text += f"  top: {row['context']}"
+        text += f"  top: {printable(row['context'])}"  # summary.json is a file anyone may have edited
     return text
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -44,8 +45,10 @@ from crossdiff.analysis.scaling import LatentScaling, ScalingThresholds, scaling
 from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
 from crossdiff.analysis.table import add_verdict_columns, build_table, summarize, write_table
 from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
+from crossdiff.cache import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import quoted
 from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
 from crossdiff.locks import output_lock
 from crossdiff.models import parse_device
@@ -81,6 +84,9 @@ class AnalysisConfig:
     """Analyse a cache collected at another layer or from other models than the crosscoder's."""
     n_findings: int = 20
     """Latents listed in each ranked list of the summary (top by dnorm, by rank-sum, chat-specific)."""
+    token_filter: bool = True
+    """Leave out the tokens the crosscoder's training left out (its recorded filter: massive
+    activations, ...; docs/cache.md); false analyses every token."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -236,6 +242,8 @@ def _analyze_into(
     tokenizer: Any,
     progress: bool,
 ) -> AnalysisResult:
+    token_filter = analysis_filter(crosscoder, source, config.token_filter)
+    left_out = LeftOut(token_filter)
     crosscoder = _prepare(crosscoder, config)
     n_latents = crosscoder.config.d_sae
     device = crosscoder.W_dec.device
@@ -249,7 +257,8 @@ def _analyze_into(
     roles = RoleStats(n_latents, device=device)
     role_of = RoleTagger(_token_text(tokenizer) if tokenizer is not None else None)
     with torch.no_grad():
-        for batch in _batches(source, config, device, f"pass 1/{n_passes}: statistics + Latent Scaling", progress):
+        for batch in _batches(source, config, device, f"pass 1/{n_passes}: statistics + Latent Scaling", progress,
+                              token_filter, left_out):
             _check_acts(batch.acts, crosscoder)
             _check_values(batch, len(source.sources))
             x = crosscoder.normalize(batch.acts)
@@ -284,7 +293,7 @@ def _analyze_into(
     twins.to_parquet(files["twins"], index=False)
     context = None
     if top is not None:
-        examples = _collect_examples(crosscoder, source, config, top, progress)
+        examples = _collect_examples(crosscoder, source, config, top, progress, token_filter)
         files["examples"] = write_examples(
             out_dir / "examples.sqlite",
             examples,
@@ -302,6 +311,7 @@ def _analyze_into(
                     "d_sae": n_latents, "k": crosscoder.config.k, "model_names": crosscoder.config.model_names,
                     "layer": crosscoder.config.layer},
         config=dataclasses.asdict(config),
+        left_out=left_out.to_dict(),
         files={name: path.name for name, path in files.items()},
         findings=find(table, n_top=config.n_findings, context=context),
     )
@@ -344,9 +354,30 @@ def _check_values(batch: Batch, n_sources: int) -> None:
         raise CrossdiffError(f"the cache is damaged: a token's source id is outside 0..{n_sources - 1}")
 
 
+def analysis_filter(crosscoder: CrossCoder, source: Any, apply: bool = True) -> ReadFilters | None:
+    """The token filter analysis applies: the one the crosscoder records, resolved on ``source``
+    if it is not yet; None when ``apply`` is false or the crosscoder records none (then a cache
+    holding massive activations gets a note: they are analysed with the rest)."""
+    token_filter = recorded_filter(crosscoder.config.metadata) if apply else None
+    profile = source.norm_profile() if hasattr(source, "norm_profile") else None
+    if token_filter is None:
+        if apply and profile and profile["above_ratio"]:
+            print(f"crossdiff: note: the crosscoder records no token filter (trained before crossdiff left out massive "
+                  f"activations, or imported); analysing every token, {profile['above_ratio']:,} of them above "
+                  f"{profile['ratio']:g}x the median norm")
+        return None
+    if not token_filter.resolved:
+        if profile is None:
+            raise CrossdiffError("the crosscoder's token filter needs median norms, which this source does not give; "
+                                 "set token_filter = false")
+        token_filter = token_filter.resolve(profile)
+    return token_filter
+
+
 def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, desc: str,
-             progress: bool) -> Iterable[Batch]:
-    """The cache's batches in stored order, on ``device``, cut at ``max_tokens``."""
+             progress: bool, token_filter: ReadFilters | None = None, left_out: LeftOut | None = None) -> Iterable[Batch]:
+    """The cache's batches in stored order, on ``device``, cut at ``max_tokens`` (tokens read),
+    without the tokens ``token_filter`` leaves out (counted into ``left_out``)."""
     limit = source.n_tokens if config.max_tokens is None else min(config.max_tokens, source.n_tokens)
     dtype = _DTYPES[config.dtype]
     seen = 0
@@ -355,28 +386,53 @@ def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, 
             take = min(raw.acts.shape[0], limit - seen)
             if take <= 0:
                 break
-            yield Batch(*(getattr(raw, name)[:take] for name in Batch._fields))
+            batch = Batch(*(getattr(raw, name)[:take] for name in Batch._fields))
             seen += take
             bar.update(take)
+            if token_filter is not None:
+                reasons = _left_out(batch, token_filter, getattr(source, "manifest", {}))
+                if left_out is not None:
+                    left_out.add(reasons, batch.positions.cpu().numpy())
+                if any(mask.any() for mask in reasons.values()):
+                    keep = torch.from_numpy(~np.any(list(reasons.values()), axis=0)).to(batch.acts.device)
+                    batch = Batch(*(t[keep] for t in batch))
+            elif left_out is not None:
+                left_out.seen += take
+            if len(batch.acts):
+                yield batch
+
+
+def _left_out(batch: Batch, token_filter: ReadFilters, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The filter's reasons for a batch; norms as the cache stores them (float32 of a float64 norm)."""
+    norms = (torch.linalg.vector_norm(batch.acts, dim=-1, dtype=torch.float64).float().cpu().numpy()
+             if token_filter.max_norm is not None else None)
+    return token_filter.reasons(batch.positions.cpu().numpy(), batch.token_ids.cpu().numpy(), norms,
+                                manifest.get("bos_token_id"), manifest.get("special_token_ids", []))
 
 
 def _collect_examples(crosscoder: CrossCoder, source: BatchSource, config: AnalysisConfig,
-                      top: TopActivations, progress: bool) -> ContextCollector:
+                      top: TopActivations, progress: bool, token_filter: ReadFilters | None) -> ContextCollector:
     parts = [top.examples()]
     if config.quantile_bins > 0:
         quantiles = QuantileSamples(top.max_act(), config.quantile_bins, config.per_bin, seed=config.seed)
         with torch.no_grad():
-            for batch in _batches(source, config, top.values.device, "pass 2/3: quantile samples", progress):
+            for batch in _batches(source, config, top.values.device, "pass 2/3: quantile samples", progress, token_filter):
                 f_scaled = crosscoder.get_activations(crosscoder.normalize(batch.acts))
                 quantiles.update(f_scaled, batch.source_ids, batch.doc_ids, batch.positions)
         parts.append(quantiles.examples())
     collector = ContextCollector(ExampleRefs.concat(parts), before=config.window_before, after=config.window_after)
     with torch.no_grad():
+        # Every token, so that contexts read as the text; left-out tokens show no activation.
         for batch in _batches(source, config, top.values.device, "pass 3/3: example contexts", progress):
             keys = token_keys(batch.source_ids, batch.doc_ids, batch.positions)
+            kept = None
+            if token_filter is not None:
+                reasons = _left_out(batch, token_filter, getattr(source, "manifest", {}))
+                kept = torch.from_numpy(~np.any([np.zeros(len(keys), bool), *reasons.values()], axis=0)).to(batch.acts.device)
 
-            def encode_rows(rows: Tensor, acts: Tensor = batch.acts) -> Tensor:
-                return crosscoder.get_activations(crosscoder.normalize(acts[rows]))
+            def encode_rows(rows: Tensor, acts: Tensor = batch.acts, kept: Tensor | None = kept) -> Tensor:
+                f = crosscoder.get_activations(crosscoder.normalize(acts[rows]))
+                return f if kept is None else f * kept[rows, None]
 
             collector.update(keys, batch.token_ids, encode_rows)
     return collector
@@ -388,7 +444,7 @@ def _top_context(examples_path: Path) -> Callable[[int], str]:
     def context(latent: int) -> str:
         with ExampleStore(examples_path) as store:
             top = store.examples(latent, "top")
-        return repr(render_example(top[0], before=12, after=3)) if top else "(no example)"
+        return quoted(render_example(top[0], before=12, after=3)) if top else "(no example)"
 
     return context
 

@@ -217,6 +217,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"FVE base {quality['fve_base']:.3f}, chat {quality['fve_chat']:.3f}, joint {quality['fve']:.3f}; "
             f"L0 {quality['l0']:.1f} on {summary.get('n_tokens', 0):,} tokens"
         )
+    if summary.get("left_out"):
+        from crossdiff.cache import LeftOut
+
+        lines.append(LeftOut.from_dict(summary["left_out"]).line())
     if summary.get("findings"):
         from crossdiff.analysis.findings import format_findings
 

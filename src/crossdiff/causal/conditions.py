@@ -12,6 +12,11 @@ reconstruction as the model sees it. With ``delta_j = d_j^chat / s_chat - d_j^ba
 * set S, replace  h_base + sum_{j in S} f_j delta_j
 * set S, add      h_base + sum_{j in S} f_j d_j^chat / s_chat
 
+Tokens the crosscoder's training left out (its recorded token filter: first positions
+holding massive activations, norm outliers; crossdiff.cache.ReadFilters) get f = 0: the
+crosscoder never learnt to encode them, so every condition keeps h_base there (eps_chat
+keeps h_chat).
+
 Latent sets follow the paper: the candidate pool is the chat-only latents (dnorm above the
 chat-only threshold), live, with both nu in [-0.1, 2]; its best and worst half by Latent
 Scaling rank (rank(nu_recon) + rank(nu_error), low = chat-specific), its top and bottom
@@ -30,6 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from crossdiff.cache import ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError, first_line
 
@@ -129,8 +135,14 @@ Condition = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 class Conditions:
     """The residual of every condition from one batch's base/chat residuals ([N, d], float32)."""
 
-    def __init__(self, crosscoder: CrossCoder, sets: list[LatentSet]):
+    def __init__(self, crosscoder: CrossCoder, sets: list[LatentSet], *, bos_token_id: int | None = None,
+                 special_token_ids: list[int] = ()):
         self.crosscoder = crosscoder
+        self.token_filter: ReadFilters | None = recorded_filter(crosscoder.config.metadata)
+        if self.token_filter is not None and not self.token_filter.resolved:
+            raise CrossdiffError("the crosscoder's token filter has no norm limits (it was never resolved on a cache); "
+                                 "the causal experiment cannot apply it")
+        self.bos_token_id, self.special_token_ids = bos_token_id, list(special_token_ids)
         scale = crosscoder.input_scale.float()
         W = crosscoder.W_dec.detach().float()  # [D, 2, d]
         self.chat_dec = W[:, 1] / scale[1]
@@ -138,10 +150,17 @@ class Conditions:
         self.sets = sets
         self.index = {s.name: torch.tensor(s.latents, device=W.device) for s in sets}
 
-    def encode(self, base: Tensor, chat: Tensor) -> Tensor:
-        """Raw latent activations f [N, D] of the joint residuals."""
+    def encode(self, base: Tensor, chat: Tensor, positions: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
+        """Raw latent activations f [N, D] of the joint residuals; 0 on the tokens the
+        crosscoder's token filter leaves out (needs each token's position and id)."""
         x = torch.stack([base, chat], dim=1).to(self.crosscoder.W_enc.dtype)
-        return self.crosscoder.encode(self.crosscoder.normalize(x)).float()
+        f = self.crosscoder.encode(self.crosscoder.normalize(x)).float()
+        if self.token_filter is not None and positions is not None:
+            norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).float().cpu().numpy()
+            keep = self.token_filter.keep(positions.cpu().numpy(), token_ids.cpu().numpy(), norms,
+                                          self.bos_token_id, self.special_token_ids)
+            f = f * torch.from_numpy(keep).to(f.device, f.dtype)[:, None]
+        return f
 
     def names(self) -> list[tuple[str, str | None, str, int]]:
         """``(condition key, form, row label, n_latents)`` in evaluation order."""

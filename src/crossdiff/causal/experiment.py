@@ -147,7 +147,8 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
             messages = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 16))
         conversations = [tokenize_conversation(pair.tokenizer, m, i, config.max_len) for i, m in enumerate(messages)]
 
-        conditions = Conditions(crosscoder, sets)
+        conditions = Conditions(crosscoder, sets, bos_token_id=pair.tokenizer.bos_token_id,
+                                special_token_ids=pair.tokenizer.all_special_ids)
         job = fingerprint({"models": [base_name, chat_name], "layer": layer, "k_first": config.k_first, "batch_size": config.batch_size,
                            "tokens_per_pass": config.tokens_per_pass, "model_dtype": config.model_dtype,
                            "sets": [[s.name, s.latents.tolist()] for s in sets]}, crosscoder, conversations)
@@ -208,7 +209,9 @@ def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Con
             base = base_half.lower(input_ids, attention_mask)
             chat = chat_half.lower(input_ids, attention_mask)
             h_base, h_chat = base[real.to(base.device)].float(), chat[real.to(chat.device)].float()
-            f = conditions.encode(h_base.to(conditions.delta.device), h_chat.to(conditions.delta.device))
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)[real]  # right-padded: column = position
+            f = conditions.encode(h_base.to(conditions.delta.device), h_chat.to(conditions.delta.device),
+                                  positions, input_ids[real])
             flat_template = template[real].to(conditions.delta.device)
             logp_chat = torch.log_softmax(chat_half.upper(chat, input_ids, attention_mask, scored).float(), dim=-1)
             p_chat = logp_chat.exp()
@@ -270,6 +273,8 @@ def build_summary(config: CausalConfig, crosscoder: CrossCoder, layer: int, mode
         "sets": {s.name: s.latents.tolist() for s in sets},
         "kl": kl_table.replace({np.nan: None}).to_dict(orient="records"),
         "config": asdict(config),
+        # Latents are 0 on the tokens this filter leaves out (crossdiff.causal.conditions).
+        "token_filter": crosscoder.config.metadata.get("token_filter"),
     }
     summary["text"] = format_summary(kl_table, summary)
     return summary

@@ -32,6 +32,7 @@ import torch
 from crossdiff.causal.conditions import user_set
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
+from crossdiff.terminal import printable, quoted
 
 DEFAULT_FACTORS = (-0.5, 0.5, 1.0, 1.5)
 
@@ -242,10 +243,11 @@ def format_steering(rows: list[dict[str, Any]], width: int = 56) -> str:
         key = (str(row["latent"]), row["prompt"])
         if key not in seen:
             seen.add(key)
-            lines += ["", f"latent {row['latent']} into the {row['model']} model ({row['positions']} positions); prompt: {row['prompt']!r}",
+            lines += ["", f"latent {row['latent']} into the {row['model']} model ({row['positions']} positions); prompt: {quoted(row['prompt'])}",
                       f"  {'factor':>6s}  {'unsteered':{width}s}  steered"]
-        left = textwrap.shorten(row["unsteered"], width, placeholder="...") or "(empty)"
-        right = textwrap.shorten(row["steered"], width, placeholder="...") or "(empty)"
+        # Generated text is the model's to choose, escapes included: shown escaped.
+        left = textwrap.shorten(printable(row["unsteered"]), width, placeholder="...") or "(empty)"
+        right = textwrap.shorten(printable(row["steered"]), width, placeholder="...") or "(empty)"
         lines.append(f"  {row['factor']:>6g}  {left:{width}s}  {right}")
     return "\n".join(lines)
 
