@@ -292,3 +292,15 @@ def test_every_variant_recovers_planted_chat_only_features(tmp_path, one_thread,
     # All 60 planted features: BatchTopK and DFC and Delta find >= 90%; Matryoshka's small first
     # prefix (16 latents) trades a few shared features for its coarse early latents (measured 0.87).
     assert result["recovered"] >= (0.85 if variant == "matryoshka" else 0.9)
+
+
+def test_recipe_names_a_lone_crosscoder_after_its_variant(tmp_path):
+    from crossdiff.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"run": {"out": str(tmp_path)}, "collect": {"base": "a", "chat": "b", "layer": 1, "sources": [{"name": "t", "kind": "text", "path": "t.txt"}]},
+                               "train": {"variant": "dfc"}})
+    assert list(recipe.crosscoders) == ["dfc"] and recipe.crosscoders["dfc"].variant == "dfc"
+    with pytest.raises(CrossdiffError) as excinfo:
+        recipe_from_dict({"run": {"out": str(tmp_path)}, "collect": {"base": "a", "chat": "b", "layer": 1, "sources": [{"name": "t", "kind": "text", "path": "t.txt"}]},
+                          "crosscoders": {"m": {"variant": "matryoshka", "delta_weight": 2}}})
+    assert "'delta_weight' is an option of variant 'delta'" in one_line_error(excinfo)
