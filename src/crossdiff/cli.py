@@ -26,6 +26,7 @@ STAGE_MODULES = [
     "crossdiff.causal.cli",
     "crossdiff.demo",
     "crossdiff.run",
+    "crossdiff.adl",
     "crossdiff.score",
 ]
 
