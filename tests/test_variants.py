@@ -304,3 +304,15 @@ def test_recipe_names_a_lone_crosscoder_after_its_variant(tmp_path):
         recipe_from_dict({"run": {"out": str(tmp_path)}, "collect": {"base": "a", "chat": "b", "layer": 1, "sources": [{"name": "t", "kind": "text", "path": "t.txt"}]},
                           "crosscoders": {"m": {"variant": "matryoshka", "delta_weight": 2}}})
     assert "'delta_weight' is an option of variant 'delta'" in one_line_error(excinfo)
+
+
+def test_trainer_refuses_given_dfc_weights_with_non_zero_forbidden_blocks(tmp_path):
+    config = small_config(variant="dfc", dfc_fractions=[0.25, 0.25])
+    trainer = Trainer(config, 8, tmp_path, quiet=True)
+    given = CrossCoder(trainer.model.config, seed=5)
+    trainer.model = given  # an intact partition is accepted
+    with torch.no_grad():
+        given.W_dec[9, 0, 2] = 1.5  # chat-exclusive latent 9 gains a base decoder entry
+    with pytest.raises(CrossdiffError) as excinfo:
+        trainer.model = given
+    assert "forbidden encoder/decoder blocks hold values up to 1.5" in one_line_error(excinfo)

@@ -351,14 +351,22 @@ class CrossCoder(nn.Module):
                 raise CrossdiffError(
                     f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
                 )
-        if self.partition_allowed is not None:
-            worst = largest_forbidden(state["W_enc"], state["W_dec"], self.partition_allowed.to(state["W_enc"].device))
-            if worst != 0:
-                raise CrossdiffError(
-                    f"{source}: the DFC partition {self.config.dfc_partition} does not fit these weights: its forbidden "
-                    f"encoder/decoder blocks hold values up to {worst:.3g} instead of zeros"
-                )
+        self.check_partition_intact(state["W_enc"], state["W_dec"], source)
         self.load_state_dict(state)
+
+    def check_partition_intact(self, W_enc: Tensor | None = None, W_dec: Tensor | None = None, source: str = "crosscoder") -> None:
+        """DFC: one-line error unless the forbidden blocks of W_enc and W_dec (default: this
+        crosscoder's) are exactly zero. Nothing for an ordinary crosscoder."""
+        if self.partition_allowed is None:
+            return
+        W_enc = self.W_enc if W_enc is None else W_enc
+        W_dec = self.W_dec if W_dec is None else W_dec
+        worst = largest_forbidden(W_enc, W_dec, self.partition_allowed.to(W_enc.device))
+        if worst != 0:
+            raise CrossdiffError(
+                f"{source}: the DFC partition {self.config.dfc_partition} does not fit these weights: its forbidden "
+                f"encoder/decoder blocks hold values up to {worst:.3g} instead of zeros"
+            )
 
     def push_to_hub(
         self,

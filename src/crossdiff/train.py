@@ -289,6 +289,7 @@ class Trainer:
                                          f"config makes {getattr(want, key)!r}")
             if want.k != got.k and self.config.uses_topk:
                 raise CrossdiffError(f"the given crosscoder has k {got.k!r}, this Trainer's config makes {want.k!r}")
+            crosscoder.check_partition_intact(source="the given crosscoder")  # masked gradients keep whatever is there
             self.median_init = False  # the given decoder bias is part of the given weights
         self._model = crosscoder.to(self.device)
         self._sync_model()
