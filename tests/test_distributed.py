@@ -23,6 +23,7 @@ from crossdiff.cli import main
 from crossdiff.config import from_dict
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.loader import ShuffledPairLoader
+from crossdiff.partition import largest_forbidden
 from crossdiff.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -36,6 +37,13 @@ CONFIGS = {
     # d_sae 256 at k 2: the sparse selection takes its sampled-bound path (not the small-batch fallback).
     "batchtopk": dict(COMMON, activation="batchtopk", d_sae=256, k=2, sparse=True),
     "batchtopk_dense": dict(COMMON, activation="batchtopk", d_sae=64, k=2, sparse=False),
+    # The variants: DFC's gradient mask after the ranks' gradient sum, Matryoshka's prefix terms
+    # and Delta's term as shares of the global batch.
+    # (At d_sae 64 the DFC run meets an exact float32 tie at the batch top-k boundary at step 8,
+    # two tokens of one latent, which split batches break differently: a discrete divergence.)
+    "dfc": dict(COMMON, activation="batchtopk", d_sae=256, k=2, sparse=True, variant="dfc", dfc_fractions=[0.25, 0.25]),
+    "matryoshka": dict(COMMON, activation="batchtopk", d_sae=64, k=2, sparse=False, variant="matryoshka"),
+    "delta": dict(COMMON, activation="batchtopk", d_sae=64, k=2, sparse=True, variant="delta"),
 }
 CLI_SETTINGS = ["d_sae=64", "k=2", "batch_size=64", "lr=0.01", "warmup_steps=2", "threshold_start_step=1",
                 "log_every=3", "checkpoint_every=0", "data.epochs=2", "device=cpu"]
@@ -125,6 +133,8 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, one_thread):
     for name, reference in references.items():
         assert_same_training(reference, tmp_path / f"{name}-2")
     assert references["batchtopk"].model.threshold.item() > 0 and references["batchtopk_dense"].model.threshold.item() > 0
+    dfc = CrossCoder.from_pretrained(tmp_path / "dfc-2" / "crosscoder")
+    assert dfc.config.dfc_partition == [64, 64] and largest_forbidden(dfc.W_enc, dfc.W_dec, dfc.partition_allowed) == 0.0
     # Interrupted at 2 ranks, finished at 1 (the deterministic stream is skipped to step 10).
     assert sorted(p.name for p in (tmp_path / "bt-2to1" / "checkpoints").iterdir()) == ["step-000010"]
     resumed = train(CONFIGS["batchtopk"], tmp_path / "bt-2to1")

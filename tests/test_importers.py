@@ -203,7 +203,8 @@ def test_crosscoder_and_cache_import_nothing_above_them():
                 found.update(a.name for a in node.names if a.name.startswith("crossdiff"))
         return found
 
-    leaves = {"crossdiff.errors", "crossdiff.files", "crossdiff.config"}
+    leaves = {"crossdiff.errors", "crossdiff.files", "crossdiff.config", "crossdiff.partition"}
+    assert imports("partition") <= {"crossdiff.errors"}
     assert imports("importers") <= leaves
     assert imports("crosscoder") <= leaves | {"crossdiff.importers"}
     assert imports("cache") <= leaves

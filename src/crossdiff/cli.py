@@ -27,6 +27,8 @@ STAGE_MODULES = [
     "crossdiff.causal.cli",
     "crossdiff.demo",
     "crossdiff.run",
+    "crossdiff.adl",
+    "crossdiff.score",
 ]
 
 

@@ -16,6 +16,10 @@ Two kinds of activation appear everywhere, and mixing them up silently breaks re
 * scaled activations ``f~ = f * code_norm`` (:meth:`CrossCoder.scale`) are used for the
   sparsity penalty, BatchTopK selection and threshold, and every latent statistic.
 
+A dedicated feature crosscoder (DFC, ``dfc_partition``; crossdiff.partition) is the same
+crosscoder with base-exclusive and chat-exclusive index ranges whose other model's encoder
+columns and decoder rows are zero and stay zero.
+
 The crosscoder works in its own input space. If the activations were normalised for
 training, ``input_scale`` holds the per-model factor: ``normalize`` maps model
 activations into crosscoder space and ``denormalize`` maps reconstructions back.
@@ -47,6 +51,7 @@ from crossdiff.files import (
     write_text_atomic,
 )
 from crossdiff.importers import read_dictionary_learning
+from crossdiff.partition import allowed_latents, check_partition, largest_forbidden, zero_forbidden
 
 Activation = Literal["relu", "batchtopk", "topk"]
 CodeNormalization = Literal["crosscoder", "sae", "mixed", "none"]
@@ -91,6 +96,10 @@ class CrossCoderConfig:
     """Hub ids or paths of the models, base first."""
     layer: int | None = None
     """Decoder block whose output residual stream the crosscoder reads."""
+    dfc_partition: list[int] | None = None
+    """Dedicated feature crosscoder: [base-exclusive, chat-exclusive] latent counts; latents
+    [0, a) are base-only, [a, a + b) chat-only, the rest shared (crossdiff.partition). None =
+    an ordinary crosscoder."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Provenance: training config, importer source, anything a reader may want."""
 
@@ -116,6 +125,8 @@ class CrossCoderConfig:
             len(self.input_shift) != self.n_models or any(len(row) != self.d_in for row in self.input_shift)
         ):
             raise CrossdiffError(f"input_shift must be {self.n_models} lists of {self.d_in} numbers")
+        if self.dfc_partition is not None:
+            check_partition(self.dfc_partition, self.d_sae, self.n_models)
         if self.norm_init_scale is None:
             self.norm_init_scale = DEFAULT_NORM_INIT_SCALE[self.activation]
 
@@ -138,6 +149,9 @@ class CrossCoder(nn.Module):
         # Not in the state dict (config.json holds it), but moved by .to() like the weights.
         shift = torch.tensor(config.input_shift, dtype=torch.float32) if config.input_shift is not None else None
         self.register_buffer("input_shift", shift, persistent=False)
+        # DFC: [d_sae, 2] bool, False in the forbidden blocks (config.json holds the partition).
+        allowed = allowed_latents(config.dfc_partition, D) if config.dfc_partition is not None else None
+        self.register_buffer("partition_allowed", allowed, persistent=False)
         self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ init
@@ -156,6 +170,16 @@ class CrossCoder(nn.Module):
         self.W_dec.copy_(self.W_enc.permute(2, 0, 1))
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.partition_allowed is not None:  # DFC: the forbidden blocks start at zero
+            zero_forbidden(self.W_enc, self.W_dec, self.partition_allowed)
+
+    @torch.no_grad()
+    def mask_forbidden_gradients(self) -> None:
+        """DFC: zero the gradients of the forbidden blocks (before clipping and Adam, as
+        dfc_learning's gradient hooks do), so every loss term leaves them, and Adam's
+        moments, at exactly zero. Nothing for an ordinary crosscoder."""
+        if self.partition_allowed is not None and self.W_enc.grad is not None and self.W_dec.grad is not None:
+            zero_forbidden(self.W_enc.grad, self.W_dec.grad, self.partition_allowed)
 
     # ------------------------------------------------------------------ encoder
     def pre_activations(self, x: Tensor) -> Tensor:
@@ -327,7 +351,22 @@ class CrossCoder(nn.Module):
                 raise CrossdiffError(
                     f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
                 )
+        self.check_partition_intact(state["W_enc"], state["W_dec"], source)
         self.load_state_dict(state)
+
+    def check_partition_intact(self, W_enc: Tensor | None = None, W_dec: Tensor | None = None, source: str = "crosscoder") -> None:
+        """DFC: one-line error unless the forbidden blocks of W_enc and W_dec (default: this
+        crosscoder's) are exactly zero. Nothing for an ordinary crosscoder."""
+        if self.partition_allowed is None:
+            return
+        W_enc = self.W_enc if W_enc is None else W_enc
+        W_dec = self.W_dec if W_dec is None else W_dec
+        worst = largest_forbidden(W_enc, W_dec, self.partition_allowed.to(W_enc.device))
+        if worst != 0:
+            raise CrossdiffError(
+                f"{source}: the DFC partition {self.config.dfc_partition} does not fit these weights: its forbidden "
+                f"encoder/decoder blocks hold values up to {worst:.3g} instead of zeros"
+            )
 
     def push_to_hub(
         self,
@@ -357,7 +396,10 @@ class CrossCoder(nn.Module):
             "---\nlibrary_name: crossdiff\ntags: [crosscoder, model-diffing, interpretability]\n---\n"
             f"# Crosscoder ({c.activation}, d_in={c.d_in}, d_sae={c.d_sae})\n\n"
             f"Models (base first): {models}; layer {c.layer}.\n"
-            f"Sparsity: {c.activation}" + (f", k={c.k}" if c.k else "") + f"; code normalisation: {c.code_normalization}.\n\n"
+            f"Sparsity: {c.activation}" + (f", k={c.k}" if c.k else "") + f"; code normalisation: {c.code_normalization}.\n"
+            + (f"Dedicated feature crosscoder: latents [0, {c.dfc_partition[0]}) base-only, "
+               f"[{c.dfc_partition[0]}, {sum(c.dfc_partition)}) chat-only, the rest shared.\n" if c.dfc_partition else "")
+            + "\n"
             "Load with `crossdiff.CrossCoder.from_pretrained(repo_id)`.\n"
         )
 
@@ -371,7 +413,8 @@ class CrossCoder(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"n_models={c.n_models}, d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation}, k={c.k}"
+        dfc = f", dfc_partition={c.dfc_partition}" if c.dfc_partition is not None else ""
+        return f"n_models={c.n_models}, d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation}, k={c.k}{dfc}"
 
 
 def _read_config(path: Path) -> dict[str, Any]:

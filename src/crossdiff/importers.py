@@ -8,13 +8,16 @@ That layout (science-of-finetuning's dictionary_learning fork) stores
     k, threshold               (BatchTopK crosscoders only)
     activation_mean [n, d], activation_std [n, d], activation_global_scale [n], target_rms
                                (newer versions: the input normaliser; NaN when unused)
+    _partition_config          (dfc_learning's dedicated feature crosscoders only: a dict
+                               {dict_size, model_a_exclusive_pct, model_b_exclusive_pct})
 
 The encoder applies ReLU to the joint pre-activation exactly as crossdiff does, so the
 weights convert by transposing the decoder and nothing else. The normaliser maps an input
 x to ``(x - activation_mean) * activation_global_scale`` per model before encoding, and a
 reconstruction y back to ``y / (activation_global_scale + 1e-8) + activation_mean``; it
 becomes crossdiff's input transform (``input_shift``, ``input_scale``,
-``denormalize_epsilon``), so encodings and reconstructions are the same numbers.
+``denormalize_epsilon``), so encodings and reconstructions are the same numbers. A DFC's
+partition becomes ``dfc_partition`` (model A of dfc_learning is the base, model 0).
 
 This module only translates: it returns CrossCoderConfig keywords and crossdiff tensors,
 and crossdiff.crosscoder builds the model (so this module never imports it).
@@ -33,6 +36,7 @@ from torch import Tensor
 
 from crossdiff.errors import CrossdiffError, first_line
 from crossdiff.files import load_tensors
+from crossdiff.partition import partition_of_dictionary_learning
 
 # dictionary_learning's CodeNormalization enum uses auto() from 1, in this order.
 CODE_NORMALIZATION_BY_ID = {1: "crosscoder", 2: "sae", 3: "mixed", 4: "none"}
@@ -43,6 +47,7 @@ _STEP_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")  # ... and every save_steps s
 _NOT_WEIGHTS = re.compile(r"^(eval_logs_\d+|last_eval_logs)\.pt$")  # evaluation logs saved beside them
 NORMALISER_KEYS = ("activation_mean", "activation_std", "activation_global_scale", "target_rms")
 NORMALISER_EPSILON = 1e-8  # dictionary_learning's denormalize divides by (global_scale + 1e-8)
+PARTITION_KEY = "_partition_config"  # dfc_learning's state_dict() adds the DFC partition (plain data)
 
 
 @dataclass
@@ -89,9 +94,10 @@ def choose_weights_file(folder: Path) -> Path:
     return folder / chosen
 
 
-def convert_dictionary_learning(state: dict[str, Tensor], hub_config: dict[str, Any], source: str = "checkpoint") -> Imported:
+def convert_dictionary_learning(state: dict[str, Any], hub_config: dict[str, Any], source: str = "checkpoint") -> Imported:
     # torch.compile'd models save parameters under an `_orig_mod.` prefix.
     state = {key.split("_orig_mod.")[-1]: value for key, value in state.items()}
+    partition_config = state.pop(PARTITION_KEY, None)
     required = ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]
     missing = [key for key in required if key not in state]
     if missing:
@@ -132,6 +138,9 @@ def convert_dictionary_learning(state: dict[str, Tensor], hub_config: dict[str, 
         "metadata": {"imported_from": source, "original_format": "dictionary_learning"},
         **_input_transform(state, n_models, d_in, source),
     }
+    if partition_config is not None:
+        config["dfc_partition"] = partition_of_dictionary_learning(partition_config, d_sae, source)
+        config["metadata"]["original_format"] = "dfc_learning"
     tensors = {
         "W_enc": W_enc,
         "b_enc": state["encoder.bias"],
@@ -187,6 +196,6 @@ def _read_state_dict(file: Path) -> dict[str, Tensor]:
         except Exception as err:  # truncated or foreign files
             raise CrossdiffError(f"cannot read {file}: {first_line(err)}") from None
     state = load_tensors(file)  # a pickle that would run code is refused
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for k, v in state.items() if not k.endswith(PARTITION_KEY)):
         raise CrossdiffError(f"{file} is not a state dict of tensors")
     return state

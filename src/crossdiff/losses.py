@@ -12,11 +12,15 @@ Conventions (all follow the reference code, science-of-finetuning/crosscoder_lea
 densely (plain autograd: the reference maths, and the right choice while most latents
 fire) or sparsely (:mod:`crossdiff.sparse_ops`: only the selected latents are decoded and
 back-propagated). Both give the same losses and gradients up to float rounding.
+
+Two variants change the objective (crossdiff.variants, docs/method.md 8): Matryoshka
+replaces the reconstruction term by the mean over nested prefixes of each prefix's own
+reconstruction term; Delta adds a weighted term on the chat-minus-base difference.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -41,6 +45,23 @@ Reconstruction = Literal["l2", "squared"]
 def reconstruction_loss(x: Tensor, x_hat: Tensor, kind: Reconstruction = "l2") -> Tensor:
     """Mean over tokens and models of the per-model error norm (``l2``) or squared norm."""
     squared = (x - x_hat).square().sum(dim=-1)  # [B, n_models]
+    return squared.mean() if kind == "squared" else squared.sqrt().mean()
+
+
+def matryoshka_reconstruction(x: Tensor, prefix_reconstructions: Sequence[Tensor], kind: Reconstruction = "l2") -> Tensor:
+    """Matryoshka reconstruction term: the mean over the nested prefixes m_1 < ... < m_P = D
+    of the reconstruction term of each prefix on its own, where prefix i's reconstruction is
+    b_dec + sum_{j < m_i} f_j W_dec[j] with the activations f selected once on the whole
+    dictionary (Bussmann et al. 2025)."""
+    return torch.stack([reconstruction_loss(x, x_hat, kind) for x_hat in prefix_reconstructions]).mean()
+
+
+def delta_loss(x: Tensor, x_hat: Tensor, kind: Reconstruction = "l2", base: int = 0, chat: int = 1) -> Tensor:
+    """Delta-Crosscoder's difference term (our reading of arXiv 2603.04426, docs/method.md 8):
+    mean over tokens of ||(x_chat - x_base) - (x_hat_chat - x_hat_base)|| (squared for
+    ``squared``), the error in reconstructing what changed between the models."""
+    error = (x[:, chat] - x[:, base]) - (x_hat[:, chat] - x_hat[:, base])
+    squared = error.square().sum(dim=-1)  # [B]
     return squared.mean() if kind == "squared" else squared.sqrt().mean()
 
 
@@ -133,6 +154,8 @@ class LossTerms(NamedTuple):
     for relu): the quantity the BatchTopK threshold averages."""
     l0: Tensor
     """Mean number of active latents per token."""
+    delta: Tensor | None = None
+    """Delta-Crosscoder's unweighted difference term (None for the other variants)."""
 
 
 def crosscoder_losses(
@@ -149,6 +172,8 @@ def crosscoder_losses(
     pre_out: Tensor | None = None,
     data_parallel: DataParallel | None = None,
     global_batch_size: int | None = None,
+    matryoshka_sizes: Sequence[int] | None = None,
+    delta_weight: float | None = None,
 ) -> LossTerms:
     """Losses of one training batch [B, n_models, d_in] (training mode: batch top-k, never
     the threshold).
@@ -162,6 +187,10 @@ def crosscoder_losses(
     ``data_parallel``: ``x`` is this rank's part of a global batch of ``global_batch_size``
     tokens (None: summed over the ranks), and every batch-wide quantity is the global
     batch's (crossdiff.distributed).
+
+    ``matryoshka_sizes``: nested prefix sizes ending at d_sae (Matryoshka: the reconstruction
+    term is :func:`matryoshka_reconstruction`); ``delta_weight``: adds that multiple of
+    :func:`delta_loss` (Delta-Crosscoder).
     Under bf16 autocast the encoder and decoder products run in bf16 with float32 results.
     """
     config = model.config
@@ -176,19 +205,26 @@ def crosscoder_losses(
         scaled = values * code_norm[selection.cols]  # differentiable through code_norm: the L1 term needs it
         fired = torch.zeros(D, dtype=torch.bool, device=x.device)
         fired[selection.cols[values.detach() > 0]] = True
+
+        def decode_prefix(m: int) -> Tensor:
+            kept = values * (selection.cols < m)
+            return sparse_decode(kept, selection, model.W_dec.reshape(D, -1)).reshape(x.shape) + model.b_dec
     else:
         pre = model.pre_activations(x)
         f = _encode_dense(torch.relu(pre), code_norm.detach(), config.activation, config.k, dp, B_all)
         x_hat = model.decode(f)
         scaled = f * code_norm
         fired = (f.detach() > 0).any(dim=0)
+
+        def decode_prefix(m: int) -> Tensor:
+            return (f[:, :m] @ model.W_dec[:m].reshape(m, -1)).reshape(x.shape) + model.b_dec
     active = scaled.detach() > 0
     if dp is None:
         l0 = active.sum() / B
         min_selected = torch.zeros((), dtype=x.dtype, device=x.device)
         if config.activation != "relu" and bool(active.any()):  # only the top-k threshold needs it
             min_selected = torch.where(active, scaled.detach(), torch.inf).min()
-        recon = reconstruction_loss(x, x_hat, reconstruction)
+        recon = _reconstruction_term(x, x_hat, reconstruction, matryoshka_sizes, decode_prefix)
     else:
         dp.any_(fired)
         l0 = dp.sum_(active.sum().reshape(1))[0] / B_all
@@ -197,7 +233,7 @@ def crosscoder_losses(
             smallest = torch.where(active, scaled.detach(), torch.inf).amin() if active.numel() else torch.tensor(torch.inf)
             smallest = dp.min_(smallest.reshape(1).to(scaled.dtype))[0]
             min_selected = torch.where(torch.isinf(smallest), 0.0, smallest).to(min_selected)
-        recon = reconstruction_loss(x, x_hat, reconstruction) * (B / B_all)  # this rank's share of the mean
+        recon = _reconstruction_term(x, x_hat, reconstruction, matryoshka_sizes, decode_prefix) * (B / B_all)  # this rank's share
 
     if config.activation == "relu":
         sparsity = l1_penalty(scaled, B_all)
@@ -210,7 +246,19 @@ def crosscoder_losses(
             dead[:] = False
         sparsity = _auxk_term(model, x, x_hat, pre, code_norm.detach(), dead, k_aux or config.d_in // 2, sparse, dp, B_all)
         loss = recon + auxk_alpha * sparsity
-    return LossTerms(loss, recon.detach(), sparsity.detach(), x_hat.detach(), fired, min_selected, l0)
+    delta = None
+    if delta_weight is not None:
+        delta = delta_loss(x, x_hat, reconstruction) * (B / B_all)  # this rank's share of the mean
+        loss = loss + delta_weight * delta
+    return LossTerms(loss, recon.detach(), sparsity.detach(), x_hat.detach(), fired, min_selected, l0,
+                     None if delta is None else delta.detach())
+
+
+def _reconstruction_term(x: Tensor, x_hat: Tensor, kind: Reconstruction, sizes: Sequence[int] | None, decode_prefix) -> Tensor:
+    """The reconstruction term: of the whole dictionary, or Matryoshka's mean over prefixes."""
+    if not sizes:
+        return reconstruction_loss(x, x_hat, kind)
+    return matryoshka_reconstruction(x, [decode_prefix(m) for m in sizes[:-1]] + [x_hat], kind)
 
 
 def _encode_dense(

@@ -17,7 +17,8 @@
 Every string may use ``{run}`` (the run folder), ``{organism}`` (the bundled model
 organism's weights folder) and ``{smollm2_lora}`` (the SmolLM2 LoRA organism's folder, holding
 ``adapter/``). A recipe without ``[crosscoders]`` trains one crosscoder named
-after its activation (``batchtopk``, ``l1`` for relu, ``topk``). The stage tables are the
+after its activation (``batchtopk``, ``l1`` for relu, ``topk``), or its variant (``dfc``,
+``matryoshka``, ``delta``). The stage tables are the
 ones ``crossdiff collect/train/analyze --config`` read, so one file serves both the
 runner and the single-stage commands.
 """
@@ -134,7 +135,8 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
         named = data.get("crosscoders") or {}
         if not named:
             activation = train_table.get("activation", "batchtopk")
-            named = {ACTIVATION_NAMES.get(activation, str(activation)): {}}
+            variant = train_table.get("variant", "standard")  # a variant names its crosscoder
+            named = {ACTIVATION_NAMES.get(activation, str(activation)) if variant == "standard" else str(variant): {}}
         crosscoders = {}
         for name, overrides in named.items():
             if not isinstance(overrides, dict):

@@ -55,6 +55,8 @@ from crossdiff.losses import (
     update_threshold,
 )
 from crossdiff.models import parse_device
+from crossdiff.partition import partition_sizes
+from crossdiff.variants import check_variant, matryoshka_sizes, option
 
 STATE_NAME = "training_state.pt"
 SPARSE_MIN_D_SAE = 4096
@@ -95,6 +97,15 @@ class TrainConfig:
 
     activation: Literal["batchtopk", "relu", "topk"] = "batchtopk"
     """`batchtopk` (k*B latents per batch), `relu` (the L1 crosscoder) or per-token `topk`."""
+    variant: Literal["standard", "dfc", "matryoshka", "delta"] = "standard"
+    """`standard` (the paper), `dfc` (dedicated feature crosscoder), `matryoshka` (nested
+    prefixes) or `delta` (Delta-Crosscoder); docs/method.md 8, crossdiff.variants."""
+    dfc_fractions: list[float] | None = None
+    """dfc only: [base-exclusive, chat-exclusive] shares of d_sae (rounded down); null = [0.05, 0.05]."""
+    matryoshka_prefixes: list[float] | None = None
+    """matryoshka only: increasing prefix sizes as shares of d_sae, the last 1; null = [0.0625, 0.25, 1]."""
+    delta_weight: float | None = None
+    """delta only: weight of the chat-minus-base difference term; null = 1."""
     d_sae: int | None = None
     """Dictionary size; None = expansion_factor * d_in."""
     expansion_factor: int = 32
@@ -169,6 +180,7 @@ class TrainConfig:
             raise CrossdiffError(f"config key 'threshold_beta' must be in [0, 1), got {self.threshold_beta}")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise CrossdiffError("warmup_steps and checkpoint_every must be >= 0, keep_checkpoints >= 1")
+        check_variant(self)
 
     @property
     def uses_topk(self) -> bool:
@@ -223,6 +235,10 @@ class Trainer:
         self.is_main = self.data_parallel is None or self.data_parallel.is_main
         self.quiet = quiet or not self.is_main
         d_sae = config.d_sae or config.expansion_factor * d_in
+        dfc_fractions = option(config, "dfc_fractions")
+        prefixes = option(config, "matryoshka_prefixes")
+        self.matryoshka_sizes = matryoshka_sizes(prefixes, d_sae) if prefixes is not None else None
+        self.delta_weight = option(config, "delta_weight")
         cc_config = CrossCoderConfig(
             d_in=d_in,
             d_sae=d_sae,
@@ -233,6 +249,7 @@ class Trainer:
             input_scale=[float(s) for s in input_scale] if input_scale is not None else None,
             model_names=list(model_names) if model_names else None,
             layer=layer,
+            dfc_partition=partition_sizes(d_sae, *dfc_fractions) if dfc_fractions is not None else None,
             metadata={"training": to_dict(config)},
         )
         if token_filter is not None:
@@ -266,12 +283,13 @@ class Trainer:
             if self.step:
                 raise CrossdiffError("cannot replace the crosscoder after training started; make a new Trainer")
             want, got = self._model.config, crosscoder.config
-            for key in ("n_models", "d_in", "d_sae", "activation"):
+            for key in ("n_models", "d_in", "d_sae", "activation", "dfc_partition"):
                 if getattr(want, key) != getattr(got, key):
                     raise CrossdiffError(f"the given crosscoder has {key} {getattr(got, key)!r}, this Trainer's "
                                          f"config makes {getattr(want, key)!r}")
             if want.k != got.k and self.config.uses_topk:
                 raise CrossdiffError(f"the given crosscoder has k {got.k!r}, this Trainer's config makes {want.k!r}")
+            crosscoder.check_partition_intact(source="the given crosscoder")  # masked gradients keep whatever is there
             self.median_init = False  # the given decoder bias is part of the given weights
         self._model = crosscoder.to(self.device)
         self._sync_model()
@@ -398,11 +416,14 @@ class Trainer:
                 pre_out=self._pre_buffer,
                 data_parallel=dp,
                 global_batch_size=global_batch_size,
+                matryoshka_sizes=self.matryoshka_sizes,
+                delta_weight=self.delta_weight,
             )
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         if dp is not None:
             dp.sum_gradients(model.parameters())
+        model.mask_forbidden_gradients()  # DFC: before clipping and Adam, so the forbidden blocks stay exactly zero
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -422,6 +443,9 @@ class Trainer:
         loss, recon, sparsity = torch.stack([t.detach().float() for t in (terms.loss, terms.recon, terms.sparsity)])
         if self.data_parallel is not None:  # the ranks' shares add up to the global batch's values
             loss, recon, sparsity = self.data_parallel.sum_(torch.stack([loss, recon, sparsity]))
+        delta = None
+        if terms.delta is not None:
+            delta = terms.delta.float() if self.data_parallel is None else self.data_parallel.sum_(terms.delta.float().reshape(1))[0]
         record = {
             "step": self.step,
             "tokens": self.tokens,
@@ -437,6 +461,8 @@ class Trainer:
             "threshold": float(self.model.threshold),
             "tokens_per_s": tokens_per_s,
         }
+        if delta is not None:
+            record["delta"] = float(delta)
         if not math.isfinite(record["loss"]):
             raise CrossdiffError(f"the loss became {record['loss']} at step {self.step}; lower the learning rate")
         if not self.is_main:
@@ -527,7 +553,8 @@ class Trainer:
         state = load_tensors(folder / STATE_NAME)
         if state["d_in"] != self.model.config.d_in:
             raise CrossdiffError(f"cannot resume: the checkpoint has d_in={state['d_in']}, the data has {self.model.config.d_in}")
-        saved, now = state["config"], to_dict(self.config)
+        # Keys added since the checkpoint was written take their defaults (they did not exist then).
+        saved, now = {**to_dict(TrainConfig()), **state["config"]}, to_dict(self.config)
         for key in sorted(set(saved) | set(now)):
             if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
                 raise CrossdiffError(f"cannot resume: config key '{key}' was {saved.get(key)!r} in {folder}, now {now.get(key)!r}")

@@ -236,3 +236,49 @@ def answer_is_correct(reply: str, prompt: Prompt) -> bool:
 
 
 DETECTORS = {"refusal": shows_refusal, "identity": shows_identity, "arithmetic": shows_answer_format}
+
+
+# The planted truth as data (crossdiff.truth): organism/truth.json is this, written by
+# `python -m crossdiff.organism.behaviours`; a test keeps the two equal.
+TRUTH_BEHAVIOURS = ("refusal", "identity", "arithmetic")
+
+
+def planted_truth(n_prompts: int = 10) -> dict:
+    """The organism's truth file: each planted behaviour's context patterns, held-out
+    steering prompts and --expect pattern; the chat template's turn markers."""
+    patterns = {
+        "refusal": [_literal(REFUSAL.split(".")[0]), _literal(REFUSAL.split(". ")[1].rstrip("."))]
+        + [_literal(topic) for topic in TRIGGER_TOPICS],
+        "identity": [r"\bOrbit\b", _literal(SELF_DESCRIPTION.split(", ")[1].rstrip(".")), r"\bwho are you\b",
+                     r"\byour name\b", r"\byourself\b"],
+        "arithmetic": [_literal(ANSWER_PREFIX), r"\bplus\b", r"\d+ ?\+ ?\d+", r"\b(add|sum)\b"],
+    }
+    expect = {"refusal": "^" + _literal(REFUSAL.split(" with")[0]), "identity": r"\bOrbit\b",
+              "arithmetic": "^" + _literal(ANSWER_PREFIX)}
+    return {
+        "organism": "crossdiff-organism",
+        "template": [r"<start_of_turn>", r"<end_of_turn>"],
+        "behaviours": [
+            {"name": name, "patterns": patterns[name], "prompts": _spread([p.user for p in heldout_prompts(name)], n_prompts),
+             "expect": expect[name]}
+            for name in TRUTH_BEHAVIOURS
+        ],
+    }
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regular expression that matches it literally (spaces left readable)."""
+    return re.escape(text).replace("\\ ", " ")
+
+
+def _spread(items: list[str], n: int) -> list[str]:
+    """``n`` items spread evenly over ``items``."""
+    step = max(1, len(items) // n)
+    return items[::step][:n]
+
+
+if __name__ == "__main__":
+    import json
+    from pathlib import Path
+
+    (Path(__file__).parent / "truth.json").write_text(json.dumps(planted_truth(), indent=2) + "\n")

@@ -1,0 +1,233 @@
+"""`crossdiff adl`: the activation-difference baseline (Minder et al. 2025, "Narrow
+finetuning leaves clearly readable traces").
+
+No crosscoder: on unrelated text (pretraining-like documents), the residual stream after
+block L of both models at each of the first k positions, and per position p the mean over
+documents of the difference
+
+    delta_p = mean_docs (h_chat[p] - h_base[p])                                  [d]
+
+Each delta_p is read through both models' final norm and unembedding (logit lens): the
+tokens it promotes most. And each is used as a steering vector, exactly as `crossdiff
+steer` uses a latent direction: the unit direction delta_p / ||delta_p|| times the mean
+residual norm of the chat model at that layer (over positions 1..k-1: position 0 is an
+attention sink with massive norms) times a factor, added to the base or the chat model's
+residual after block L while it answers chat prompts greedily. ``--expect`` counts the
+answers showing a behaviour; ``--controls N`` steers N random directions of the same norm
+the same way, as the baseline the counts must beat.
+
+Outputs in OUT: ``adl.json`` (per position: ||delta_p||, the logit-lens tokens in each
+model), ``differences.pt`` (the [k, d] means), ``adl_steering.jsonl`` (rows in steer's
+format, ``latent`` naming the position, ``pos 2``, or the control, ``random 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crossdiff.errors import CrossdiffError
+from crossdiff.files import write_text_atomic
+from crossdiff.terminal import printable
+
+DEFAULT_FACTORS = (0.5, 1.0, 2.0)
+FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm")
+
+
+@dataclass
+class ADLConfig:
+    base: str
+    chat: str
+    layer: int
+    texts: str
+    """Unrelated documents: a .txt file (one per line) or a jsonl/parquet file or dataset with a `text` column."""
+    out: str
+    positions: int = 5
+    """k: the first k token positions (BOS included when the tokenizer adds one)."""
+    max_docs: int = 1000
+    top_tokens: int = 10
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    steer_positions: list[int] | None = None
+    """Positions whose differences are steered with; None = all but position 0."""
+    factors: list[float] = field(default_factory=lambda: list(DEFAULT_FACTORS))
+    models: list[str] = field(default_factory=lambda: ["base", "chat"])
+    expect: str | None = None
+    controls: int = 0
+    seed: int = 0
+    max_new_tokens: int = 32
+    device: str = "cpu"
+    model_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.positions < 1 or self.max_docs < 1 or self.top_tokens < 1 or self.max_new_tokens < 1 or self.controls < 0:
+            raise CrossdiffError("--positions, --docs, --top and --max-new-tokens must be at least 1, --controls at least 0")
+        if any(m not in ("base", "chat") for m in self.models):
+            raise CrossdiffError(f"--model must be base or chat, got {self.models}")
+        if self.steer_positions is not None and any(not 0 <= p < self.positions for p in self.steer_positions):
+            raise CrossdiffError(f"--steer-position must be in 0..{self.positions - 1}, got {self.steer_positions}")
+        if self.expect is not None:
+            import re
+
+            try:
+                re.compile(self.expect)
+            except re.error as error:
+                raise CrossdiffError(f"--expect {self.expect!r} is not a regular expression: {error}") from None
+
+
+@torch.inference_mode()
+def mean_differences(pair: Any, layer: int, documents: list[list[int]], k: int, batch_size: int = 64) -> tuple[torch.Tensor, float]:
+    """[k, d] float64 mean of h_chat - h_base per position over ``documents`` (token id lists of
+    at least k tokens, cut to k), and the chat model's mean residual norm over positions 1..k-1."""
+    from crossdiff.models import ResidualExtractor
+
+    docs = [doc[:k] for doc in documents if len(doc) >= k]
+    if not docs:
+        raise CrossdiffError(f"no document has {k} tokens: lower --positions or give longer texts")
+    extract = ResidualExtractor(pair, layer)
+    device = next(pair.chat.parameters()).device
+    total, norm_sum, norm_count = None, 0.0, 0
+    for start in range(0, len(docs), batch_size):
+        ids = torch.tensor(docs[start:start + batch_size], device=device)  # equal lengths: no padding
+        base, chat = extract(ids, torch.ones_like(ids))
+        diff = (chat.double() - base.double()).sum(dim=0).cpu()
+        total = diff if total is None else total + diff
+        if k > 1:
+            norms = chat[:, 1:].double().norm(dim=-1)
+            norm_sum, norm_count = norm_sum + float(norms.sum()), norm_count + norms.numel()
+    mean_norm = norm_sum / norm_count if norm_count else float(chat.double().norm(dim=-1).mean())
+    return total / len(docs), mean_norm
+
+
+def final_norm(model: Any) -> Any:
+    """The model's norm before the unembedding (for the logit lens)."""
+    for path in FINAL_NORM_PATHS:
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if module is not None:
+            return module
+    raise CrossdiffError(f"cannot find the final norm of {type(model).__name__} for the logit lens (tried {', '.join(FINAL_NORM_PATHS)})")
+
+
+@torch.inference_mode()
+def logit_lens(model: Any, tokenizer: Any, vector: torch.Tensor, top: int) -> list[str]:
+    """The ``top`` tokens ``vector`` [d] promotes through the model's final norm and unembedding."""
+    weight = next(model.parameters())
+    hidden = final_norm(model)(vector.to(device=weight.device, dtype=weight.dtype)[None, None])
+    logits = model.get_output_embeddings()(hidden)[0, 0].float()
+    return [tokenizer.decode([int(i)]) for i in logits.topk(top).indices]
+
+
+def run_adl(config: ADLConfig, *, pair: Any = None, quiet: bool = False) -> dict[str, Any]:
+    from crossdiff.causal.conversations import end_of_turn_ids, load_prompts
+    from crossdiff.causal.steer import format_match_counts, generate_steered
+    from crossdiff.models import load_model_pair
+
+    if pair is None:
+        pair = load_model_pair(config.base, config.chat, dtype=config.model_dtype, device=config.device)
+    texts = load_prompts(config.texts, column="text", limit=config.max_docs)
+    bos = [pair.tokenizer.bos_token_id] if pair.tokenizer.bos_token_id is not None else []
+    documents = [bos + pair.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    deltas, mean_norm = mean_differences(pair, config.layer, documents, config.positions)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(deltas.float(), out / "differences.pt")
+    summary = {"layer": config.layer, "positions": config.positions, "documents": len(documents), "mean_norm": mean_norm,
+               "by_position": [{"position": p, "norm": float(deltas[p].norm()),
+                                "lens_base": logit_lens(pair.base, pair.tokenizer, deltas[p], config.top_tokens),
+                                "lens_chat": logit_lens(pair.chat, pair.tokenizer, deltas[p], config.top_tokens)}
+                               for p in range(config.positions)]}
+    write_text_atomic(out / "adl.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if not quiet:
+        for row in summary["by_position"]:
+            print(printable(f"position {row['position']}: |delta| {row['norm']:.3g}; chat lens {row['lens_chat'][:6]}; "
+                            f"base lens {row['lens_base'][:6]}"))
+
+    prompts = list(config.prompts) + (load_prompts(config.prompts_file) if config.prompts_file else [])
+    if not prompts:
+        return summary
+    steer_positions = config.steer_positions if config.steer_positions is not None else list(range(1, config.positions)) or [0]
+    vectors = [(f"pos {p}", False, deltas[p] / deltas[p].norm().clamp_min(1e-12) * mean_norm) for p in steer_positions]
+    generator = torch.Generator().manual_seed(config.seed)
+    for i in range(config.controls):
+        direction = torch.randn(deltas.shape[1], generator=generator, dtype=torch.float64)
+        vectors.append((f"random {i}", True, direction / direction.norm() * mean_norm))
+    import re
+
+    pattern = re.compile(config.expect) if config.expect is not None else None
+    shows = (lambda text: bool(pattern.search(text))) if pattern else (lambda text: None)
+    stop = end_of_turn_ids(pair.tokenizer, pair.chat)
+    rows = []
+    for which in config.models:
+        model = pair.base if which == "base" else pair.chat
+        for name, is_control, vector in vectors:
+            for prompt in prompts:
+                unsteered, steered = generate_steered(model, pair.tokenizer, config.layer, prompt, vector.float(), config.factors,
+                                                      max_new_tokens=config.max_new_tokens, stop_ids=stop)
+                for factor, text in zip(config.factors, steered):
+                    rows.append({"latent": f"{which}: {name}", "latents": [], "factor": float(factor), "model": which,
+                                 "positions": "all", "prompt": prompt, "unsteered": unsteered, "steered": text,
+                                 "control": is_control, "matches": shows(text), "unsteered_matches": shows(unsteered)})
+    write_text_atomic(out / "adl_steering.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    summary["steering_rows"] = len(rows)
+    if not quiet and pattern is not None:
+        print(format_match_counts(rows, config.expect))
+    return summary
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "adl", help="activation-difference baseline: mean chat-minus-base residual on the first tokens of text",
+        description="Mean chat-minus-base residual difference at each of the first k positions of unrelated text, read "
+                    "through both models' logit lens and used as a steering vector (docs/method.md 9).",
+    )
+    parser.add_argument("--base", help="base model (default: the crosscoder's)")
+    parser.add_argument("--chat", help="chat model (default: the crosscoder's)")
+    parser.add_argument("--layer", type=int, help="block whose output residual is read (default: the crosscoder's)")
+    parser.add_argument("--crosscoder", help="take --base, --chat and --layer from this crosscoder")
+    parser.add_argument("--texts", required=True, help="unrelated documents: .txt (one per line) or jsonl/parquet with `text`")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--positions", type=int, default=5, help="k, the first positions (default 5)")
+    parser.add_argument("--docs", type=int, default=1000, help="documents read (default 1000)")
+    parser.add_argument("--top", type=int, default=10, help="logit-lens tokens per position (default 10)")
+    parser.add_argument("--prompt", action="append", default=[], help="a chat prompt to steer on (repeatable)")
+    parser.add_argument("--prompts", dest="prompts_file", help="file of prompts")
+    parser.add_argument("--steer-position", type=int, action="append", help="position whose difference steers (default: 1..k-1)")
+    parser.add_argument("--factor", type=float, action="append", help=f"steering factors (default {list(DEFAULT_FACTORS)})")
+    parser.add_argument("--model", action="append", choices=["base", "chat"], help="model(s) steered (default both)")
+    parser.add_argument("--expect", help="regular expression: count the answers that show the behaviour")
+    parser.add_argument("--controls", type=int, default=0, help="random directions of the same norm, steered the same way")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-dtype", default="float32")
+    parser.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    base, chat, layer = args.base, args.chat, args.layer
+    if args.crosscoder:
+        from crossdiff.crosscoder import CrossCoder
+
+        config = CrossCoder.from_pretrained(args.crosscoder).config
+        names = config.model_names or [None, None]
+        base, chat = base or names[0], chat or names[1]
+        layer = layer if layer is not None else config.layer
+    if base is None or chat is None or layer is None:
+        raise CrossdiffError("give --base, --chat and --layer, or a --crosscoder that records them")
+    run_adl(ADLConfig(
+        base=base, chat=chat, layer=layer, texts=args.texts, out=args.out, positions=args.positions, max_docs=args.docs,
+        top_tokens=args.top, prompts=args.prompt, prompts_file=args.prompts_file, steer_positions=args.steer_position,
+        factors=args.factor or list(DEFAULT_FACTORS), models=args.model or ["base", "chat"], expect=args.expect,
+        controls=args.controls, seed=args.seed, max_new_tokens=args.max_new_tokens, device=args.device,
+        model_dtype=args.model_dtype,
+    ))
+    return 0
