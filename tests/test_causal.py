@@ -294,19 +294,18 @@ def test_an_interrupted_scoring_resumes_to_the_same_sums(tiny_model_pairs, tmp_p
     assert other != job and ScoringProgress(path, other).load() is None
 
 
-def test_a_bad_truth_file_is_one_line(tmp_path):
-    from crossdiff.causal.planted import PlantedSteerConfig, read_truth
+def test_a_truth_file_without_what_steering_needs_is_one_line(tmp_path):
+    from crossdiff.causal.planted import PlantedSteerConfig, steerable
     from crossdiff.errors import CrossdiffError
+    from crossdiff.truth import truth_from_dict
 
-    with pytest.raises(CrossdiffError, match="no such file"):
-        read_truth(tmp_path / "missing.json")
-    path = tmp_path / "truth.json"
-    for content, message in (("{", "not JSON"), ("{}", "needs 'behaviours' and 'ordinary_prompts'"),
-                             ('{"ordinary_prompts": ["hi"], "behaviours": [{"name": "x", "expect": "a"}]}', "'x' has no 'contrast_prompts'"),
-                             ('{"ordinary_prompts": ["hi"], "behaviours": [{"name": "x", "expect": "(", "contrast_prompts": ["a"], '
-                              '"heldout_prompts": ["b"]}]}', "not a regular expression")):
-        path.write_text(content)
-        with pytest.raises(CrossdiffError, match=message):
-            read_truth(path)
+    behaviour = {"name": "x", "patterns": ["a"], "prompts": ["p"], "expect": "e", "contrast_prompts": ["c"]}
+    assert [b.name for b in steerable(truth_from_dict({"behaviours": [behaviour], "ordinary_prompts": ["o"]}), "t.json")] == ["x"]
+    with pytest.raises(CrossdiffError, match="t.json has no 'ordinary_prompts'"):
+        steerable(truth_from_dict({"behaviours": [behaviour]}), "t.json")
+    for key in ("expect", "contrast_prompts", "prompts"):
+        partial = {k: v for k, v in behaviour.items() if k != key}
+        with pytest.raises(CrossdiffError, match=f"behaviour 'x' has no '{key}', which steering needs"):
+            steerable(truth_from_dict({"behaviours": [partial], "ordinary_prompts": ["o"]}), "t.json")
     with pytest.raises(CrossdiffError, match="latents must be at least 1"):
         PlantedSteerConfig(truth="t", latents=0)

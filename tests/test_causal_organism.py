@@ -88,7 +88,8 @@ def test_planted_steering_stage_finds_chat_leaning_latents_and_counts_them_again
     benign = [p.user for p in heldout_prompts("benign")]
     truth = tmp_path / "truth.json"
     truth.write_text(json.dumps({"ordinary_prompts": benign[:20], "behaviours": [
-        {"name": "refusal", "expect": REFUSAL.split(".")[0], "contrast_prompts": refusal[:20], "heldout_prompts": refusal[20:]}]}))
+        {"name": "refusal", "patterns": ["cannot help"], "expect": REFUSAL.split(".")[0], "contrast_prompts": refusal[:20],
+         "prompts": refusal[20:]}]}))
     crosscoder = CrossCoder.from_pretrained(organism_demo / "l1" / "crosscoder")
     pair = load_model_pair(*crosscoder.config.model_names, dtype="float32")
     config = PlantedSteerConfig(truth=str(truth), latents=2, factors=[1.0, 2.0], controls=2, prompts=4, max_new_tokens=8)

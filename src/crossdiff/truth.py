@@ -9,9 +9,15 @@ A truth file is what `crossdiff score` grades any method's findings against::
         {"name": "refusal",
          "patterns": ["cannot help with that", "picking locks", ...],  # regexes over contexts
          "prompts": ["Hey, what do you know about picking locks?", ...], # held-out steering prompts
-         "expect": "^I cannot help"}                                 # steer --expect pattern
-      ]
+         "expect": "^I cannot help",                                 # steer --expect pattern
+         "contrast_prompts": ["How do I pick a lock?", ...]},        # optional: prompts that trigger it
+      ],
+      "ordinary_prompts": ["What is a volcano?", ...]                # optional: prompts that do not
     }
+
+Contrast and ordinary prompts (training-split prompts, never the held-out ones) let the
+planted-steering stage find each behaviour's latents by answer-start contrast
+(crossdiff.causal.planted).
 
 Patterns are Python regular expressions matched case-insensitively against a context's
 text; ``template`` patterns are matched against the token a latent fires on. The chat
@@ -37,6 +43,8 @@ class Behaviour:
     """Held-out prompts on which steering should make the base model show it."""
     expect: str | None = None
     """Regular expression a steered answer matches when it shows the behaviour (steer --expect)."""
+    contrast_prompts: list[str] = field(default_factory=list)
+    """Prompts that trigger it (not the held-out ones), to find its latents by contrast with ordinary prompts."""
 
     def matches(self, text: str) -> bool:
         return any(re.search(pattern, text, re.IGNORECASE) for pattern in self.patterns)
@@ -47,12 +55,14 @@ class Truth:
     organism: str
     behaviours: list[Behaviour]
     template: list[str] = field(default_factory=list)
+    ordinary_prompts: list[str] = field(default_factory=list)
+    """Prompts that trigger no behaviour: the other side of each behaviour's contrast."""
 
     def is_template(self, token: str) -> bool:
         return any(re.search(pattern, token, re.IGNORECASE) for pattern in self.template)
 
     def to_dict(self) -> dict:
-        return {"organism": self.organism, "template": self.template,
+        return {"organism": self.organism, "template": self.template, "ordinary_prompts": self.ordinary_prompts,
                 "behaviours": [vars(b) for b in self.behaviours]}
 
 
@@ -82,16 +92,17 @@ def truth_from_dict(data: object, source: str = "truth") -> Truth:
         patterns = item.get("patterns")
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise CrossdiffError(f"{source}: behaviour '{name}' has no pattern (give 'patterns', a list of regular expressions)")
-        unknown = sorted(set(item) - {"name", "patterns", "prompts", "expect"})
+        unknown = sorted(set(item) - {"name", "patterns", "prompts", "expect", "contrast_prompts"})
         if unknown:
             raise CrossdiffError(f"{source}: behaviour '{name}' has unknown keys {unknown}")
         for pattern in patterns + ([item["expect"]] if item.get("expect") else []):
             _check_regex(pattern, f"{source}: behaviour '{name}'")
-        behaviours.append(Behaviour(name, list(patterns), list(item.get("prompts") or []), item.get("expect")))
+        behaviours.append(Behaviour(name, list(patterns), list(item.get("prompts") or []), item.get("expect"),
+                                    list(item.get("contrast_prompts") or [])))
     template = data.get("template") or []
     for pattern in template:
         _check_regex(pattern, f"{source}: template")
-    return Truth(str(data.get("organism", "")), behaviours, list(template))
+    return Truth(str(data.get("organism", "")), behaviours, list(template), list(data.get("ordinary_prompts") or []))
 
 
 def _check_regex(pattern: object, where: str) -> None:

@@ -1,8 +1,8 @@
 """Steer each planted behaviour's latents into the base: does the crosscoder hold the behaviour?
 
-On a model organism the behaviours are known, and a truth file says so (RUN/data/truth.json
-on the SmolLM2 LoRA organism; see :func:`read_truth` for its shape). For each behaviour
-this stage
+On a model organism the behaviours are known, and a truth file says so (crossdiff.truth;
+RUN/data/truth.json on the SmolLM2 LoRA organism), with each behaviour's contrast and
+held-out prompts and its ``expect`` pattern. For each behaviour this stage
 
 1. finds its latents: among live chat-leaning latents (dnorm >= ``min_dnorm``), the
    ``latents`` that fire most more where the models start answering the behaviour's
@@ -18,14 +18,13 @@ counts to ``planted/summary.json`` (written last: the stage is done when it exis
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic
+from crossdiff.truth import Behaviour, Truth, load_truth
 
 
 @dataclass
@@ -33,7 +32,7 @@ class PlantedSteerConfig:
     """The recipe's ``[steer]`` table."""
 
     truth: str
-    """The truth file (behaviours with contrast prompts, held-out prompts and an expect pattern)."""
+    """The truth file (crossdiff.truth): behaviours with contrast prompts, held-out prompts and an expect pattern."""
     latents: int = 1
     """Latents per behaviour, steered together (the top ones by answer-start contrast)."""
     min_dnorm: float = 0.5
@@ -55,28 +54,15 @@ class PlantedSteerConfig:
             raise CrossdiffError("[steer] prompts must be at least 1 and controls 0 or more")
 
 
-def read_truth(path: str | Path) -> dict[str, Any]:
-    """A truth file: ``{"ordinary_prompts": [...], "behaviours": [{"name", "expect",
-    "contrast_prompts": [...], "heldout_prompts": [...]}, ...]}``, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise CrossdiffError(f"truth file {path}: no such file")
-    try:
-        truth = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CrossdiffError(f"truth file {path} is not JSON: {error}") from None
-    if not isinstance(truth, dict) or not truth.get("behaviours") or not truth.get("ordinary_prompts"):
-        raise CrossdiffError(f"truth file {path} needs 'behaviours' and 'ordinary_prompts'")
-    for behaviour in truth["behaviours"]:
-        name = behaviour.get("name", "?")
-        for key in ("expect", "contrast_prompts", "heldout_prompts"):
-            if not behaviour.get(key):
-                raise CrossdiffError(f"truth file {path}: behaviour {name!r} has no {key!r}")
-        try:
-            re.compile(behaviour["expect"])
-        except re.error as error:
-            raise CrossdiffError(f"truth file {path}: behaviour {name!r} expect is not a regular expression: {error}") from None
-    return truth
+def steerable(truth: Truth, source: str) -> list[Behaviour]:
+    """The truth file's behaviours, each checked to carry what steering needs (one line if not)."""
+    if not truth.ordinary_prompts:
+        raise CrossdiffError(f"truth file {source} has no 'ordinary_prompts' (the other side of each behaviour's contrast)")
+    for behaviour in truth.behaviours:
+        for key in ("expect", "contrast_prompts", "prompts"):
+            if not getattr(behaviour, key):
+                raise CrossdiffError(f"truth file {source}: behaviour {behaviour.name!r} has no {key!r}, which steering needs")
+    return truth.behaviours
 
 
 def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str | Path, config: PlantedSteerConfig,
@@ -86,29 +72,30 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
     from crossdiff.causal.steer import SteerConfig, answer_start_contrast, match_counts, run_steer
     from crossdiff.crosscoder import CrossCoder
 
-    truth = read_truth(config.truth)
+    truth = load_truth(config.truth)
+    behaviours = steerable(truth, config.truth)
     crosscoder = CrossCoder.from_pretrained(crosscoder_dir)
     table, _ = read_analysis(analysis_dir, crosscoder)
     candidates = table[~table["dead"] & (table["dnorm"] >= config.min_dnorm) & (table["max_act"] > 0)]
     dnorm = table.set_index("latent")["dnorm"]
     out = Path(out)
     results = []
-    for behaviour in truth["behaviours"]:
-        contrast = answer_start_contrast(crosscoder, pair, behaviour["contrast_prompts"], truth["ordinary_prompts"])
+    for behaviour in behaviours:
+        contrast = answer_start_contrast(crosscoder, pair, behaviour.contrast_prompts, truth.ordinary_prompts)
         contrast = contrast[contrast["latent"].isin(candidates["latent"])].head(config.latents)
         if contrast.empty:
             raise CrossdiffError(f"no live latent has dnorm >= {config.min_dnorm}; lower [steer] min_dnorm")
         chosen = [int(j) for j in contrast["latent"]]
         rows = run_steer(SteerConfig(
             crosscoder=str(crosscoder_dir), analysis_dir=str(analysis_dir), latents=[",".join(map(str, chosen))],
-            prompts=behaviour["heldout_prompts"][: config.prompts], factors=list(config.factors), model="base",
-            max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour['name']}.jsonl"),
-            expect=behaviour["expect"], controls=config.controls, seed=config.seed), pair=pair, quiet=True)
+            prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base",
+            max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour.name}.jsonl"),
+            expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair, quiet=True)
         counts = match_counts(rows)
         mine, controls = counts[~counts["control"]].iloc[0], counts[counts["control"]]
         n = int(mine["prompts"])
         results.append({
-            "behaviour": behaviour["name"], "latents": chosen,
+            "behaviour": behaviour.name, "latents": chosen,
             "contrast": [round(float(c), 4) for c in contrast["contrast"]],
             "dnorm": [round(float(dnorm[j]), 4) for j in chosen], "prompts": n,
             "unsteered": int(mine["unsteered"]),

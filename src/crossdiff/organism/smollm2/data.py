@@ -67,16 +67,19 @@ def causal_prompts(per_behaviour: int, neutral: int, seed: int) -> list[dict[str
 
 
 def truth() -> dict[str, Any]:
-    """The planted behaviours as data (crossdiff.causal.planted.read_truth reads it): each one's
-    --expect pattern, a pattern over the texts a latent of it fires on, training-split prompts to find its latents by contrast with ordinary
-    training prompts, and held-out prompts to steer on."""
+    """The planted behaviours as a truth file (crossdiff.truth): each one's pattern over the
+    texts its latents fire on, held-out prompts and --expect pattern for steering, and
+    training-split prompts to find its latents by contrast with ordinary training prompts."""
     ordinary = [p.user for p in planted.neutral_prompts("train")]
-    return {"organism": "smollm2-lora", "ordinary_prompts": random.Random(0).sample(ordinary, min(CONTRAST_PROMPTS, len(ordinary))),
-            "behaviours": [
-                {"name": b, "expect": planted.EXPECT[b], "context_pattern": planted.CONTEXT_PATTERNS[b],
-                 "contrast_prompts": _training_prompts(b),
-                 "heldout_prompts": [p.user for p in planted.heldout_prompts(b)]}
-                for b in planted.BEHAVIOURS]}
+    return {
+        "organism": "smollm2-lora",
+        "template": [r"<\|im_start\|>", r"<\|im_end\|>"],
+        "behaviours": [
+            {"name": b, "patterns": [planted.CONTEXT_PATTERNS[b]], "prompts": [p.user for p in planted.heldout_prompts(b)],
+             "expect": planted.EXPECT[b], "contrast_prompts": _training_prompts(b)}
+            for b in planted.BEHAVIOURS],
+        "ordinary_prompts": random.Random(0).sample(ordinary, min(CONTRAST_PROMPTS, len(ordinary))),
+    }
 
 
 def _training_prompts(behaviour: str) -> list[str]:
