@@ -134,8 +134,9 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
 
     # One run per folder (two would share the progress file), checked before the models load.
     with output_lock(out, "causal"):
-        for name in OUTPUT_FILES.values():
-            remove_stray_temporaries(out, name)  # what a kill while writing the results left
+        for name in OUTPUT_FILES.values():  # what a kill while writing the results or the progress left
+            remove_stray_temporaries(out, name)
+        remove_stray_temporaries(out.parent, progress_path(out).name)
         if pair is None:
             _say(quiet, f"loading {base_name} and {chat_name}")
             pair = load_model_pair(base_name, chat_name, dtype=config.model_dtype, device=config.device)
