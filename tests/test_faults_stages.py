@@ -212,7 +212,7 @@ def in_progress(stage: str, out: Path, log: Path):
     """(a test that ``stage`` of the run in ``out`` has begun writing, the largest fraction of its
     uninterrupted time to wait after that): the kill then lands while the stage writes."""
     kind, _, name = stage.partition(":")
-    path = {"data": out / "data" / "pretraining.jsonl",  # a few ms of writing: killed at its first file
+    path = {"data": out / "data",  # some 30 ms of work: killed as soon as it makes its folder
             "collect": out / "cache" / "shard-00000",  # the first of five shards sealed
             "train": out / name / "checkpoints",  # the first of three checkpoints saved
             "analyze": lock_path(out / name / "analysis"),
