@@ -131,9 +131,9 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if any(m in p.name for m in LEFTOVER_MARKS))
 
 
-def spawn(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "crossdiff.cli", *argv], env=env or SUBPROCESS_ENV,
+        return subprocess.Popen([sys.executable, "-m", "crossdiff.cli", *argv], env=SUBPROCESS_ENV,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -187,7 +187,7 @@ def straight(tmp_path_factory, tiny_pair_paths):
     seconds["steer"] = timed([*commands["steer"], "--out", str(references["steer"])])
     seconds["explain"] = timed([*commands["explain"][:1], str(references["explain"]), *commands["explain"][1:]])
     seconds["report"] = timed([*commands["report"], "-o", str(references["report"])])
-    seconds["stream"] = timed([*commands["stream"], "--out", str(references["stream"])])
+    assert main([*commands["stream"], "--out", str(references["stream"])]) == 0
     torch.set_num_threads(threads)
     return {"root": root, "recipe": recipe_file, "out": out, "seconds": seconds, "commands": commands,
             "references": references}
@@ -244,7 +244,7 @@ def test_run_killed_in_every_stage_resumes_to_the_same_files(straight, tmp_path)
         killed = kill(proc, delay) if started else False
         text = log.read_text()
         skipped = [n for n in names if f"[run] {n}: done, skipped" in text]
-        kills[stage.name] = (delay, killed and not stage.done(), skipped == done_before, text)
+        kills[stage.name] = (delay, killed and not stage.done(), skipped == done_before)
         done_before = [s.name for s in stages if s.done()]
     assert main([*argv, "--quiet"]) == 0
 
@@ -254,7 +254,7 @@ def test_run_killed_in_every_stage_resumes_to_the_same_files(straight, tmp_path)
         if metrics_of(out / name) != metrics_of(straight["out"] / name):
             differ.append(f"{name}/metrics.jsonl")
     left = leftovers(out) + [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    for name, (delay, mid, resumed, text) in kills.items():
+    for name, (delay, mid, resumed) in kills.items():
         wrong = sorted({n for n in differ + left if owner(n, names) == name})
         ledger.check(f"kill -9 of `crossdiff run` {delay:.2f} s into {name}" + ("" if mid else " (it had finished)"),
                      mid and resumed and not wrong,
@@ -418,3 +418,23 @@ def test_one_torchrun_rank_killed_stops_the_job_in_one_line_and_resumes(straight
     report = ledger.report()
     print("\n" + report)
     assert all(ok for _, ok, _ in ledger.rows), report
+
+
+def test_a_rank_stopped_by_torchrun_says_so_in_one_line(tmp_path):
+    """torchrun stops the other ranks with SIGTERM; one busy outside a collective (writing a
+    checkpoint, say) must still end with one line, not die silently or with a traceback."""
+    script = ("import sys, time, types\n"
+              "from crossdiff import cli\n"
+              "busy = types.ModuleType('busy')\n"
+              "busy.add_cli = lambda sub: sub.add_parser('busy').set_defaults(func=lambda args: print('ready', flush=True) or time.sleep(60))\n"
+              "sys.modules['busy'] = busy\n"
+              "cli.STAGE_MODULES.append('busy')\n"
+              "sys.exit(cli.main(['busy']))\n")
+    env = {**SUBPROCESS_ENV, "WORLD_SIZE": "2", "RANK": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip() == ("crossdiff: error: rank 1 of 2: stopped by torchrun (SIGTERM), which stops every rank when one "
+                           "fails; rerun the same command to resume from the last checkpoint")
