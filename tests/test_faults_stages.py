@@ -215,7 +215,7 @@ def in_progress(stage: str, out: Path, log: Path):
     kind, _, name = stage.partition(":")
     path = {"data": out / "data",  # some 30 ms of work: killed as soon as it makes its folder
             "collect": out / "cache" / "shard-00000",  # the first of five shards sealed
-            "train": out / name / "checkpoints",  # the first of three checkpoints saved
+            "train": out / name / "checkpoints",  # its first checkpoint saved (step 40 of 150)
             "analyze": lock_path(out / name / "analysis"),
             "causal": progress_path(out / name / "causal"),  # its first batch scored
             "report": out / ".report.new"}.get(kind if name != "answers" else "answers")  # its staging folder
