@@ -366,19 +366,23 @@ def torchrun(argv: list[str], log: Path) -> subprocess.Popen:
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
-    import psutil
-
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank):
-                return child.pid
-        except psutil.Error:
-            continue
+    """The pid of the process torchrun started for ``rank`` (from Linux's /proc, no dependency)."""
+    pending = [launcher.pid]
+    while pending:
+        pid = pending.pop()
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in map(int, children.read_text().split()):
+                try:
+                    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                except OSError:  # gone meanwhile
+                    continue
+                if f"RANK={rank}".encode() in environ:
+                    return child
+                pending.append(child)
     return None
 
 
 def test_one_torchrun_rank_killed_stops_the_job_in_one_line_and_resumes(straight, tmp_path):
-    pytest.importorskip("psutil")
     rng = random.Random(SEED + 3)
     ledger = Ledger()
     cache = straight["out"] / "cache"

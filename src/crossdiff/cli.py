@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crossdiff: interrupted (completed work is saved; rerun the same command to resume)", file=sys.stderr)
         return 130
+    finally:
+        if "crossdiff.distributed" in sys.modules:  # a torchrun rank: leave its process group before exit
+            sys.modules["crossdiff.distributed"].leave_process_group()
     return int(result or 0)
 
 

@@ -43,11 +43,22 @@ from crossdiff.sparse_ops import (
 )
 
 _RETRIES = 3
+_joined_here = False  # this module initialised the process group (and leaves it before exit)
 
 
 def launched_world_size() -> int:
     """Number of processes torchrun started (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def leave_process_group() -> None:
+    """Shut down the process group :meth:`DataParallel.from_environment` joined, before the
+    process exits: exiting with gloo's threads still running may abort the rank ("terminate
+    called without an active exception") or hang it in their teardown, after a finished run."""
+    global _joined_here
+    if _joined_here and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined_here = False
 
 
 def local_device(device: str) -> str:
@@ -91,6 +102,8 @@ class DataParallel:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group(backend)
+            global _joined_here
+            _joined_here = True
         if dist.get_world_size() == 1:
             return None
         return cls(device)
