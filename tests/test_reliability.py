@@ -457,3 +457,60 @@ def test_source_ids_out_of_range_are_one_line(tmp_path):
     source = TensorSource(torch.randn(20, 2, D), source_ids=torch.full((20,), 3), sources=["web"])
     with pytest.raises(CrossdiffError, match=r"source id is outside 0\.\.0"):
         analyze(_crosscoder(), source, tmp_path / "a", AnalysisConfig(examples=False), progress=False)
+
+
+# ---------------------------------------------------------------------- models' own code never runs
+def _model_with_its_own_code(folder, model_type: str, tmp_path):
+    """A copy of a tiny model whose config and tokenizer point at a module (auto_map) that, if
+    imported, writes a sentinel file: what a hub repository with remote code looks like."""
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "own-code")
+    folder, sentinel = tmp_path / "own-code", tmp_path / "code-ran"
+    (folder / "own_code.py").write_text(
+        f"open({str(sentinel)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n"
+        f"class OwnConfig(LlamaConfig):\n    model_type = {model_type!r}\n"
+        "class OwnModel(LlamaForCausalLM):\n    config_class = OwnConfig\n"
+        "class OwnTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "own_code.OwnConfig", "AutoModelForCausalLM": "own_code.OwnModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer["auto_map"] = {"AutoTokenizer": [None, "own_code.OwnTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return folder, sentinel
+
+
+def test_a_model_that_needs_its_own_code_is_refused_in_one_line_and_runs_none(tiny_pair_paths, tmp_path, capsys):
+    folder, sentinel = _model_with_its_own_code(tiny_pair_paths[0], "own-architecture", tmp_path)
+    (tmp_path / "t.txt").write_text("the quick brown fox\n" * 4)
+    code = main(["collect", "--base", str(folder), "--chat", str(folder), "--layer", "1", "--source", f"t:text:{tmp_path / 't.txt'}",
+                 "--out", str(tmp_path / "cache"), "--max-tokens", "20", "--quiet"])
+    line = one_line_error(capsys)
+    assert code == 2 and "contains custom code" in line and "crossdiff never runs code shipped with a model" in line
+    assert not sentinel.exists()
+
+
+def test_a_known_architecture_loads_without_the_code_its_folder_ships(tiny_pair_paths, tmp_path):
+    from crossdiff.models import load_model, load_tokenizer_of
+
+    folder, sentinel = _model_with_its_own_code(tiny_pair_paths[0], "llama", tmp_path)
+    model, tokenizer = load_model(folder), load_tokenizer_of(folder)
+    assert type(model).__module__.startswith("transformers.") and type(tokenizer).__module__.startswith("transformers.")
+    assert not sentinel.exists()
+
+
+def test_every_auto_class_load_in_src_passes_trust_remote_code_false():
+    """transformers' Auto classes are where a model's own code could run: each call says False."""
+    import ast
+    from pathlib import Path
+
+    calls = []
+    for path in sorted((Path(__file__).parents[1] / "src" / "crossdiff").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.startswith("Auto")):
+                flag = next((k.value for k in node.keywords if k.arg == "trust_remote_code"), None)
+                calls.append((f"{path.name}:{node.lineno}", isinstance(flag, ast.Constant) and flag.value is False))
+    assert len(calls) >= 7 and all(ok for _, ok in calls), calls

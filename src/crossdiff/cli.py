@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from crossdiff.errors import CrossdiffError
@@ -51,21 +53,35 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, _stopped_by_torchrun)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         result = args.func(args)
     except CrossdiffError as err:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # said once: torchrun's SIGTERM may follow
         # Messages may quote the data (a path, a token, a source's text): escaped, one line whatever it holds.
         print(f"crossdiff: error: {printable(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("crossdiff: interrupted (completed work is saved; rerun the same command to resume)", file=sys.stderr)
         return 130
+    finally:
+        if "crossdiff.distributed" in sys.modules:  # a torchrun rank: leave its process group before exit
+            sys.modules["crossdiff.distributed"].leave_process_group()
     return int(result or 0)
+
+
+def _stopped_by_torchrun(signum, frame) -> None:
+    """torchrun stops every rank with SIGTERM when one fails: say so in one line, like any error."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    raise CrossdiffError(f"rank {rank} of {world}: stopped by torchrun (SIGTERM), which stops every rank when one "
+                         "fails; rerun the same command to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

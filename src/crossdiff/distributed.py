@@ -22,15 +22,17 @@ DataParallel and runs the single-process code unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, first_line
 from crossdiff.sparse_ops import (
     GROUP,
     Selection,
@@ -41,11 +43,22 @@ from crossdiff.sparse_ops import (
 )
 
 _RETRIES = 3
+_joined_here = False  # this module initialised the process group (and leaves it before exit)
 
 
 def launched_world_size() -> int:
     """Number of processes torchrun started (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def leave_process_group() -> None:
+    """Shut down the process group :meth:`DataParallel.from_environment` joined, before the
+    process exits: exiting with gloo's threads still running may abort the rank ("terminate
+    called without an active exception") or hang it in their teardown, after a finished run."""
+    global _joined_here
+    if _joined_here and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined_here = False
 
 
 def local_device(device: str) -> str:
@@ -89,6 +102,8 @@ class DataParallel:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group(backend)
+            global _joined_here
+            _joined_here = True
         if dist.get_world_size() == 1:
             return None
         return cls(device)
@@ -99,13 +114,28 @@ class DataParallel:
         return self.rank == 0
 
     # ------------------------------------------------------------------ reductions
+    @contextlib.contextmanager
+    def _collective(self, name: str) -> Iterator[None]:
+        """A collective that fails (gloo and NCCL raise RuntimeError when a peer is killed or its
+        connection drops) stops this rank with one line instead of a traceback per rank; torchrun
+        then stops the others, and the same command resumes from the last checkpoint."""
+        try:
+            yield
+        except RuntimeError as err:
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo prefixes its source file
+            raise CrossdiffError(f"rank {self.rank} of {self.world_size}: {name} failed ({reason}): a rank of this "
+                                 "torchrun job stopped or lost its connection, so every rank stops; rerun the same "
+                                 "command to resume from the last checkpoint") from None
+
     def _reduce(self, tensor: Tensor, op: dist.ReduceOp) -> Tensor:
         """All-reduce ``tensor`` in place (through the backend's device if it differs)."""
         if tensor.device == self._comm_device:
-            dist.all_reduce(tensor, op=op)
+            with self._collective("all_reduce"):
+                dist.all_reduce(tensor, op=op)
             return tensor
         moved = tensor.to(self._comm_device)
-        dist.all_reduce(moved, op=op)
+        with self._collective("all_reduce"):
+            dist.all_reduce(moved, op=op)
         tensor.copy_(moved)
         return tensor
 
@@ -133,12 +163,14 @@ class DataParallel:
     def broadcast_(self, tensor: Tensor) -> None:
         """Rank 0's value of ``tensor`` on every rank (in place)."""
         moved = tensor if tensor.device == self._comm_device else tensor.to(self._comm_device)
-        dist.broadcast(moved, src=0)
+        with self._collective("broadcast"):
+            dist.broadcast(moved, src=0)
         if moved is not tensor:
             tensor.copy_(moved)
 
     def barrier(self) -> None:
-        dist.barrier()
+        with self._collective("barrier"):
+            dist.barrier()
 
     def global_batch_size(self, local: int | None) -> int | None:
         """Tokens in this step's global batch, or None if some rank has no batch left (or an
@@ -157,7 +189,8 @@ class DataParallel:
         padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=self._comm_device)
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
+        with self._collective("all_gather"):
+            dist.all_gather(parts, padded)
         return [part[: int(n)].to(tensor.device) for part, n in zip(parts, sizes)]
 
     # ------------------------------------------------------------------ global batch top-k

@@ -2,8 +2,10 @@
 
 Every stage writes through these helpers:
 
-* :func:`write_text_atomic` / :func:`write_json_atomic`: readers see the old file or the
-  new one, whole, never a mix (temporary file, fsync, rename);
+* :func:`write_text_atomic` / :func:`write_json_atomic` / :func:`write_atomic` (any writer,
+  such as ``DataFrame.to_parquet``): readers see the old file or the new one, whole, never a
+  mix (temporary file, fsync, rename); :func:`remove_stray_temporaries` removes what a kill
+  left;
 * :func:`sha256_file`: the checksum recorded beside weights and checked where they are read;
 * :func:`share_like_umask`: files written by libraries that create them private (safetensors
   writes 0600) get the permissions an ordinary file would have;
@@ -22,7 +24,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from crossdiff.errors import CrossdiffError, first_line
 
@@ -31,20 +33,32 @@ TMP_SUFFIX = ".tmp"
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see either the old or the new file, whole."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:  # not the locale's: the files travel between machines
+            f.write(text)
+
+    write_atomic(path, write)
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Replace ``path`` by what ``write(tmp)`` writes to a temporary file beside it (fsynced,
+    then renamed): readers see the old file or the new one, whole. A kill leaves at most the
+    temporary, which :func:`remove_stray_temporaries` removes."""
     path = Path(path)
     # A temporary name of its own per writer: ranks that finish together all write the
     # merged manifest, and a shared name would let one rank rename another's half-written file.
     tmp = path.with_name(f"{uuid.uuid4().hex[:12]}.{path.name}{TMP_SUFFIX}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:  # not the locale's: the files travel between machines
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise write_error(path, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -190,8 +190,8 @@ def _convert_gguf(path: Path, out: Path, role: str) -> None:
 
     hf_logging.disable_progress_bar()  # "Converting and de-quantizing GGUF tensors" per tensor
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as err:  # gguf's reader raises ValueError, KeyError, struct errors on a cut file
         raise CrossdiffError(f"cannot read the {role} GGUF file {path}: {first_line(err)} (damaged or truncated?)") from None
     finally:

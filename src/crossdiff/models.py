@@ -345,9 +345,9 @@ def _load_config(name: str, role: str) -> Any:
     if problem:  # transformers would report a failed hub lookup instead
         raise CrossdiffError(problem)
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, trust_remote_code=False)
     except Exception as err:  # OSError, ValueError, HF hub errors: all mean "cannot load"
-        raise CrossdiffError(f"cannot load the {role} model from {name!r}: {first_line(err)}") from None
+        raise _cannot_load(f"{role} model", name, err) from None
 
 
 def _load_tokenizer(name: str, role: str) -> Any:
@@ -357,9 +357,9 @@ def _load_tokenizer(name: str, role: str) -> Any:
     if problem:
         raise CrossdiffError(problem)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as err:  # OSError, ValueError, HF hub errors: all mean "cannot load"
-        raise CrossdiffError(f"cannot load the {role} tokenizer from {name!r}: {first_line(err)}") from None
+        raise _cannot_load(f"{role} tokenizer", name, err) from None
 
 
 def load_model(
@@ -373,8 +373,8 @@ def load_model(
     """One causal LM from a model spec (hub id, folder, GGUF, ``BASE::ADAPTER``; see
     model_sources), in eval mode without gradients. An adapter is merged into the weights.
 
-    Remote code never runs: ``trust_remote_code`` stays False, so an architecture that
-    needs it fails to load with transformers' own message."""
+    Remote code never runs: ``trust_remote_code`` stays False (as for every config and
+    tokenizer crossdiff loads), so a model that ships its own code is refused in one line."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -384,7 +384,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(weights, trust_remote_code=False, **{dtype_kw: parse_dtype(dtype)})
     except Exception as err:
-        raise CrossdiffError(f"cannot load the {role} model from {str(spec)!r}: {first_line(err)}") from None
+        raise _cannot_load(f"{role} model", str(spec), err) from None
     if adapter is not None:
         model = model_sources.merge_adapter(model, adapter, role)
     model.to(parse_device(device)).eval().requires_grad_(False)
@@ -395,6 +395,13 @@ def load_tokenizer_of(spec: str | Path, role: str = "model") -> Any:
     """The tokenizer of a model spec (an adapter keeps its base model's tokenizer)."""
     weights, _ = model_sources.resolve(str(spec), role)
     return _load_tokenizer(weights, role)
+
+
+def _cannot_load(what: str, name: str, err: Exception) -> CrossdiffError:
+    message = f"cannot load the {what} from {name!r}: {first_line(err)}"
+    if "custom code" in str(err) or "trust_remote_code" in str(err):
+        message += " (crossdiff never runs code shipped with a model: use one whose architecture transformers implements)"
+    return CrossdiffError(message)
 
 
 def _check_same_vocabulary(base_tok: Any, chat_tok: Any) -> None:

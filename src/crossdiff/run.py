@@ -38,6 +38,7 @@ from typing import Any
 
 from crossdiff import estimate as est
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import remove_stray_temporaries, write_atomic
 from crossdiff.recipe import Recipe, load_recipe
 
 
@@ -226,9 +227,8 @@ def _answer_prompts(options: dict[str, Any], path: Path, pair: Any) -> None:
     answered = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=options.get("max_new_tokens", 64),
                               batch_size=max(options.get("batch_size", 8), 16))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    write_conversations(partial, answered)
-    partial.replace(path)  # the stage is done only once every answer is on disk
+    remove_stray_temporaries(path.parent, path.name)  # a killed attempt's
+    write_atomic(path, lambda tmp: write_conversations(tmp, answered))  # the stage is done once every answer is on disk
 
 
 def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], pair: Any, quiet: bool) -> None:

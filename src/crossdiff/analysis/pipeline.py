@@ -468,7 +468,7 @@ def load_tokenizer(name_or_path: str | None) -> Any:
 
         weights, _ = model_sources.resolve(name_or_path)  # a GGUF's converted folder; an adapter keeps its base's tokenizer
         # Offline, a hub name fails at once from the local cache instead of after five retries.
-        return AutoTokenizer.from_pretrained(weights, local_files_only=local_only(weights))
+        return AutoTokenizer.from_pretrained(weights, local_files_only=local_only(weights), trust_remote_code=False)
     except Exception as err:  # missing files, offline hub: examples keep token ids only
         print(f"crossdiff analyze: tokenizer {name_or_path!r} unavailable ({type(err).__name__}); storing token ids only")
         return None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,8 @@ from crossdiff.autointerp.clients import ChatRequest, Client
 from crossdiff.autointerp.metrics import detection_scores, roc_auc
 from crossdiff.autointerp.samples import LatentSamples, SampleConfig, ScoreItem, latent_samples, top_tokens_explanation
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import remove_stray_temporaries, write_atomic
+from crossdiff.locks import output_lock
 
 SUMMARY_FILE = "autointerp.json"
 KINDS = {"llm": "detection", "top_tokens": "top_tokens_detection", "shuffled": "shuffled_detection"}
@@ -91,8 +92,6 @@ class ExplainResult:
 def explain(analysis_dir: str | Path, client: Client, config: ExplainConfig = ExplainConfig(), *,
             scorer: Client | None = None, progress: bool = False) -> ExplainResult:
     """Explain and score latents of ``analysis_dir``; ``scorer`` defaults to ``client``."""
-    from crossdiff.analysis.examples import ExampleStore
-
     if config.max_latents <= 0 or config.max_tokens <= 0:
         raise CrossdiffError(f"the budget must be positive (max_latents {config.max_latents}, max_tokens {config.max_tokens})")
     analysis_dir = Path(analysis_dir)
@@ -101,7 +100,17 @@ def explain(analysis_dir: str | Path, client: Client, config: ExplainConfig = Ex
         raise CrossdiffError(f"no latents.parquet in {analysis_dir}: run crossdiff analyze first")
     if not examples_path.is_file():
         raise CrossdiffError(f"no examples.sqlite in {analysis_dir}: explain needs examples (analyze without --no-examples)")
-    scorer = scorer or client
+    # One writer per analysis folder: explain adds files to it, analyze replaces it whole.
+    with output_lock(analysis_dir, "explain"):
+        for name in (EXPLANATIONS_FILE, SUMMARY_FILE):
+            remove_stray_temporaries(analysis_dir, name)  # what a killed explain left
+        return _explain(analysis_dir, table_path, examples_path, client, scorer or client, config, progress)
+
+
+def _explain(analysis_dir: Path, table_path: Path, examples_path: Path, client: Client, scorer: Client,
+             config: ExplainConfig, progress: bool) -> ExplainResult:
+    from crossdiff.analysis.examples import ExampleStore
+
     latents = pd.read_parquet(table_path)
     with ExampleStore(examples_path) as store:
         if not store.vocab:
@@ -157,8 +166,8 @@ def explain(analysis_dir: str | Path, client: Client, config: ExplainConfig = Ex
         "columns": COLUMNS,
     }
     files = {"explanations": analysis_dir / EXPLANATIONS_FILE, "summary": analysis_dir / SUMMARY_FILE}
-    _write_atomic(files["explanations"], lambda path: table.to_parquet(path, index=False))
-    _write_atomic(files["summary"], lambda path: Path(path).write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
+    write_atomic(files["explanations"], lambda path: table.to_parquet(path, index=False))
+    write_atomic(files["summary"], lambda path: Path(path).write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
     return ExplainResult(table, summary, files)
 
 
@@ -338,9 +347,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -22,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,10 +38,12 @@ from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_pat
 from crossdiff.causal.upper import SplitModel
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
 
 SUBSETS = ("all", "first_k", "rest")
 SPARSITY_NAMES = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
+OUTPUT_FILES = {"kl": "kl.parquet", "figure": "kl.png", "summary": "summary.json"}  # summary.json last: the mark of a finished run
 KL_COLUMNS = ["condition", "subset", "kl_mean", "ci_low", "ci_high", "n_tokens", "n_latents", "form", "closed"]
 
 
@@ -134,6 +134,9 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
 
     # One run per folder (two would share the progress file), checked before the models load.
     with output_lock(out, "causal"):
+        for name in OUTPUT_FILES.values():  # what a kill while writing the results or the progress left
+            remove_stray_temporaries(out, name)
+        remove_stray_temporaries(out.parent, progress_path(out).name)
         if pair is None:
             _say(quiet, f"loading {base_name} and {chat_name}")
             pair = load_model_pair(base_name, chat_name, dtype=config.model_dtype, device=config.device)
@@ -311,20 +314,11 @@ def write_outputs(out: Path, kl_table: pd.DataFrame, summary: dict[str, Any], ot
     from crossdiff.causal.plot import plot_kl
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {"kl": out / "kl.parquet", "figure": out / "kl.png", "summary": out / "summary.json"}
-    _atomic(files["kl"], lambda tmp: kl_table.to_parquet(tmp, index=False))
-    _atomic(files["figure"], lambda tmp: plot_kl({**(others or {}), SPARSITY_NAMES.get(summary["activation"], summary["activation"]): kl_table}, tmp, k_first=summary["k_first"]))
-    _atomic(files["summary"], lambda tmp: tmp.write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
+    files = {key: out / name for key, name in OUTPUT_FILES.items()}
+    write_atomic(files["kl"], lambda tmp: kl_table.to_parquet(tmp, index=False))
+    write_atomic(files["figure"], lambda tmp: plot_kl({**(others or {}), SPARSITY_NAMES.get(summary["activation"], summary["activation"]): kl_table}, tmp, k_first=summary["k_first"], format="png"))
+    write_atomic(files["summary"], lambda tmp: tmp.write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
     return files
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{uuid.uuid4().hex[:8]}.{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------- checks

@@ -12,8 +12,8 @@ SUBSET_TITLES = {"all": "all assistant tokens", "first_k": "first {k} assistant 
 FORM_COLOURS = {None: "#555555", "replace": "#1f77b4", "add": "#ff7f0e"}
 
 
-def plot_kl(tables: dict[str, pd.DataFrame], path: str | Path, *, k_first: int = 10) -> Path:
-    """Write the figure for ``{crosscoder name: kl table}`` to ``path`` (format from the suffix)."""
+def plot_kl(tables: dict[str, pd.DataFrame], path: str | Path, *, k_first: int = 10, format: str | None = None) -> Path:
+    """Write the figure for ``{crosscoder name: kl table}`` to ``path`` (``format``, or the suffix's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +48,6 @@ def plot_kl(tables: dict[str, pd.DataFrame], path: str | Path, *, k_first: int =
         axes[r][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120, format=path.suffix.lstrip(".") if path.suffix else "png")
+    fig.savefig(path, dpi=120, format=format or path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -32,8 +32,8 @@ def check(pair: OrganismPaths | None = None, quiet: bool = False) -> dict[str, A
     """Measure the organism; returns the numbers and whether each criterion holds."""
     pair = pair or paths()
     _require_same_tokenizer(pair)
-    tokenizer = AutoTokenizer.from_pretrained(pair.chat)
-    models = {name: AutoModelForCausalLM.from_pretrained(folder).eval() for name, folder in pair._asdict().items()}
+    tokenizer = AutoTokenizer.from_pretrained(pair.chat, trust_remote_code=False)
+    models = {name: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval() for name, folder in pair._asdict().items()}
 
     prompts = {name: behaviours.heldout_prompts(name) for name in ("refusal", "identity", "arithmetic", "benign")}
     heldout_chats = chat_conversations("heldout", root=pair.base.parent)

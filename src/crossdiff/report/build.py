@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from importlib import resources
 from pathlib import Path
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import begin_staging, commit_staging
+from crossdiff.locks import output_lock
 from crossdiff.report.bundle import search_payload, table_payload, write_examples
 from crossdiff.report.figures import FigureFile, write_figures
 from crossdiff.report.inputs import Analysis, find_analyses
@@ -23,7 +24,8 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
     every analysis under ``path``; returns the report's index.html (or the figures folder).
 
     ``out`` defaults to ``<run>/report``. A previous report there is replaced whole (built
-    beside it first, so an interrupted build leaves the old one intact).
+    beside it first, so an interrupted build leaves the old one intact); one build at a time
+    per folder (its lock).
     """
     analyses = find_analyses(path)
     out = Path(out) if out is not None else default_out(Path(path))
@@ -37,27 +39,25 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
             say(f"{analysis.name}: {', '.join(f.png.name for f in files)} (+ .svg) in {out / key}")
         return out
     _check_replaceable(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    entries: list[tuple[str, Analysis, list[FigureFile]]] = []
-    for key, analysis in zip(keys, analyses):
-        figures = write_figures(analysis.table, analysis.summary, partial / "figures" / key, analysis.kl)
-        data = partial / "data" / key
-        digest = write_examples(analysis, key, data / "examples")
-        data.mkdir(parents=True, exist_ok=True)
-        first, more = table_payload(analysis, digest)
-        (data / "table.js").write_text(f"CROSSDIFF.addTable({json.dumps(key)},{_dumps(first)});\n", encoding="utf-8")
-        (data / "more.js").write_text(f"CROSSDIFF.addMore({json.dumps(key)},{_dumps(more)});\n", encoding="utf-8")
-        (data / "search.js").write_text(
-            f"CROSSDIFF.addSearch({json.dumps(key)},{_dumps(search_payload(analysis, digest))});\n", encoding="utf-8")
-        entries.append((key, analysis, figures))
-    (partial / "assets").mkdir()
-    for name in ASSETS:
-        (partial / "assets" / name).write_bytes(resources.files("crossdiff.report").joinpath("assets", name).read_bytes())
-    (partial / "index.html").write_text(render_index(entries, partial, _behaviour(Path(path))), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    with output_lock(out, "report"):
+        partial = begin_staging(out)
+        entries: list[tuple[str, Analysis, list[FigureFile]]] = []
+        for key, analysis in zip(keys, analyses):
+            figures = write_figures(analysis.table, analysis.summary, partial / "figures" / key, analysis.kl)
+            data = partial / "data" / key
+            digest = write_examples(analysis, key, data / "examples")
+            data.mkdir(parents=True, exist_ok=True)
+            first, more = table_payload(analysis, digest)
+            (data / "table.js").write_text(f"CROSSDIFF.addTable({json.dumps(key)},{_dumps(first)});\n", encoding="utf-8")
+            (data / "more.js").write_text(f"CROSSDIFF.addMore({json.dumps(key)},{_dumps(more)});\n", encoding="utf-8")
+            (data / "search.js").write_text(
+                f"CROSSDIFF.addSearch({json.dumps(key)},{_dumps(search_payload(analysis, digest))});\n", encoding="utf-8")
+            entries.append((key, analysis, figures))
+        (partial / "assets").mkdir()
+        for name in ASSETS:
+            (partial / "assets" / name).write_bytes(resources.files("crossdiff.report").joinpath("assets", name).read_bytes())
+        (partial / "index.html").write_text(render_index(entries, partial, _behaviour(Path(path))), encoding="utf-8")
+        commit_staging(partial, out)
     return out / "index.html"
 
 
