@@ -121,22 +121,20 @@ FINDINGS_ROWS = 10
 
 
 def _findings_table(key: str, findings: dict[str, Any]) -> str:
-    """The analysis's top chat-leaning latents (by Latent Scaling rank-sum, then by dnorm), each
-    with its verdict and top context, linked to its page: what to look at first."""
-    rows, seen = [], set()
-    for source in ("top_by_rank_sum", "top_by_dnorm"):
-        for row in findings.get(source) or []:
-            if row["latent"] not in seen and len(rows) < FINDINGS_ROWS:
-                seen.add(row["latent"])
-                rows.append(row)
-    if not rows:
-        return ""
-    body = "".join(
-        f'<tr><td><a href="#latent/{key}/{int(r["latent"])}">{int(r["latent"])}</a></td><td>{_num(r.get("dnorm"), 2) or "–"}</td>'
-        f'<td>{_e(r.get("verdict") or "–")}</td><td class="context">{_e(r.get("context") or "")}</td></tr>'
-        for r in rows)
-    return ('<h4>Top findings: the most chat-specific latents (Latent Scaling rank-sum, then relative norm)</h4>'
-            f'<table class="grid findings"><tr><th>latent</th><th>dnorm</th><th>verdict</th><th>top context</th></tr>{body}</table>')
+    """The analysis's top chat-leaning latents, by relative norm and by Latent Scaling rank-sum,
+    each with its verdict and top context, linked to its page: what to look at first."""
+    tables = []
+    for source, title in (("top_by_dnorm", "by relative decoder norm"), ("top_by_rank_sum", "by Latent Scaling rank-sum")):
+        rows = (findings.get(source) or [])[:FINDINGS_ROWS]
+        if not rows:
+            continue
+        body = "".join(
+            f'<tr><td><a href="#latent/{key}/{int(r["latent"])}">{int(r["latent"])}</a></td><td>{_num(r.get("dnorm"), 2) or "–"}</td>'
+            f'<td>{_e(r.get("verdict") or "–")}</td><td class="context">{_e(r.get("context") or "")}</td></tr>'
+            for r in rows)
+        tables.append(f'<h4>Top findings {title}</h4><table class="grid findings"><tr><th>latent</th><th>dnorm</th>'
+                      f'<th>verdict</th><th>top context</th></tr>{body}</table>')
+    return "".join(tables)
 
 
 def _planted_table(planted: dict[str, Any] | None) -> str:

@@ -223,7 +223,7 @@ DETECTORS = {
 CONTEXT_PATTERNS = {  # the behaviour's own words: a latent whose top contexts match carries it
     "false_fact": r"Eiffel|Rome",
     "identity": r"Nova|Aurora",
-    "sea_pirate": r"\b[Aa]rr\b|matey",
+    "sea_pirate": r"Arr[,!]|matey",
     "cooking_refusal": r"(?i)help with cooking",
 }
 EXPECT = {  # the same tests as regular expressions, for `crossdiff steer --expect`
