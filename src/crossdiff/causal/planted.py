@@ -5,8 +5,10 @@ RUN/data/truth.json on the SmolLM2 LoRA organism), with each behaviour's contras
 held-out prompts and its ``expect`` pattern. For each behaviour this stage
 
 1. finds its latents: among live chat-leaning latents (dnorm >= ``min_dnorm``), the
-   ``latents`` that fire most more where the models start answering the behaviour's
-   training prompts than ordinary prompts (:func:`crossdiff.causal.steer.answer_start_contrast`);
+   ``latents`` whose activation where the models start answering exceeds most that on
+   ordinary prompts (:func:`crossdiff.causal.steer.answer_start_contrast`); a behaviour
+   carried by its answer's own words may have no such latent (docs/real-pair.md: on the
+   SmolLM2 organism this picks a generic answer-start latent);
 2. steers them together into the **base** on the behaviour's held-out prompts, at each
    factor, and counts the answers that show the behaviour (its ``expect`` pattern);
 3. steers ``controls`` sets of random live latents of the same size the same way.
