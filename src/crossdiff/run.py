@@ -20,6 +20,8 @@ Stages, for a recipe with crosscoders ``batchtopk`` and ``l1``::
     causal:answers    RUN/data/causal_conversations.jsonl  (with [causal] prompts: the chat model's answers)
     causal:batchtopk  RUN/batchtopk/causal/    (with a [causal] table: the KL experiment)
     causal:l1         RUN/l1/causal/
+    steer:batchtopk   RUN/batchtopk/causal/planted/  (with a [steer] table: each planted behaviour steered into the base)
+    steer:l1          RUN/l1/causal/planted/
     report            RUN/report/      (both crosscoders side by side; rebuilt when an input is newer)
 
 Adding a stage is one more ``Stage(...)`` in :func:`plan` (see docs/run.md).
