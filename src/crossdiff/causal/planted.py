@@ -1,14 +1,21 @@
 """Steer each planted behaviour's latents into the base: does the crosscoder hold the behaviour?
 
 On a model organism the behaviours are known, and a truth file says so (crossdiff.truth;
-RUN/data/truth.json on the SmolLM2 LoRA organism), with each behaviour's contrast and
-held-out prompts and its ``expect`` pattern. For each behaviour this stage
+RUN/data/truth.json on the SmolLM2 LoRA organism), with each behaviour's context patterns,
+held-out prompts and ``expect`` pattern. For each behaviour this stage
 
-1. finds its latents: among live chat-leaning latents (dnorm >= ``min_dnorm``), the
-   ``latents`` whose activation where the models start answering exceeds most that on
-   ordinary prompts (:func:`crossdiff.causal.steer.answer_start_contrast`); a behaviour
-   carried by its answer's own words may have no such latent (docs/real-pair.md: on the
-   SmolLM2 organism this picks a generic answer-start latent);
+1. finds its latents (``pick``):
+
+   * ``anticipation`` (default): among the ``search`` most chat-leaning live latents, those
+     whose top examples are mostly followed by the behaviour's words (a context pattern
+     matches the window *after* the latent's own token): latents that fire where the chat
+     model is about to show the behaviour, so their decoder direction is what makes it.
+     A latent that fires *on* the words (after the model has shown the behaviour) reads
+     it; steering with it mostly repeats the token it sits on (docs/real-pair.md);
+   * ``answer-start``: the latents whose activation at the position that predicts the
+     answer's first token is highest on the behaviour's contrast prompts against ordinary
+     ones (:func:`crossdiff.causal.steer.answer_start_contrast`);
+
 2. steers them together into the **base** on the behaviour's held-out prompts, at each
    factor, and counts the answers that show the behaviour (its ``expect`` pattern);
 3. steers ``controls`` sets of random live latents of the same size the same way.
@@ -29,6 +36,9 @@ from crossdiff.files import write_json_atomic
 from crossdiff.truth import Behaviour, Truth, load_truth
 
 
+PICKS = ("anticipation", "answer-start")
+
+
 @dataclass
 class PlantedSteerConfig:
     """The recipe's ``[steer]`` table."""
@@ -36,9 +46,15 @@ class PlantedSteerConfig:
     truth: str
     """The truth file (crossdiff.truth): behaviours with contrast prompts, held-out prompts and an expect pattern."""
     latents: int = 1
-    """Latents per behaviour, steered together (the top ones by answer-start contrast)."""
+    """Latents per behaviour, steered together (the best ``pick`` finds)."""
+    pick: str = "anticipation"
+    """How a behaviour's latents are found: anticipation (fire just before its words) or answer-start (contrast of prompts)."""
+    search: int = 200
+    """anticipation: how many of the most chat-leaning live latents are searched."""
+    min_share: float = 0.5
+    """anticipation: a latent anticipates a behaviour when more than this share of its top examples do."""
     min_dnorm: float = 0.5
-    """Only latents at least this chat-leaning are candidates (a shared latent steers both models alike)."""
+    """answer-start: only latents at least this chat-leaning are candidates (a shared latent steers both models alike)."""
     factors: list[float] = field(default_factory=lambda: [1.0, 2.0])
     controls: int = 5
     """Sets of random live latents steered the same way, per behaviour."""
@@ -52,16 +68,21 @@ class PlantedSteerConfig:
             raise CrossdiffError("[steer] latents must be at least 1")
         if not self.factors:
             raise CrossdiffError("[steer] factors must name at least one factor")
+        if self.pick not in PICKS:
+            raise CrossdiffError(f"[steer] pick must be one of {', '.join(PICKS)}, got {self.pick!r}")
         if self.prompts < 1 or self.controls < 0:
             raise CrossdiffError("[steer] prompts must be at least 1 and controls 0 or more")
 
 
-def steerable(truth: Truth, source: str) -> list[Behaviour]:
+def steerable(truth: Truth, source: str, pick: str = "anticipation") -> list[Behaviour]:
     """The truth file's behaviours, each checked to carry what steering needs (one line if not)."""
-    if not truth.ordinary_prompts:
-        raise CrossdiffError(f"truth file {source} has no 'ordinary_prompts' (the other side of each behaviour's contrast)")
+    needs = ("expect", "prompts", "patterns")
+    if pick == "answer-start":
+        needs = ("expect", "prompts", "contrast_prompts")
+        if not truth.ordinary_prompts:
+            raise CrossdiffError(f"truth file {source} has no 'ordinary_prompts' (the other side of each behaviour's contrast)")
     for behaviour in truth.behaviours:
-        for key in ("expect", "contrast_prompts", "prompts"):
+        for key in needs:
             if not getattr(behaviour, key):
                 raise CrossdiffError(f"truth file {source}: behaviour {behaviour.name!r} has no {key!r}, which steering needs")
     return truth.behaviours
@@ -75,19 +96,26 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
     from crossdiff.crosscoder import CrossCoder
 
     truth = load_truth(config.truth)
-    behaviours = steerable(truth, config.truth)
+    behaviours = steerable(truth, config.truth, config.pick)
     crosscoder = CrossCoder.from_pretrained(crosscoder_dir)
     table, _ = read_analysis(analysis_dir, crosscoder)
-    candidates = table[~table["dead"] & (table["dnorm"] >= config.min_dnorm) & (table["max_act"] > 0)]
     dnorm = table.set_index("latent")["dnorm"]
     out = Path(out)
     results = []
     for behaviour in behaviours:
-        contrast = answer_start_contrast(crosscoder, pair, behaviour.contrast_prompts, truth.ordinary_prompts)
-        contrast = contrast[contrast["latent"].isin(candidates["latent"])].head(config.latents)
-        if contrast.empty:
-            raise CrossdiffError(f"no live latent has dnorm >= {config.min_dnorm}; lower [steer] min_dnorm")
-        chosen = [int(j) for j in contrast["latent"]]
+        if config.pick == "anticipation":
+            found = anticipating_latents(Path(analysis_dir), table, behaviour, search=config.search, min_share=config.min_share)
+            score_name = "share"
+            why = f"anticipates it (in more than {config.min_share:g} of its top examples) among the {config.search} most chat-leaning"
+        else:
+            candidates = table[~table["dead"] & (table["dnorm"] >= config.min_dnorm) & (table["max_act"] > 0)]
+            found = answer_start_contrast(crosscoder, pair, behaviour.contrast_prompts, truth.ordinary_prompts)
+            found = found[found["latent"].isin(candidates["latent"])]
+            score_name, why = "contrast", f"has dnorm >= {config.min_dnorm}"
+        found = found.head(config.latents)
+        if found.empty:
+            raise CrossdiffError(f"behaviour {behaviour.name!r}: no live latent {why}; see [steer] in docs/causal.md")
+        chosen = [int(j) for j in found["latent"]]
         rows = run_steer(SteerConfig(
             crosscoder=str(crosscoder_dir), analysis_dir=str(analysis_dir), latents=[",".join(map(str, chosen))],
             prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base",
@@ -98,7 +126,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
         n = int(mine["prompts"])
         results.append({
             "behaviour": behaviour.name, "latents": chosen,
-            "contrast": [round(float(c), 4) for c in contrast["contrast"]],
+            "pick": config.pick, score_name: [round(float(c), 4) for c in found[score_name]],
             "dnorm": [round(float(dnorm[j]), 4) for j in chosen], "prompts": n,
             "unsteered": int(mine["unsteered"]),
             "steered": {f"{f:g}": int(mine[f]) for f in config.factors},
@@ -108,6 +136,34 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
                "controls": config.controls, "behaviours": results}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def anticipating_latents(analysis_dir: Path, table: Any, behaviour: Behaviour, *, search: int, min_share: float) -> Any:
+    """The latents that anticipate ``behaviour``, best first: among the ``search`` most
+    chat-leaning live latents, those for which more than ``min_share`` of the top examples
+    are followed by the behaviour's words; a table of latent, share (of examples) and dnorm."""
+    import pandas as pd
+
+    from crossdiff.analysis import ExampleStore
+
+    live = table[~table["dead"] & table["dnorm"].notna() & (table["max_act"] > 0)]
+    live = live.sort_values(["dnorm", "latent"], ascending=[False, True]).head(search)
+    rows = []
+    with ExampleStore(analysis_dir / "examples.sqlite") as store:
+        for latent, dnorm in zip(live["latent"], live["dnorm"]):
+            share = anticipation_share(store.examples(int(latent), "top"), behaviour)
+            if share > min_share:
+                rows.append({"latent": int(latent), "share": share, "dnorm": float(dnorm)})
+    found = pd.DataFrame(rows, columns=["latent", "share", "dnorm"])
+    return found.sort_values(["share", "dnorm", "latent"], ascending=[False, False, True], kind="stable").reset_index(drop=True)
+
+
+def anticipation_share(examples: list[Any], behaviour: Behaviour) -> float:
+    """Share of ``examples`` whose window after the example's own token shows ``behaviour``."""
+    if not examples:
+        return 0.0
+    ahead = ["".join((example.tokens or [])[example.token_index + 1:]) for example in examples]
+    return sum(behaviour.matches(text) for text in ahead) / len(examples)
 
 
 def format_planted(summary: dict[str, Any]) -> str:
