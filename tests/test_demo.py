@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from crossdiff.cli import main
-from crossdiff.demo import DemoConfig, run_demo, write_demo_data
+from crossdiff.run.demo import DemoConfig, run_demo, write_demo_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

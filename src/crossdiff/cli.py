@@ -18,19 +18,19 @@ from crossdiff.terminal import printable
 
 # Modules that contribute subcommands, in the order `crossdiff --help` lists them.
 STAGE_MODULES = [
-    "crossdiff.behaviour",
-    "crossdiff.collect",
-    "crossdiff.train",
+    "crossdiff.causal.behaviour",
+    "crossdiff.collect.collector",
+    "crossdiff.train.trainer",
     "crossdiff.analysis.cli",
     "crossdiff.autointerp.cli",
-    "crossdiff.inspection",
+    "crossdiff.analysis.inspect",
     "crossdiff.report.cli",
     "crossdiff.organism",
     "crossdiff.causal.cli",
-    "crossdiff.demo",
-    "crossdiff.run",
-    "crossdiff.adl",
-    "crossdiff.score",
+    "crossdiff.run.demo",
+    "crossdiff.run.stages",
+    "crossdiff.analysis.adl",
+    "crossdiff.organism.score",
 ]
 
 
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print("crossdiff: interrupted (completed work is saved; rerun the same command to resume)", file=sys.stderr)
         return 130
     finally:
-        if "crossdiff.distributed" in sys.modules:  # a torchrun rank: leave its process group before exit
-            sys.modules["crossdiff.distributed"].leave_process_group()
+        if "crossdiff.train.distributed" in sys.modules:  # a torchrun rank: leave its process group before exit
+            sys.modules["crossdiff.train.distributed"].leave_process_group()
     return int(result or 0)
 
 

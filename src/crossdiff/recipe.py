@@ -48,7 +48,7 @@ class RunSettings:
     train_from: Literal["cache", "stream"] = "cache"
     """`cache`: collect every token to disk, then train; `stream`: train while the models run (no cache)."""
     hardware: str = "1xH100"
-    """What --dry-run estimates time for: `cpu`, or `N x GPU` such as `1xA100`, `8xH100` (see crossdiff.estimate)."""
+    """What --dry-run estimates time for: `cpu`, or `N x GPU` such as `1xA100`, `8xH100` (see crossdiff.run.estimate)."""
 
 
 @dataclass
@@ -105,11 +105,11 @@ def load_recipe(path: str | Path, *, out: str | None = None) -> Recipe:
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str | None = None) -> Recipe:
     from crossdiff.analysis.pipeline import AnalysisConfig
-    from crossdiff.behaviour import BehaviourConfig
+    from crossdiff.causal.behaviour import BehaviourConfig
     from crossdiff.causal.planted import PlantedSteerConfig
-    from crossdiff.collect import CollectConfig
-    from crossdiff.stream import StreamConfig
-    from crossdiff.train import TrainConfig
+    from crossdiff.collect.collector import CollectConfig
+    from crossdiff.train.stream import StreamConfig
+    from crossdiff.train.trainer import TrainConfig
 
     try:
         unknown = sorted(set(data) - set(TABLES))

@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open_cache(path: str):
-    from crossdiff.cache import PairedCache
+    from crossdiff.cache.store import PairedCache
 
     return PairedCache(path)

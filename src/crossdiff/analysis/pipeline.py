@@ -45,7 +45,7 @@ from crossdiff.analysis.scaling import LatentScaling, ScalingThresholds, scaling
 from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
 from crossdiff.analysis.table import add_verdict_columns, build_table, summarize, write_table
 from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
-from crossdiff.cache import LeftOut, ReadFilters, recorded_filter
+from crossdiff.cache.store import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import quoted
@@ -100,7 +100,7 @@ class AnalysisConfig:
 
 
 class Batch(NamedTuple):
-    """The fields of a cache batch that analysis reads (crossdiff.cache.CacheBatch has them)."""
+    """The fields of a cache batch that analysis reads (crossdiff.cache.store.CacheBatch has them)."""
 
     acts: Tensor
     """[B, 2, d_in] model activations, base first (not yet normalised)."""
@@ -114,7 +114,7 @@ class Batch(NamedTuple):
 
 
 class BatchSource(Protocol):
-    """What analysis needs from a cache: crossdiff.cache.PairedCache satisfies it."""
+    """What analysis needs from a cache: crossdiff.cache.store.PairedCache satisfies it."""
 
     sources: list[str]
     n_tokens: int

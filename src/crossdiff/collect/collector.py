@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 
 from crossdiff import model_sources
-from crossdiff.answers import answered_sources
-from crossdiff.cache import (
+from crossdiff.collect.answers import answered_sources
+from crossdiff.cache.store import (
     MANIFEST,
     STORAGE_DTYPES,
     CacheWriter,

@@ -2,7 +2,7 @@
 
 The loop reads top to bottom: take a batch, check it, (first batch only) start b_dec at
 the geometric median, set the learning rate, compute the losses of docs/method.md 3
-(:func:`crossdiff.losses.crosscoder_losses`), step Adam with optional clipping, then
+(:func:`crossdiff.train.losses.crosscoder_losses`), step Adam with optional clipping, then
 update the dead-latent counters and the BatchTopK threshold. Every ``log_every`` steps a
 line goes to ``metrics.jsonl``; every ``checkpoint_every`` steps a checkpoint folder is
 written atomically, and a run resumes from the newest one with bit-identical results.
@@ -19,7 +19,7 @@ Batches are tensors [B, 2, d_in] (or objects with ``.acts``) already in crosscod
 (the loader normalises; pass its factors as ``input_scale`` so they are stored).
 
 Under torchrun every rank runs this loop on its own part of each global batch and the
-batch-wide quantities are global (crossdiff.distributed, docs/scaling.md); rank 0 alone
+batch-wide quantities are global (crossdiff.train.distributed, docs/scaling.md); rank 0 alone
 writes the output folder.
 """
 
@@ -40,14 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossdiff.cache import DEFAULT_MAX_NORM_RATIO, ReadFilters
+from crossdiff.cache.store import DEFAULT_MAX_NORM_RATIO, ReadFilters
 from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
-from crossdiff.distributed import DataParallel, local_device, split_batches
+from crossdiff.train.distributed import DataParallel, local_device, split_batches
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import checksum_problem, load_tensors, remove_stray_temporaries, write_checksums, write_error, write_text_atomic
 from crossdiff.locks import output_lock
-from crossdiff.losses import (
+from crossdiff.train.losses import (
     Reconstruction,
     crosscoder_losses,
     fraction_of_variance_explained,
@@ -56,7 +56,7 @@ from crossdiff.losses import (
 )
 from crossdiff.models import parse_device
 from crossdiff.partition import partition_sizes
-from crossdiff.variants import check_variant, matryoshka_sizes, option
+from crossdiff.train.variants import check_variant, matryoshka_sizes, option
 
 STATE_NAME = "training_state.pt"
 SPARSE_MIN_D_SAE = 4096
@@ -86,7 +86,7 @@ class DataConfig:
     drop_special: bool = False
 
     def token_filter(self) -> ReadFilters:
-        """The read-time filter these options describe (crossdiff.cache.ReadFilters)."""
+        """The read-time filter these options describe (crossdiff.cache.store.ReadFilters)."""
         return ReadFilters(first_position=self.first_position, max_norm_ratio=self.max_norm_ratio,
                            drop_bos=self.drop_bos, drop_special=self.drop_special)
 
@@ -99,7 +99,7 @@ class TrainConfig:
     """`batchtopk` (k*B latents per batch), `relu` (the L1 crosscoder) or per-token `topk`."""
     variant: Literal["standard", "dfc", "matryoshka", "delta"] = "standard"
     """`standard` (the paper), `dfc` (dedicated feature crosscoder), `matryoshka` (nested
-    prefixes) or `delta` (Delta-Crosscoder); docs/method.md 8, crossdiff.variants."""
+    prefixes) or `delta` (Delta-Crosscoder); docs/method.md 8, crossdiff.train.variants."""
     dfc_fractions: list[float] | None = None
     """dfc only: [base-exclusive, chat-exclusive] shares of d_sae (rounded down); null = [0.05, 0.05]."""
     matryoshka_prefixes: list[float] | None = None
@@ -254,7 +254,7 @@ class Trainer:
         )
         if token_filter is not None:
             # The tokens the batches left out, resolved on the training data: analysis and the
-            # causal experiment leave out the same ones (crossdiff.cache.ReadFilters).
+            # causal experiment leave out the same ones (crossdiff.cache.store.ReadFilters).
             cc_config.metadata["token_filter"] = to_dict(token_filter)
         self.step = 0
         self.model = CrossCoder(cc_config, seed=config.seed)  # the setter moves it and makes the optimizer
@@ -679,11 +679,11 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.synthetic:
         return _train_synthetic(args)
     if args.stream:
-        from crossdiff.stream import run_train_cli
+        from crossdiff.train.stream import run_train_cli
 
         return run_train_cli(args)
-    from crossdiff.cache import PairedCache
-    from crossdiff.loader import ShuffledPairLoader
+    from crossdiff.cache.store import PairedCache
+    from crossdiff.train.loader import ShuffledPairLoader
 
     config = build_config(args.config, _precision_override(args))
     cache = PairedCache(args.cache)

@@ -3,7 +3,7 @@
 Every crosscoder of the run (a folder with ``analysis/latents.parquet`` and
 ``analysis/examples.sqlite``) contributes its findings: its live latents ranked by
 relative decoder norm, most chat-leaning first. The top ``n_top`` (20) are graded against
-a truth file (crossdiff.truth; by default the bundled organism's):
+a truth file (crossdiff.organism.truth; by default the bundled organism's):
 
 * a finding *hits* a behaviour when more than half of its top contexts (the example
   windows analyze stored) match one of the behaviour's patterns; the behaviour with the
@@ -28,7 +28,7 @@ from typing import Any
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
-from crossdiff.truth import Truth, load_truth
+from crossdiff.organism.truth import Truth, load_truth
 
 N_TOP = 20
 MOST = 0.5
@@ -49,7 +49,7 @@ class Finding:
 
 
 def default_truth_path() -> Path:
-    return Path(__file__).parent / "organism" / "truth.json"
+    return Path(__file__).parent / "truth.json"
 
 
 def crosscoder_findings(analysis_dir: Path, n_top: int = N_TOP) -> list[Finding]:

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.cache import CacheBatch, LeftOut, PairedCache, ReadFilters, concat_batches
-from crossdiff.distributed import rank_slice
+from crossdiff.cache.store import CacheBatch, LeftOut, PairedCache, ReadFilters, concat_batches
+from crossdiff.train.distributed import rank_slice
 from crossdiff.errors import CrossdiffError
 
 
@@ -150,7 +150,7 @@ class ShuffledPairLoader:
             the tokens it yields; the factors are :attr:`normalization` (store them with the crosscoder).
         drop_last: without a source ratio, drop each epoch's final partial batch.
         rank, world_size: yield only this rank's part of every global batch of
-            ``batch_size`` tokens (data-parallel training; crossdiff.distributed).
+            ``batch_size`` tokens (data-parallel training; crossdiff.train.distributed).
     """
 
     def __init__(

@@ -64,7 +64,7 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
 
     from crossdiff.analysis.table import format_summary
     from crossdiff.recipe import recipe_from_dict
-    from crossdiff.run import run_recipe
+    from crossdiff.run.stages import run_recipe
 
     recipe = recipe_from_dict(demo_recipe(config), source="the organism recipe")
     run_recipe(recipe, quiet=quiet)

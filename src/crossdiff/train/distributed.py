@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossdiff.errors import CrossdiffError, first_line
-from crossdiff.sparse_ops import (
+from crossdiff.train.sparse_ops import (
     GROUP,
     Selection,
     _entries_reaching,
