@@ -30,7 +30,8 @@ import torch
 
 from crossdiff.cache.store import PairedCache
 from crossdiff.collect.collector import collect
-from crossdiff.run.demo import DemoConfig, demo_recipe, write_demo_data
+from crossdiff.organism.data import write_demo_data
+from crossdiff.run.demo import DemoConfig, demo_recipe
 from crossdiff.train.loader import ShuffledPairLoader
 from crossdiff.recipe import recipe_from_dict
 from crossdiff.train.stream import train_streaming

@@ -23,7 +23,7 @@ PLANTED = ("refusal", "identity", "arithmetic")  # benign requests are refusal's
 @pytest.fixture(scope="module")
 def organism_diff(tmp_path_factory):
     from crossdiff import organism
-    from crossdiff.run.demo import causal_prompt_rows
+    from crossdiff.organism.data import causal_prompt_rows
 
     folder = tmp_path_factory.mktemp("behaviour")
     prompts = folder / "prompts.jsonl"

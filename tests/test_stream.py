@@ -14,7 +14,8 @@ import torch
 
 from crossdiff.cache.store import PairedCache, ReadFilters
 from crossdiff.collect.collector import collect
-from crossdiff.run.demo import DemoConfig, demo_recipe, write_demo_data
+from crossdiff.organism.data import write_demo_data
+from crossdiff.run.demo import DemoConfig, demo_recipe
 from crossdiff.errors import CrossdiffError
 from crossdiff.recipe import recipe_from_dict
 from crossdiff.train.stream import PairedActivationStream, train_streaming

@@ -28,6 +28,7 @@ from typing import Any
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
+from crossdiff.locks import output_lock
 from crossdiff.organism.truth import Truth, load_truth
 
 N_TOP = 20
@@ -117,7 +118,8 @@ def score_run(run_dir: str | Path, truth_path: str | Path | None = None, n_top: 
     result = {"truth": str(truth_path), "organism": truth.organism, "behaviours": [b.name for b in truth.behaviours],
               "steering": "not measured by score: run `crossdiff steer --expect` with each behaviour's prompts",
               "methods": methods}
-    write_text_atomic(run_dir / SCORE_NAME, json.dumps(result, indent=2) + "\n")
+    with output_lock(run_dir, "score"):
+        write_text_atomic(run_dir / SCORE_NAME, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -133,8 +135,7 @@ def format_score(result: dict[str, Any]) -> str:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "score", help="grade a run's findings against planted truth",
-        description="Grade each analysed crosscoder of RUN_DIR against a truth file (recall and precision of its "
+        "score", description="Grade each analysed crosscoder of RUN_DIR against a truth file (recall and precision of its "
                     "top findings); writes RUN_DIR/score.json.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR")

@@ -300,18 +300,13 @@ def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
         train_streaming(recipe.collect, recipe.stream, config, out, quiet=quiet)  # under torchrun: each rank its texts
         return
     from crossdiff.cache.store import PairedCache
-    from crossdiff.train.loader import ShuffledPairLoader
+    from crossdiff.train.loader import loader_from_config
     from crossdiff.train.trainer import Trainer
 
     cache = PairedCache(recipe.collect.out)
-    data = config.data
-    if data.epochs is None and config.steps is None:
+    if config.data.epochs is None and config.steps is None:
         raise CrossdiffError(f"{recipe.source}: crosscoder {name}: an endless loader (data.epochs unset) needs 'steps'")
-    loader = ShuffledPairLoader(
-        cache, config.batch_size, source_ratio=data.source_ratio, window_shards=data.window_shards, seed=config.seed,
-        epochs=data.epochs, normalize=data.normalize,
-        filters=data.token_filter(),
-    )
+    loader = loader_from_config(cache, config)
     trainer = Trainer(config, cache.d_model, out, model_names=list(cache.model_names), layer=cache.layer,
                       input_scale=loader.normalization, token_filter=loader.token_filter, quiet=quiet)
     if not quiet:
@@ -339,7 +334,7 @@ def _data_done(recipe: Recipe) -> bool:
 
 def _write_data(recipe: Recipe) -> None:
     from crossdiff.config import save_json
-    from crossdiff.run.demo import write_demo_data
+    from crossdiff.organism.data import write_demo_data
 
     folder = recipe.out / "data"
     if recipe.data.kind == "smollm2-lora":
@@ -484,7 +479,6 @@ def _say(quiet: bool, message: str) -> None:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
-        help="run a whole recipe: collect (or stream), train, analyze; finished stages are skipped",
         description="Run every stage of a recipe file (docs/run.md). Stages whose output is complete are skipped "
         "and interrupted ones resume, so rerunning the same command continues a run.",
     )

@@ -61,13 +61,6 @@ def leave_process_group() -> None:
     _joined_here = False
 
 
-def local_device(device: str) -> str:
-    """Under torchrun, ``auto`` and ``cuda`` mean the GPU of this process's local rank."""
-    if device in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
 class DataParallel:
     """This process's place among the ranks, and the collectives training needs.
 
