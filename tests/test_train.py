@@ -12,7 +12,8 @@ from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 from crossdiff.train.loader import ShuffledPairLoader
 from crossdiff.synthetic import SyntheticConfig, SyntheticPair
-from crossdiff.train.trainer import TrainConfig, Trainer, build_config, synthetic_recovery
+from crossdiff.train.cli import build_config
+from crossdiff.train.trainer import TrainConfig, Trainer, synthetic_recovery
 
 
 def small_config(**overrides) -> TrainConfig:
