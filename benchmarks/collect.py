@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import build_tiny_tokenizer  # noqa: E402  (a small BPE tokenizer with a chat template)
 
-from crossdiff.collect import CollectConfig, collect  # noqa: E402
+from crossdiff.collect.collector import CollectConfig, collect  # noqa: E402
 from crossdiff.config import from_dict  # noqa: E402
 from crossdiff.models import load_model, load_tokenizer_of, pad_batch  # noqa: E402
 from crossdiff.texts import iter_documents  # noqa: E402

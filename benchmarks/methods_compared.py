@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from crossdiff.demo import DemoConfig, demo_recipe  # noqa: E402
+from crossdiff.run.demo import DemoConfig, demo_recipe  # noqa: E402
 from crossdiff.recipe import recipe_from_dict  # noqa: E402
-from crossdiff.run import run_recipe  # noqa: E402
-from crossdiff.score import score_run  # noqa: E402
+from crossdiff.run.stages import run_recipe  # noqa: E402
+from crossdiff.organism.score import score_run  # noqa: E402
 
 VARIANTS = {"batchtopk": {"activation": "batchtopk"}, "dfc": {"variant": "dfc"},
             "matryoshka": {"variant": "matryoshka"}, "delta": {"variant": "delta"}}

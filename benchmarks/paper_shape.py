@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from crossdiff.train import TrainConfig, Trainer  # noqa: E402
+from crossdiff.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 D_IN, D_SAE, K, BATCH = 2304, 73_728, 100, 2048
 

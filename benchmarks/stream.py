@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from crossdiff.cache import PairedCache
-from crossdiff.collect import collect
-from crossdiff.demo import DemoConfig, demo_recipe, write_demo_data
-from crossdiff.loader import ShuffledPairLoader
+from crossdiff.cache.store import PairedCache
+from crossdiff.collect.collector import collect
+from crossdiff.organism.data import write_demo_data
+from crossdiff.run.demo import DemoConfig, demo_recipe
+from crossdiff.train.loader import ShuffledPairLoader
 from crossdiff.recipe import recipe_from_dict
-from crossdiff.stream import train_streaming
-from crossdiff.train import Trainer
+from crossdiff.train.stream import train_streaming
+from crossdiff.train.trainer import Trainer
 
 RATIO = {"pretraining": 0.5, "chat": 0.5}
 

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from crossdiff.train import TrainConfig, Trainer  # noqa: E402
+from crossdiff.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def dense_step(model, optimizer, x, *, activation: str, k: int, mu: float, clip: float) -> None:
@@ -130,7 +130,7 @@ def rank_worker(args) -> None:
     """One rank of bench_ranks: its part of the global batch, full data-parallel steps."""
     import torch.distributed as dist
 
-    from crossdiff.distributed import rank_slice
+    from crossdiff.train.distributed import rank_slice
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

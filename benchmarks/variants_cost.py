@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from crossdiff.config import from_dict  # noqa: E402
-from crossdiff.train import TrainConfig, Trainer  # noqa: E402
+from crossdiff.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 VARIANTS = ("standard", "dfc", "matryoshka", "delta")
 

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from crossdiff.cache import CacheWriter, PairedCache  # noqa: E402
+from crossdiff.cache.store import CacheWriter, PairedCache  # noqa: E402
 from crossdiff.files import sha256_file  # noqa: E402
-from crossdiff.loader import ShuffledPairLoader  # noqa: E402
-from crossdiff.train import TrainConfig, Trainer  # noqa: E402
+from crossdiff.train.loader import ShuffledPairLoader  # noqa: E402
+from crossdiff.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def make_cache(path: Path, tokens: int, d_in: int, shard_tokens: int) -> Path:

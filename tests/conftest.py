@@ -76,7 +76,7 @@ def organism_demo(tmp_path_factory) -> Path:
     """The demo's run folder at its default (documented) size, shared by every test that
     checks what the method finds on the organism. CROSSDIFF_TEST_DEMO_DIR keeps it between
     sessions while developing; the demo skips stages whose outputs are complete."""
-    from crossdiff.demo import DemoConfig, run_demo
+    from crossdiff.run.demo import DemoConfig, run_demo
 
     kept = os.environ.get("CROSSDIFF_TEST_DEMO_DIR")
     out = Path(kept) if kept else tmp_path_factory.mktemp("organism") / "demo"

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from crossdiff.cli import main as cli_main
 from crossdiff.config import from_dict
-from crossdiff.distributed import DataParallel, rank_slice, split_batches
+from crossdiff.train.distributed import DataParallel, rank_slice, split_batches
 from crossdiff.synthetic import SyntheticConfig, SyntheticPair
-from crossdiff.train import TrainConfig, Trainer
+from crossdiff.train.trainer import TrainConfig, Trainer
 
 
 def synthetic_batches(d_in: int, batch_size: int, seed: int):

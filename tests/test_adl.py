@@ -1,11 +1,11 @@
-"""The activation-difference baseline (crossdiff.adl) on tiny model pairs."""
+"""The activation-difference baseline (crossdiff.analysis.adl) on tiny model pairs."""
 
 import json
 
 import pytest
 import torch
 
-from crossdiff.adl import ADLConfig, logit_lens, mean_differences, run_adl
+from crossdiff.analysis.adl import ADLConfig, logit_lens, mean_differences, run_adl
 from crossdiff.errors import CrossdiffError
 from crossdiff.models import load_model_pair, residual_after_block
 

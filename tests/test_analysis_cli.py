@@ -11,7 +11,7 @@ import torch
 
 from crossdiff.analysis import ExampleStore
 from crossdiff.analysis.cli import add_cli
-from crossdiff.cache import CacheWriter
+from crossdiff.cache.store import CacheWriter
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.errors import CrossdiffError
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from crossdiff.cache import PairedCache
+from crossdiff.cache.store import PairedCache
 from crossdiff.cli import main
-from crossdiff.collect import CollectConfig, collect
+from crossdiff.collect.collector import CollectConfig, collect
 from crossdiff.config import from_dict, to_dict
 from crossdiff.errors import CrossdiffError
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.behaviour import (BehaviourConfig, answer_kl, format_behaviour, load_prompt_set, read_behaviour,
+from crossdiff.causal.behaviour import (BehaviourConfig, answer_kl, format_behaviour, load_prompt_set, read_behaviour,
                                  run_behaviour)
 from crossdiff.cli import main
 from crossdiff.errors import CrossdiffError
@@ -23,7 +23,7 @@ PLANTED = ("refusal", "identity", "arithmetic")  # benign requests are refusal's
 @pytest.fixture(scope="module")
 def organism_diff(tmp_path_factory):
     from crossdiff import organism
-    from crossdiff.demo import causal_prompt_rows
+    from crossdiff.organism.data import causal_prompt_rows
 
     folder = tmp_path_factory.mktemp("behaviour")
     prompts = folder / "prompts.jsonl"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff import cache as cache_mod
-from crossdiff.cache import CacheWriter, PairedCache, ReadFilters, merge_ranks, rank_folder
+from crossdiff.cache import store as cache_mod
+from crossdiff.cache.store import CacheWriter, PairedCache, ReadFilters, merge_ranks, rank_folder
 from crossdiff.errors import CrossdiffError
 
 D = 8

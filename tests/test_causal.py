@@ -297,7 +297,7 @@ def test_an_interrupted_scoring_resumes_to_the_same_sums(tiny_model_pairs, tmp_p
 def test_a_truth_file_without_what_steering_needs_is_one_line(tmp_path):
     from crossdiff.causal.planted import PlantedSteerConfig, steerable
     from crossdiff.errors import CrossdiffError
-    from crossdiff.truth import truth_from_dict
+    from crossdiff.organism.truth import truth_from_dict
 
     behaviour = {"name": "x", "patterns": ["a"], "prompts": ["p"], "expect": "e", "contrast_prompts": ["c"]}
     assert [b.name for b in steerable(truth_from_dict({"behaviours": [behaviour], "ordinary_prompts": ["o"]}), "t.json")] == ["x"]

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff import cache as cache_mod
-from crossdiff.cache import PairedCache
+from crossdiff.cache import store as cache_mod
+from crossdiff.cache.store import PairedCache
 from crossdiff.cli import main
-from crossdiff.collect import CollectConfig, collect
+from crossdiff.collect.collector import CollectConfig, collect
 from crossdiff.config import from_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.texts import iter_documents

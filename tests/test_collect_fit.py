@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from crossdiff.cache import PairedCache
-from crossdiff.collect import CollectConfig, collect
+from crossdiff.cache.store import PairedCache
+from crossdiff.collect.collector import CollectConfig, collect
 from crossdiff.config import from_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.texts import TextSourceConfig, iter_documents

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from crossdiff.cli import main
-from crossdiff.demo import DemoConfig, run_demo, write_demo_data
+from crossdiff.organism.data import write_demo_data
+from crossdiff.run.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.cache import CacheWriter
+from crossdiff.cache.store import CacheWriter
 from crossdiff.cli import main
 from crossdiff.config import from_dict
 from crossdiff.crosscoder import CrossCoder
-from crossdiff.loader import ShuffledPairLoader
+from crossdiff.train.loader import ShuffledPairLoader
 from crossdiff.partition import largest_forbidden
-from crossdiff.train import TrainConfig, Trainer
+from crossdiff.train.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import crashing, synthetic_batches  # noqa: E402

@@ -37,11 +37,11 @@ def docs_run(tmp_path_factory) -> Path:
 
     from crossdiff import organism
     from crossdiff.analysis import AnalysisConfig, analyze
-    from crossdiff.cache import PairedCache
-    from crossdiff.collect import CollectConfig, collect
-    from crossdiff.loader import ShuffledPairLoader
+    from crossdiff.cache.store import PairedCache
+    from crossdiff.collect.collector import CollectConfig, collect
+    from crossdiff.train.loader import ShuffledPairLoader
     from crossdiff.texts import TextSourceConfig
-    from crossdiff.train import TrainConfig, Trainer
+    from crossdiff.train.trainer import TrainConfig, Trainer
 
     root = tmp_path_factory.mktemp("docs")
     pair = organism.paths()

@@ -33,7 +33,7 @@ from crossdiff.cli import main
 from crossdiff.causal.progress import progress_path
 from crossdiff.locks import lock_path
 from crossdiff.recipe import load_recipe
-from crossdiff.run import plan
+from crossdiff.run.stages import plan
 
 from test_faults import SUBPROCESS_ENV, Ledger, files_of, kill, metrics_of
 

@@ -11,9 +11,9 @@ import torch
 
 from crossdiff.analysis import AnalysisConfig, analyze
 from crossdiff.errors import CrossdiffError
-from crossdiff.from_arrays import write_cache
-from crossdiff.loader import ShuffledPairLoader
-from crossdiff.train import TrainConfig, Trainer
+from crossdiff.cache.from_arrays import write_cache
+from crossdiff.train.loader import ShuffledPairLoader
+from crossdiff.train.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ import torch
 from crossdiff.analysis.examples import _ANSI_LEVELS, _ANSI_RESET
 from crossdiff.cli import main
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
-from crossdiff.inspection import Analysis
+from crossdiff.analysis.inspect import Analysis
 from crossdiff.terminal import printable, quoted
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -207,5 +207,5 @@ def test_crosscoder_and_cache_import_nothing_above_them():
     assert imports("partition") <= {"crossdiff.errors"}
     assert imports("importers") <= leaves
     assert imports("crosscoder") <= leaves | {"crossdiff.importers"}
-    assert imports("cache") <= leaves
+    assert imports("cache/store") <= leaves
     assert imports("files") <= {"crossdiff.errors"}

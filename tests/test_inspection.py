@@ -10,7 +10,7 @@ from crossdiff.cli import main
 from crossdiff.analysis import AnalysisConfig, TensorSource, analyze
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.errors import CrossdiffError
-from crossdiff.inspection import Analysis
+from crossdiff.analysis.inspect import Analysis
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.cache import CacheWriter, PairedCache, ReadFilters
+from crossdiff.cache.store import CacheWriter, PairedCache, ReadFilters
 from crossdiff.errors import CrossdiffError
-from crossdiff.loader import ShuffledPairLoader
+from crossdiff.train.loader import ShuffledPairLoader
 
 D = 4
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
-from crossdiff.losses import (
+from crossdiff.train.losses import (
     auxk_loss,
     crosscoder_losses,
     fraction_of_variance_explained,
@@ -16,7 +16,7 @@ from crossdiff.losses import (
     reconstruction_loss,
     update_threshold,
 )
-from crossdiff.sparse_ops import gather_pre_activations, select_batch_topk, sparse_decode
+from crossdiff.train.sparse_ops import gather_pre_activations, select_batch_topk, sparse_decode
 
 
 # ---------------------------------------------------------------------- single terms
@@ -202,7 +202,7 @@ def test_select_batch_topk_is_exact(case):
         pre = pre - 3.5
     if case == "misleading_sample":  # the sampled token groups are 50x larger: the estimated
         # threshold is far too high, so selection must lower it (and may fall back to a full top-k)
-        from crossdiff.sparse_ops import GROUP, SAMPLE_EVERY
+        from crossdiff.train.sparse_ops import GROUP, SAMPLE_EVERY
 
         sampled = (torch.arange(B) // GROUP) % SAMPLE_EVERY == 0
         pre[sampled] *= 50

@@ -1,4 +1,4 @@
-"""Massive activations: the one token filter (crossdiff.cache.ReadFilters), its norm profile,
+"""Massive activations: the one token filter (crossdiff.cache.store.ReadFilters), its norm profile,
 the normalisation over kept tokens, and the filter recorded with a crosscoder and re-applied
 by analysis and the causal conditions. Checked against brute force on small caches."""
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from crossdiff.analysis import AnalysisConfig, analyze
-from crossdiff.cache import CacheWriter, LeftOut, PairedCache, ReadFilters, norm_profile
+from crossdiff.cache.store import CacheWriter, LeftOut, PairedCache, ReadFilters, norm_profile
 from crossdiff.causal.conditions import Conditions
 from crossdiff.errors import CrossdiffError
-from crossdiff.loader import ShuffledPairLoader
-from crossdiff.train import DataConfig, TrainConfig, Trainer
+from crossdiff.train.loader import ShuffledPairLoader
+from crossdiff.train.trainer import DataConfig, TrainConfig, Trainer
 
 D = 8
 DOC_LEN = 12

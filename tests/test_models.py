@@ -9,6 +9,7 @@ import torch
 
 from conftest import TINY_ARCHS, TINY_D_MODEL, TINY_N_LAYERS, build_tiny_tokenizer
 from crossdiff.errors import CrossdiffError
+from crossdiff.devices import parse_device
 from crossdiff.models import (
     ModelPair,
     ResidualExtractor,
@@ -16,7 +17,6 @@ from crossdiff.models import (
     decoder_layers,
     load_model_pair,
     pad_batch,
-    parse_device,
     parse_dtype,
 )
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from crossdiff.config import from_dict
-from crossdiff.losses import crosscoder_losses
+from crossdiff.train.losses import crosscoder_losses
 from crossdiff.synthetic import SyntheticConfig, SyntheticPair
-from crossdiff.train import TrainConfig, Trainer, synthetic_recovery
+from crossdiff.train.trainer import TrainConfig, Trainer, synthetic_recovery
 
 # This CPU has no native bf16 matmul (~100x slower than float32): keep the model tiny.
 PAIR = SyntheticConfig(d_in=16, n_shared=12, n_chat_only=4, n_base_only=4, n_different=0, p_active=0.05)

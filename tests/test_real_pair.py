@@ -54,7 +54,7 @@ def test_detectors():
 
 @pytest.mark.slow
 def test_the_committed_adapter_loads_merged_records_its_identity_and_collects(tmp_path):
-    from crossdiff.collect import CollectConfig, collect
+    from crossdiff.collect.collector import CollectConfig, collect
     from crossdiff.config import from_dict
     from crossdiff.files import sha256_file
     from crossdiff.models import load_model_pair

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from crossdiff.analysis import AnalysisConfig, analyze
-from crossdiff.cache import CacheWriter, PairedCache
+from crossdiff.cache.store import CacheWriter, PairedCache
 from crossdiff.cli import main
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.locks import lock_path, output_lock
-from crossdiff.train import Trainer
+from crossdiff.train.trainer import Trainer
 
 from test_train import Crashing, _make_cache, small_config, synthetic_batches
 
@@ -188,7 +188,7 @@ class _RunsCode:
 
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, capsys):
     from crossdiff.files import write_checksums
-    from crossdiff.stream import saved_data_state
+    from crossdiff.train.stream import saved_data_state
 
     sentinel = tmp_path / "code-ran"
     cache = _make_cache(tmp_path / "cache")

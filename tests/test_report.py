@@ -315,7 +315,7 @@ def test_the_overview_names_the_top_findings_and_the_planted_steering(small_run,
 
 
 def test_report_leads_with_the_behavioural_diff(small_run, tmp_path):
-    from crossdiff.behaviour import summarise
+    from crossdiff.causal.behaviour import summarise
 
     run = tmp_path / "run"
     shutil.copytree(small_run, run)

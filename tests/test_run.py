@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from crossdiff.cli import main
-from crossdiff.demo import DemoConfig, demo_recipe
+from crossdiff.run.demo import DemoConfig, demo_recipe
 from crossdiff.errors import CrossdiffError
 from crossdiff.recipe import load_recipe, recipe_from_dict
-from crossdiff.run import plan, run_recipe
+from crossdiff.run.stages import plan, run_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 ORGANISM = Path(__file__).parent.parent / "recipes" / "organism.toml"

@@ -1,4 +1,4 @@
-"""Planted truth files (crossdiff.truth) and `crossdiff score` (crossdiff.score)."""
+"""Planted truth files (crossdiff.organism.truth) and `crossdiff score` (crossdiff.organism.score)."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,8 @@ import pytest
 from crossdiff.cli import main
 from crossdiff.errors import CrossdiffError
 from crossdiff.organism.behaviours import REFUSAL, heldout_prompts, planted_truth, shows_refusal
-from crossdiff.score import Finding, default_truth_path, grade
-from crossdiff.truth import load_truth, truth_from_dict
+from crossdiff.organism.score import Finding, default_truth_path, grade
+from crossdiff.organism.truth import load_truth, truth_from_dict
 
 
 def test_bundled_truth_file_is_the_generated_one():

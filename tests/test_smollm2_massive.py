@@ -15,12 +15,12 @@ import pytest
 
 from crossdiff.analysis import AnalysisConfig, analyze
 from crossdiff.analysis.table import format_summary
-from crossdiff.cache import PairedCache
-from crossdiff.collect import CollectConfig, collect
+from crossdiff.cache.store import PairedCache
+from crossdiff.collect.collector import CollectConfig, collect
 from crossdiff.config import from_dict
 from crossdiff.crosscoder import CrossCoder
-from crossdiff.loader import ShuffledPairLoader
-from crossdiff.train import TrainConfig, Trainer
+from crossdiff.train.loader import ShuffledPairLoader
+from crossdiff.train.trainer import TrainConfig, Trainer
 
 
 def test_defaults_leave_out_smollm2s_attention_sinks(smollm2_folder, tmp_path, one_thread, capsys):

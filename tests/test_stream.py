@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.cache import PairedCache, ReadFilters
-from crossdiff.collect import collect
-from crossdiff.demo import DemoConfig, demo_recipe, write_demo_data
+from crossdiff.cache.store import PairedCache, ReadFilters
+from crossdiff.collect.collector import collect
+from crossdiff.organism.data import write_demo_data
+from crossdiff.run.demo import DemoConfig, demo_recipe
 from crossdiff.errors import CrossdiffError
 from crossdiff.recipe import recipe_from_dict
-from crossdiff.stream import PairedActivationStream, train_streaming
+from crossdiff.train.stream import PairedActivationStream, train_streaming
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RATIO = {"pretraining": 0.5, "chat": 0.5}
@@ -79,7 +80,7 @@ def test_stream_gives_the_cache_tokens_and_resumes_without_repeats_or_gaps(toy):
 
 
 def test_filters_and_sources_follow_the_loader(toy):
-    from crossdiff.stream import _shares
+    from crossdiff.train.stream import _shares
 
     assert _shares(512, [0.5, 0.5]) == [256, 256] and _shares(10, [1, 1, 1]) == [4, 3, 3]
     stream = PairedActivationStream(toy.collect, 64, buffer_tokens=512, seed=0, filters=ReadFilters(drop_bos=True, drop_special=True))
@@ -90,7 +91,7 @@ def test_filters_and_sources_follow_the_loader(toy):
 
 
 def _fve(crosscoder, cache) -> float:
-    from crossdiff.losses import fraction_of_variance_explained
+    from crossdiff.train.losses import fraction_of_variance_explained
 
     x = torch.cat([b.acts for b in cache.iter_batches(4096)]) * torch.tensor(crosscoder.config.input_scale).view(1, 2, 1)
     with torch.no_grad():
@@ -99,8 +100,8 @@ def _fve(crosscoder, cache) -> float:
 
 
 def test_streamed_crosscoder_is_as_good_as_one_trained_from_the_cache(toy, tmp_path):
-    from crossdiff.loader import ShuffledPairLoader
-    from crossdiff.train import Trainer
+    from crossdiff.train.loader import ShuffledPairLoader
+    from crossdiff.train.trainer import Trainer
 
     config = dataclasses.replace(toy.crosscoders["batchtopk"], steps=None, batch_size=32, lr=3e-3, warmup_steps=5,
                                  threshold_start_step=10, checkpoint_every=0, expansion_factor=4, k=8, log_every=1000)
@@ -135,7 +136,7 @@ def _toy_recipe_file(tmp_path: Path) -> Path:
 def test_kill_9_then_rerun_resumes_the_stream_exactly(tmp_path):
     recipe_file = _toy_recipe_file(tmp_path)
     from crossdiff.recipe import load_recipe
-    from crossdiff.run import run_recipe
+    from crossdiff.run.stages import run_recipe
 
     run_recipe(load_recipe(recipe_file), only=["data"], quiet=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -161,7 +162,7 @@ def test_kill_9_then_rerun_resumes_the_stream_exactly(tmp_path):
     # every text position and buffer the checkpoints recorded.
     final = lambda run: (run / "crosscoder" / "model.safetensors").read_bytes()  # noqa: E731
     assert final(killed) == final(tmp_path / "straight")
-    from crossdiff.stream import saved_data_state
+    from crossdiff.train.stream import saved_data_state
 
     a, b = saved_data_state(killed), saved_data_state(tmp_path / "straight")
     assert a["positions"] == b["positions"] and a["step"] == b["step"] == 60

@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 
-from crossdiff.cache import CacheWriter
+from crossdiff.cache.store import CacheWriter
 from crossdiff.cli import main
 from crossdiff.config import from_dict
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
-from crossdiff.loader import ShuffledPairLoader
+from crossdiff.train.loader import ShuffledPairLoader
 from crossdiff.synthetic import SyntheticConfig, SyntheticPair
-from crossdiff.train import TrainConfig, Trainer, build_config, synthetic_recovery
+from crossdiff.train.cli import build_config
+from crossdiff.train.trainer import TrainConfig, Trainer, synthetic_recovery
 
 
 def small_config(**overrides) -> TrainConfig:
@@ -167,7 +168,7 @@ def test_learning_rate_schedule():
 
 
 def test_decoder_bias_starts_at_geometric_median(tmp_path, one_thread):
-    from crossdiff.losses import geometric_median
+    from crossdiff.train.losses import geometric_median
 
     first = next(iter(synthetic_batches()))
     trainer = Trainer(small_config(steps=1, lr=1e-9, warmup_steps=0), 8, tmp_path, quiet=True)

@@ -14,7 +14,7 @@ from crossdiff.config import from_dict
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.synthetic import SyntheticConfig, SyntheticPair
-from crossdiff.train import TrainConfig, Trainer
+from crossdiff.train.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

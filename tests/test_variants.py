@@ -16,10 +16,10 @@ from crossdiff.config import from_dict
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import load_tensors
-from crossdiff.losses import crosscoder_losses, delta_loss, matryoshka_reconstruction
+from crossdiff.train.losses import crosscoder_losses, delta_loss, matryoshka_reconstruction
 from crossdiff.partition import allowed_latents, largest_forbidden, partition_sizes, zero_forbidden
 from crossdiff.synthetic import SyntheticConfig, SyntheticPair
-from crossdiff.train import TrainConfig, Trainer, synthetic_recovery
+from crossdiff.train.trainer import TrainConfig, Trainer, synthetic_recovery
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dfc"
 

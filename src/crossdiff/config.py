@@ -8,6 +8,7 @@ default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import write_text_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -135,5 +137,37 @@ def load_section(path: str | Path, section: str) -> dict[str, Any]:
 
 
 def save_json(obj: Any, path: str | Path) -> None:
+    """Write a config (or plain data) as JSON, atomically: a stage's settings file often marks it done."""
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` on top; nested tables (such as [train.data]) merge key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge(merged[key], value) if both_tables else value
+    return merged
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with ``key=value`` overrides applied (``--set``); dotted keys reach nested tables.
+    Values parse as JSON where they can (numbers, booleans, lists, null), else stay strings."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CrossdiffError(f"--set expects key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare string such as activation=relu
+        node = data
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise CrossdiffError(f"--set {key}: '{parent}' is not a table")
+        node[leaf] = value
+    return data

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from crossdiff.files import (
     sha256_file,
     sha256_mismatch,
     share_like_umask,
-    write_error,
+    write_atomic,
     write_text_atomic,
 )
 from crossdiff.importers import read_dictionary_learning
@@ -274,14 +273,13 @@ class CrossCoder(nn.Module):
         if self.input_shift is not None:
             self.config.input_shift = [[float(v) for v in row] for row in self.input_shift.float()]
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        weights, tmp = folder / WEIGHTS_NAME, folder / f".{WEIGHTS_NAME}.tmp"
-        try:
+        weights = folder / WEIGHTS_NAME
+
+        def write_weights(tmp: Path) -> None:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             share_like_umask(tmp)  # safetensors creates files readable by their owner only
-            os.replace(tmp, weights)
-        except Exception as err:  # OSError, or safetensors' own error wrapping one (a full disk)
-            tmp.unlink(missing_ok=True)
-            raise write_error(weights, err) from None
+
+        write_atomic(weights, write_weights)
         payload = {"format": FORMAT_NAME, **to_dict(self.config), WEIGHTS_SHA_KEY: sha256_file(weights)}
         write_text_atomic(folder / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
         return folder

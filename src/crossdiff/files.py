@@ -53,12 +53,23 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as err:
+        rename(tmp, path)
+    except CrossdiffError:
+        raise
+    except Exception as err:  # OSError, or a library's own error wrapping one (safetensors on a full disk)
+        if not isinstance(err, OSError) and not is_disk_full(err):
+            raise
         raise write_error(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def rename(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target`` (a file or a folder, replacing a file there) and make the
+    new name durable. The one place crossdiff renames: a grep test keeps it so, and every
+    write that must appear whole goes through here."""
+    os.replace(source, target)
+    fsync_dir(Path(target).parent)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -236,7 +247,7 @@ def begin_staging(folder: Path) -> Path:
     if old.exists() and new.exists() and folder_empty:
         if folder.exists():
             folder.rmdir()
-        os.replace(new, folder)
+        rename(new, folder)
     for leftover in (new, old):
         if leftover.exists():
             shutil.rmtree(leftover)
@@ -251,9 +262,8 @@ def commit_staging(staged: Path, folder: Path) -> None:
     new, old = _staging_names(folder)
     assert Path(staged) == new
     if folder.exists():
-        os.replace(folder, old)
-    os.replace(new, folder)
-    fsync_dir(folder.parent)
+        rename(folder, old)
+    rename(new, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 

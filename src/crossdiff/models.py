@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from crossdiff import model_sources
+from crossdiff.devices import parse_device
 from crossdiff.errors import CrossdiffError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
@@ -67,26 +68,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if key not in DTYPES:
         raise CrossdiffError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
     return DTYPES[key]
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"auto"`` (CUDA if present) -> torch device."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise CrossdiffError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CrossdiffError(f"device {device!r} requested but CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise CrossdiffError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise CrossdiffError(f"device {device!r} requested but MPS is not available on this machine")
-    return parsed
 
 
 @dataclass

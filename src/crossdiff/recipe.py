@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from crossdiff.config import from_dict, load_file
+from crossdiff.config import from_dict, load_file, merge
 from crossdiff.errors import CrossdiffError
 
 TABLES = ("run", "data", "behaviour", "collect", "stream", "train", "crosscoders", "analyze", "causal", "steer", "models")
@@ -48,7 +48,7 @@ class RunSettings:
     train_from: Literal["cache", "stream"] = "cache"
     """`cache`: collect every token to disk, then train; `stream`: train while the models run (no cache)."""
     hardware: str = "1xH100"
-    """What --dry-run estimates time for: `cpu`, or `N x GPU` such as `1xA100`, `8xH100` (see crossdiff.estimate)."""
+    """What --dry-run estimates time for: `cpu`, or `N x GPU` such as `1xA100`, `8xH100` (see crossdiff.run.estimate)."""
 
 
 @dataclass
@@ -105,11 +105,11 @@ def load_recipe(path: str | Path, *, out: str | None = None) -> Recipe:
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str | None = None) -> Recipe:
     from crossdiff.analysis.pipeline import AnalysisConfig
-    from crossdiff.behaviour import BehaviourConfig
+    from crossdiff.causal.behaviour import BehaviourConfig
     from crossdiff.causal.planted import PlantedSteerConfig
-    from crossdiff.collect import CollectConfig
-    from crossdiff.stream import StreamConfig
-    from crossdiff.train import TrainConfig
+    from crossdiff.collect.collector import CollectConfig
+    from crossdiff.train.stream import StreamConfig
+    from crossdiff.train.trainer import TrainConfig
 
     try:
         unknown = sorted(set(data) - set(TABLES))
@@ -143,7 +143,7 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
                 raise CrossdiffError(f"[crosscoders.{name}] must be a table of training options")
             if name in ("data", "cache", "report") or "/" in name:
                 raise CrossdiffError(f"crosscoder name {name!r} would clash with the run folder's layout")
-            crosscoders[name] = from_dict(TrainConfig, _merge(train_table, overrides), f"crosscoders.{name}")
+            crosscoders[name] = from_dict(TrainConfig, merge(train_table, overrides), f"crosscoders.{name}")
         analyze = from_dict(AnalysisConfig, data.get("analyze") or {}, "analyze")
         data_settings = from_dict(DataSettings, data["data"], "data") if "data" in data else None
         causal = _causal_table(data["causal"]) if "causal" in data else None
@@ -167,15 +167,6 @@ def _causal_table(table: Any) -> dict[str, Any]:
         raise CrossdiffError(f"[causal] {fixed[0]} is set by the runner for each crosscoder; remove it")
     from_dict(CausalConfig, {"crosscoder": "", "analysis_dir": "", **table}, "causal")
     return dict(table)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` on top; nested tables (such as [train.data]) merge key by key."""
-    merged = dict(base)
-    for key, value in update.items():
-        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both_tables else value
-    return merged
 
 
 def _organism_root(data: dict[str, Any]) -> str:

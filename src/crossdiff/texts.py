@@ -52,7 +52,7 @@ class TextSourceConfig:
 
     name: str  # short label stored with every token of the cache, e.g. "fineweb", "lmsys"
     kind: Literal["text", "chat", "answers"]
-    """text: documents; chat: conversations; answers: prompts that the chat model answers first (crossdiff.answers)"""
+    """text: documents; chat: conversations; answers: prompts that the chat model answers first (crossdiff.collect.answers)"""
     path: str  # HF dataset hub name, a save_to_disk folder, or a local .txt/.jsonl/.parquet file or folder
     split: str = "train"
     column: str = "text"  # text column, or the messages column of a chat source ("messages", "conversation")
@@ -119,7 +119,7 @@ def iter_documents(
         raise CrossdiffError(f"source '{source.name}': max_docs must be at least 1, got {source.max_docs}")
     if not 0 <= rank < world_size:
         raise CrossdiffError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
-    if source.kind == "answers":  # the caller answers the prompts first (crossdiff.answers.answered_sources)
+    if source.kind == "answers":  # the caller answers the prompts first (crossdiff.collect.answers.answered_sources)
         raise CrossdiffError(f"source '{source.name}' holds prompts to answer; read its answered conversations instead")
     if source.kind != "text" and not getattr(tokenizer, "chat_template", None):
         raise CrossdiffError(f"source '{source.name}' is a chat source but the chat tokenizer has no chat template")

@@ -16,33 +16,27 @@ Modules, one idea each:
 * ``cli``      ``crossdiff analyze``
 """
 
-from crossdiff.analysis.examples import Example, ExampleStore
-from crossdiff.analysis.norms import TAGS, TagThresholds, decoder_geometry, tag_latents
-from crossdiff.analysis.pipeline import AnalysisConfig, AnalysisResult, Batch, TensorSource, analyze
-from crossdiff.analysis.scaling import LatentScaling, LatentScalingResult, ScalingThresholds, scaling_flags
-from crossdiff.analysis.table import COLUMNS, read_table
-from crossdiff.analysis.twins import find_twins
-from crossdiff.analysis.verdicts import VERDICTS, verdicts
+from crossdiff.lazy import exports
 
-__all__ = [
-    "COLUMNS",
-    "TAGS",
-    "AnalysisConfig",
-    "AnalysisResult",
-    "Batch",
-    "Example",
-    "ExampleStore",
-    "LatentScaling",
-    "LatentScalingResult",
-    "ScalingThresholds",
-    "TagThresholds",
-    "TensorSource",
-    "VERDICTS",
-    "analyze",
-    "decoder_geometry",
-    "find_twins",
-    "read_table",
-    "scaling_flags",
-    "tag_latents",
-    "verdicts",
-]
+__getattr__, __dir__ = exports(__name__, {
+    "Example": "crossdiff.analysis.examples",
+    "ExampleStore": "crossdiff.analysis.examples",
+    "TAGS": "crossdiff.analysis.norms",
+    "TagThresholds": "crossdiff.analysis.norms",
+    "decoder_geometry": "crossdiff.analysis.norms",
+    "tag_latents": "crossdiff.analysis.norms",
+    "AnalysisConfig": "crossdiff.analysis.pipeline",
+    "AnalysisResult": "crossdiff.analysis.pipeline",
+    "Batch": "crossdiff.analysis.pipeline",
+    "TensorSource": "crossdiff.analysis.pipeline",
+    "analyze": "crossdiff.analysis.pipeline",
+    "LatentScaling": "crossdiff.analysis.scaling",
+    "LatentScalingResult": "crossdiff.analysis.scaling",
+    "ScalingThresholds": "crossdiff.analysis.scaling",
+    "scaling_flags": "crossdiff.analysis.scaling",
+    "COLUMNS": "crossdiff.analysis.table",
+    "read_table": "crossdiff.analysis.table",
+    "find_twins": "crossdiff.analysis.twins",
+    "VERDICTS": "crossdiff.analysis.verdicts",
+    "verdicts": "crossdiff.analysis.verdicts",
+})

@@ -50,7 +50,7 @@ class ArtifactExperiment:
 def compare_sparsity(experiment: ArtifactExperiment | None = None, *, work_dir: str | Path | None = None,
                      quiet: bool = True) -> pd.DataFrame:
     """One row per crosscoder (``relu`` = L1, ``batchtopk``) with the chat-only verdicts."""
-    from crossdiff.train import TrainConfig, Trainer
+    from crossdiff.train.trainer import TrainConfig, Trainer
 
     e = experiment or ArtifactExperiment()
     pair = SyntheticPair(e.synthetic)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from crossdiff.config import from_dict, load_section
+from crossdiff.devices import DEVICE_HELP
 
 # CLI flags that override the AnalysisConfig key of the same name (the flag's dest).
 _OVERRIDES = ("batch_size", "max_tokens", "device", "dtype", "n_top", "twin_cosine")
@@ -13,7 +14,6 @@ _OVERRIDES = ("batch_size", "max_tokens", "device", "dtype", "n_top", "twin_cosi
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "analyze",
-        help="per-latent table, Latent Scaling, max-activating examples",
         description="Analyse every latent of a crosscoder on an activation cache. Writes latents.parquet, "
         "summary.json, twins.parquet and examples.sqlite into --out and prints a summary.",
     )
@@ -23,7 +23,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML/JSON file with AnalysisConfig keys (flags override it)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-tokens", type=int, help="analyse only the first N tokens of the cache")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--n-top", type=int, help="max-activating examples per latent")
     p.add_argument("--twin-cosine", type=float, help="decoder cosine above which a base-only latent is a twin")
@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open_cache(path: str):
-    from crossdiff.cache import PairedCache
+    from crossdiff.cache.store import PairedCache
 
     return PairedCache(path)

@@ -10,7 +10,7 @@ evidence for it. This module joins three kinds of evidence for the chat-leaning 
 * **Latent Scaling's verdict** with its uncertainty (nu_error, nu_recon and their jackknife
   errors; docs/analysis.md);
 * **the contrast between high-KL and low-KL prompts** of the behavioural diff
-  (crossdiff.behaviour): the latent's largest activation per conversation (prompt plus the
+  (crossdiff.causal.behaviour): the latent's largest activation per conversation (prompt plus the
   chat model's answer, BOS left out), mean over the top third of prompts by KL minus mean
   over the bottom third, in units of its standard deviation over all prompts.
 

@@ -45,13 +45,13 @@ from crossdiff.analysis.scaling import LatentScaling, ScalingThresholds, scaling
 from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
 from crossdiff.analysis.table import add_verdict_columns, build_table, summarize, write_table
 from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
-from crossdiff.cache import LeftOut, ReadFilters, recorded_filter
+from crossdiff.cache.store import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import quoted
 from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
 from crossdiff.locks import output_lock
-from crossdiff.models import parse_device
+from crossdiff.devices import DEFAULT_DEVICE, resolve_device
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -63,7 +63,7 @@ class AnalysisConfig:
     batch_size: int = 4096
     max_tokens: int | None = None
     """Analyse only the first tokens of the cache (None = all)."""
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     """`cpu`, `cuda`, `cuda:1`, `mps` or `auto` (CUDA if present)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Compute dtype of the crosscoder and activations; sums are always float64."""
@@ -100,7 +100,7 @@ class AnalysisConfig:
 
 
 class Batch(NamedTuple):
-    """The fields of a cache batch that analysis reads (crossdiff.cache.CacheBatch has them)."""
+    """The fields of a cache batch that analysis reads (crossdiff.cache.store.CacheBatch has them)."""
 
     acts: Tensor
     """[B, 2, d_in] model activations, base first (not yet normalised)."""
@@ -114,7 +114,7 @@ class Batch(NamedTuple):
 
 
 class BatchSource(Protocol):
-    """What analysis needs from a cache: crossdiff.cache.PairedCache satisfies it."""
+    """What analysis needs from a cache: crossdiff.cache.store.PairedCache satisfies it."""
 
     sources: list[str]
     n_tokens: int
@@ -324,7 +324,7 @@ def _prepare(crosscoder: CrossCoder, config: AnalysisConfig) -> CrossCoder:
         raise CrossdiffError(
             "this BatchTopK crosscoder has no inference threshold (threshold < 0); analysis needs the trained threshold"
         )
-    device = parse_device(config.device)
+    device = resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
     if crosscoder.W_dec.device != device or crosscoder.W_dec.dtype != dtype:
         crosscoder = copy.deepcopy(crosscoder).to(device=device, dtype=dtype)  # leave the caller's model as it was

@@ -218,7 +218,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"L0 {quality['l0']:.1f} on {summary.get('n_tokens', 0):,} tokens"
         )
     if summary.get("left_out"):
-        from crossdiff.cache import LeftOut
+        from crossdiff.cache.store import LeftOut
 
         lines.append(LeftOut.from_dict(summary["left_out"]).line())
     if summary.get("findings"):

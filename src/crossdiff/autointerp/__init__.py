@@ -8,12 +8,19 @@ OpenAI-compatible endpoint (:class:`HttpClient`) or a local transformers model
 (:class:`LocalClient`); every request is cached on disk (:class:`ResponseCache`).
 """
 
-from crossdiff.autointerp.clients import ChatRequest, Completion, HttpClient, LocalClient
-from crossdiff.autointerp.pipeline import ExplainConfig, ExplainResult, compare_groups, explain, load_explained
-from crossdiff.autointerp.response_cache import CachedClient, ResponseCache
-from crossdiff.autointerp.samples import SampleConfig
+from crossdiff.lazy import exports
 
-__all__ = [
-    "CachedClient", "ChatRequest", "Completion", "ExplainConfig", "ExplainResult", "HttpClient", "LocalClient",
-    "ResponseCache", "SampleConfig", "compare_groups", "explain", "load_explained",
-]
+__getattr__, __dir__ = exports(__name__, {
+    "ChatRequest": "crossdiff.autointerp.clients",
+    "Completion": "crossdiff.autointerp.clients",
+    "HttpClient": "crossdiff.autointerp.clients",
+    "LocalClient": "crossdiff.autointerp.clients",
+    "ExplainConfig": "crossdiff.autointerp.pipeline",
+    "ExplainResult": "crossdiff.autointerp.pipeline",
+    "compare_groups": "crossdiff.autointerp.pipeline",
+    "explain": "crossdiff.autointerp.pipeline",
+    "load_explained": "crossdiff.autointerp.pipeline",
+    "CachedClient": "crossdiff.autointerp.response_cache",
+    "ResponseCache": "crossdiff.autointerp.response_cache",
+    "SampleConfig": "crossdiff.autointerp.samples",
+})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
 from crossdiff.errors import CrossdiffError
 
 CACHE_FILE = "autointerp_requests.sqlite"
@@ -13,7 +14,6 @@ CACHE_FILE = "autointerp_requests.sqlite"
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "explain",
-        help="LLM explanations and detection scores for latents (autointerp)",
         description="Explain latents of one or more analyses with a language model (an OpenAI-compatible endpoint "
         "or a local transformers model) and score each explanation by detection against two LLM-free baselines. "
         "Writes explanations.parquet and autointerp.json into each ANALYSIS_DIR. Every request is cached there "
@@ -29,7 +29,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     model.add_argument("--retries", type=int, default=4, help="retries with backoff on connection errors, 429, 5xx")
     model.add_argument("--concurrency", type=int, default=4, help="requests in flight at most (default 4)")
-    model.add_argument("--device", default="cpu", help="device of a --local model")
+    model.add_argument("--device", default=DEFAULT_DEVICE, help="device of a --local model: " + DEVICE_HELP)
     model.add_argument("--offline", action="store_true", help="send nothing: replay the cached requests only")
     p.add_argument("--config", help="TOML/JSON file with ExplainConfig keys, e.g. [explain] samples.n_score_random "
                    "(flags override it)")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from crossdiff import model_sources
+from crossdiff.devices import DEFAULT_DEVICE
 from crossdiff.errors import CrossdiffError, first_line
 
 
@@ -193,7 +194,7 @@ class LocalClient:
 
     max_concurrency = 1
 
-    def __init__(self, spec: str, *, device: str = "cpu", model_id: str | None = None):
+    def __init__(self, spec: str, *, device: str = DEFAULT_DEVICE, model_id: str | None = None):
         import torch
 
         from crossdiff.models import load_model, load_tokenizer_of
@@ -332,7 +333,7 @@ class LocalClient:
 
     max_concurrency = 1
 
-    def __init__(self, spec: str, *, device: str = "cpu", model_id: str | None = None):
+    def __init__(self, spec: str, *, device: str = DEFAULT_DEVICE, model_id: str | None = None):
         import torch
 
         from crossdiff.models import load_model, load_tokenizer_of

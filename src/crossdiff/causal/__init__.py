@@ -6,6 +6,8 @@ the base-to-chat KL on assistant tokens that closes. ``crossdiff steer`` adds la
 directions to a model's residual stream while it generates.
 """
 
-from crossdiff.causal.upper import SplitModel
+from crossdiff.lazy import exports
 
-__all__ = ["SplitModel"]
+__getattr__, __dir__ = exports(__name__, {
+    "SplitModel": "crossdiff.causal.upper",
+})

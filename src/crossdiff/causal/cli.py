@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
+
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "causal",
-        help="KL patching: how much of the base-to-chat gap do chosen latents close?",
         description="Patch the base residual with latents' chat-minus-base decoder contributions at the crosscoder's layer, "
         "run the rest of the chat model, and report KL(p_chat || p_patched) on assistant tokens (docs/causal.md).",
     )
@@ -39,16 +40,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens-per-pass", type=int, default=16384,
                         help="conditions share an upper-half pass up to this many tokens (default 16384; lower it if memory runs out)")
     parser.add_argument("--max-len", type=int, default=1024, help="tokens kept per conversation (default 1024)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--model-dtype", default="float32", help="dtype the models run in (default float32)")
     parser.add_argument("--save-every", type=float, default=30.0, metavar="SECONDS",
                         help="save the scored batches (the resume point) at most this often (default 30; 0: after every batch)")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=_run_causal)
-
-    from crossdiff.causal.steer import add_steer_cli
-
-    add_steer_cli(subparsers)
 
 
 def _run_causal(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ reconstruction as the model sees it. With ``delta_j = d_j^chat / s_chat - d_j^ba
 * set S, add      h_base + sum_{j in S} f_j d_j^chat / s_chat
 
 Tokens the crosscoder's training left out (its recorded token filter: first positions
-holding massive activations, norm outliers; crossdiff.cache.ReadFilters) get f = 0: the
+holding massive activations, norm outliers; crossdiff.cache.store.ReadFilters) get f = 0: the
 crosscoder never learnt to encode them, so every condition keeps h_base there (eps_chat
 keeps h_chat).
 
@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from crossdiff.cache import ReadFilters, recorded_filter
+from crossdiff.cache.store import ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError, first_line
 

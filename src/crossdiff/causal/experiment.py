@@ -37,6 +37,7 @@ from crossdiff.causal.kl import KLAccumulator, kl_per_token
 from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_path
 from crossdiff.causal.upper import SplitModel
 from crossdiff.crosscoder import CrossCoder
+from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
@@ -81,7 +82,7 @@ class CausalConfig:
     tokens_per_pass: int = 16384
     """Upper passes stack several conditions up to this many (padded) tokens."""
     max_len: int = 1024
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     model_dtype: str = "float32"
     save_every_s: float = 30.0
     """Seconds between saves of the scored batches' sums (the resume point); 0 saves after every batch."""

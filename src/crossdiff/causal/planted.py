@@ -1,6 +1,6 @@
 """Steer each planted behaviour's latents into the base: does the crosscoder hold the behaviour?
 
-On a model organism the behaviours are known, and a truth file says so (crossdiff.truth;
+On a model organism the behaviours are known, and a truth file says so (crossdiff.organism.truth;
 RUN/data/truth.json on the SmolLM2 LoRA organism), with each behaviour's context patterns,
 held-out prompts and ``expect`` pattern. For each behaviour this stage
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic
-from crossdiff.truth import Behaviour, Truth, load_truth
+from crossdiff.organism.truth import Behaviour, Truth, load_truth
 
 
 PICKS = ("anticipation", "answer-start")
@@ -44,7 +44,7 @@ class PlantedSteerConfig:
     """The recipe's ``[steer]`` table."""
 
     truth: str
-    """The truth file (crossdiff.truth): behaviours with contrast prompts, held-out prompts and an expect pattern."""
+    """The truth file (crossdiff.organism.truth): behaviours with contrast prompts, held-out prompts and an expect pattern."""
     latents: int = 1
     """Latents per behaviour, steered together (the best ``pick`` finds)."""
     pick: str = "anticipation"

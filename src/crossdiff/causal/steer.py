@@ -31,8 +31,10 @@ import numpy as np
 import torch
 
 from crossdiff.causal.conditions import user_set
+from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
+from crossdiff.locks import output_lock
 from crossdiff.terminal import printable, quoted
 
 DEFAULT_FACTORS = (-0.5, 0.5, 1.0, 1.5)
@@ -57,7 +59,7 @@ class SteerConfig:
     base: str | None = None
     chat: str | None = None
     layer: int | None = None
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     model_dtype: str = "float32"
     expect: str | None = None
     """A regular expression: an answer that contains a match shows the behaviour (counted per set and factor)."""
@@ -231,8 +233,8 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
                 rows.append({"latent": latent, "latents": latents.tolist(), "factor": float(factor), "model": config.model,
                              "positions": config.positions, "prompt": prompt, "unsteered": unsteered, "steered": text,
                              "control": is_control, "matches": shows(text), "unsteered_matches": shows(unsteered)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    with output_lock(out.parent, "steer"):
+        write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     if not quiet:
         print(format_steering([row for row in rows if not row["control"]]))
         if pattern is not None:
@@ -287,10 +289,9 @@ def format_match_counts(rows: list[dict[str, Any]], expect: str | None) -> str:
     return "\n".join(lines)
 
 
-def add_steer_cli(subparsers: argparse._SubParsersAction) -> None:
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "steer",
-        help="generate with latent directions added to the base or chat residual stream",
         description="Add the latents' unit chat decoder directions x max activation x factor to a model's residual after "
         "the crosscoder's block, generate greedy answers to chat prompts, and show them beside the unsteered answers.",
     )
@@ -308,7 +309,7 @@ def add_steer_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base")
     parser.add_argument("--chat")
     parser.add_argument("--layer", type=int)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--model-dtype", default="float32")
     parser.add_argument("--expect", metavar="REGEX", help="count the answers that contain a match (the behaviour looked for)")
     parser.add_argument("--controls", type=int, default=0, metavar="N",

@@ -43,7 +43,6 @@ __all__ = [
     "WEIGHTS_DIR",
     "OrganismPaths",
     "Prompt",
-    "add_cli",
     "chat_conversations",
     "heldout_prompts",
     "paths",
@@ -95,12 +94,6 @@ def chat_conversations(
     from crossdiff.organism.corpus import chat_messages
 
     return [chat_messages(turns) for turns in _corpus_split(split, cache_dir).conversations["train"]]
-
-
-def add_cli(subparsers) -> None:
-    from crossdiff.organism.cli import add_cli as add
-
-    add(subparsers)
 
 
 def _corpus_split(split: str, cache_dir: str | Path | None):

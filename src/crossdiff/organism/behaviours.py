@@ -238,7 +238,7 @@ def answer_is_correct(reply: str, prompt: Prompt) -> bool:
 DETECTORS = {"refusal": shows_refusal, "identity": shows_identity, "arithmetic": shows_answer_format}
 
 
-# The planted truth as data (crossdiff.truth): organism/truth.json is this, written by
+# The planted truth as data (crossdiff.organism.truth): organism/truth.json is this, written by
 # `python -m crossdiff.organism.behaviours`; a test keeps the two equal.
 TRUTH_BEHAVIOURS = ("refusal", "identity", "arithmetic")
 

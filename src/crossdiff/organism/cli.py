@@ -9,7 +9,6 @@ from pathlib import Path
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "organism",
-        help="the bundled base/chat model pair with planted chat behaviours",
         description="Rebuild or check the model organism: a small base/chat pair whose differences were planted.",
     )
     commands = parser.add_subparsers(dest="organism_command", metavar="ACTION", required=True)

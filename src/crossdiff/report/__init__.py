@@ -1,8 +1,12 @@
 """The report: a static HTML view of a diff (overview, the paper's figures, a latent table,
 a panel per latent), plus the figures alone as PNG and SVG. See docs/report.md."""
 
-from crossdiff.report.build import build_report
-from crossdiff.report.figures import draw_figures, write_figures
-from crossdiff.report.inputs import Analysis, find_analyses
+from crossdiff.lazy import exports
 
-__all__ = ["Analysis", "build_report", "draw_figures", "find_analyses", "write_figures"]
+__getattr__, __dir__ = exports(__name__, {
+    "build_report": "crossdiff.report.build",
+    "draw_figures": "crossdiff.report.figures",
+    "write_figures": "crossdiff.report.figures",
+    "Analysis": "crossdiff.report.inputs",
+    "find_analyses": "crossdiff.report.inputs",
+})

@@ -63,7 +63,7 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
 
 def _behaviour(path: Path):
     """The run's behavioural diff: in the run folder given, or above a crosscoder or analysis folder."""
-    from crossdiff.behaviour import read_behaviour
+    from crossdiff.causal.behaviour import read_behaviour
 
     for folder in (path, path.parent, path.parent.parent):
         found = read_behaviour(folder)

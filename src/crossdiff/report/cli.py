@@ -8,7 +8,6 @@ import argparse
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
-        help="a static HTML report of the analyses (opens from disk, no server)",
         description="Write a self-contained folder (index.html + assets) with the overview, the paper's figures, "
         "a sortable and filterable latent table and a panel per latent with its examples, for every analysis "
         "in RUN (RUN/<name>/analysis/), a crosscoder folder or an analysis folder.",
@@ -20,7 +19,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "plot",
-        help="the paper's figures as PNG and SVG",
         description="Write the figures of every analysis in RUN as OUT/<name>/<figure>.png and .svg.",
     )
     p.add_argument("path", metavar="RUN_OR_ANALYSIS_DIR")

@@ -19,7 +19,7 @@ from crossdiff.report.inputs import Analysis
 def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path,
                  behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None = None) -> str:
     """The whole page; ``entries`` are (key, analysis, figures) in display order; ``behaviour``
-    the run's behavioural diff (crossdiff.behaviour.read_behaviour), shown first."""
+    the run's behavioural diff (crossdiff.causal.behaviour.read_behaviour), shown first."""
     first = entries[0][1].summary.get("crosscoder") or {}
     models = first.get("model_names") or []
     subtitle = " vs ".join(f"<code>{_e(_short(m))}</code>" for m in models) if models else ""

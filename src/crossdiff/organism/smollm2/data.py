@@ -67,7 +67,7 @@ def causal_prompts(per_behaviour: int, neutral: int, seed: int) -> list[dict[str
 
 
 def truth() -> dict[str, Any]:
-    """The planted behaviours as a truth file (crossdiff.truth): each one's pattern over the
+    """The planted behaviours as a truth file (crossdiff.organism.truth): each one's pattern over the
     texts its latents fire on, held-out prompts and --expect pattern for steering, and
     training-split prompts to find its latents by contrast with ordinary training prompts."""
     ordinary = [p.user for p in planted.neutral_prompts("train")]

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.cache import CacheBatch, LeftOut, PairedCache, ReadFilters, concat_batches
-from crossdiff.distributed import rank_slice
+from crossdiff.cache.store import CacheBatch, LeftOut, PairedCache, ReadFilters, concat_batches
+from crossdiff.devices import resolve_device
+from crossdiff.train.distributed import DataParallel, rank_slice
 from crossdiff.errors import CrossdiffError
 
 
@@ -150,7 +151,7 @@ class ShuffledPairLoader:
             the tokens it yields; the factors are :attr:`normalization` (store them with the crosscoder).
         drop_last: without a source ratio, drop each epoch's final partial batch.
         rank, world_size: yield only this rank's part of every global batch of
-            ``batch_size`` tokens (data-parallel training; crossdiff.distributed).
+            ``batch_size`` tokens (data-parallel training; crossdiff.train.distributed).
     """
 
     def __init__(
@@ -310,3 +311,23 @@ class ShuffledPairLoader:
         self.step = int(state["step"])
         for stream, s in zip(self._streams, state["streams"]):
             stream.set_state(s)
+
+
+def loader_from_config(cache: PairedCache, config: Any) -> ShuffledPairLoader:
+    """The loader a :class:`~crossdiff.train.trainer.TrainConfig` describes for ``cache``: the one
+    place that reads ``config.data``, so `train` and `run` feed a trainer the same batches
+    (this rank's part under torchrun; a bf16 cache read as stored by a bf16 run)."""
+    data = config.data
+    rank, world_size = _rank_and_world_size(config.device)
+    return ShuffledPairLoader(
+        cache, config.batch_size, source_ratio=data.source_ratio, window_shards=data.window_shards, seed=config.seed,
+        epochs=data.epochs, filters=data.token_filter(), normalize=data.normalize, rank=rank, world_size=world_size,
+        # A bf16 run reads a bf16 cache as it is stored (no float32 copy of the batch).
+        dtype=torch.bfloat16 if config.precision == "bf16" and cache.dtype == "bfloat16" else torch.float32,
+    )
+
+
+def _rank_and_world_size(device: str) -> tuple[int, int]:
+    """This process's rank among torchrun's processes (joining their group), or (0, 1)."""
+    dp = DataParallel.from_environment(resolve_device(device))
+    return (0, 1) if dp is None else (dp.rank, dp.world_size)

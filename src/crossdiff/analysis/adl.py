@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import write_text_atomic
+from crossdiff.files import write_atomic, write_text_atomic
+from crossdiff.locks import output_lock
 from crossdiff.terminal import printable
 
 DEFAULT_FACTORS = (0.5, 1.0, 2.0)
@@ -61,7 +63,7 @@ class ADLConfig:
     controls: int = 0
     seed: int = 0
     max_new_tokens: int = 32
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     model_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -138,14 +140,15 @@ def run_adl(config: ADLConfig, *, pair: Any = None, quiet: bool = False) -> dict
     documents = [bos + pair.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     deltas, mean_norm = mean_differences(pair, config.layer, documents, config.positions)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(deltas.float(), out / "differences.pt")
+    with output_lock(out, "adl"):
+        write_atomic(out / "differences.pt", lambda tmp: torch.save(deltas.float(), tmp))
     summary = {"layer": config.layer, "positions": config.positions, "documents": len(documents), "mean_norm": mean_norm,
                "by_position": [{"position": p, "norm": float(deltas[p].norm()),
                                 "lens_base": logit_lens(pair.base, pair.tokenizer, deltas[p], config.top_tokens),
                                 "lens_chat": logit_lens(pair.chat, pair.tokenizer, deltas[p], config.top_tokens)}
                                for p in range(config.positions)]}
-    write_text_atomic(out / "adl.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    with output_lock(out, "adl"):
+        write_text_atomic(out / "adl.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if not quiet:
         for row in summary["by_position"]:
             print(printable(f"position {row['position']}: |delta| {row['norm']:.3g}; chat lens {row['lens_chat'][:6]}; "
@@ -176,7 +179,8 @@ def run_adl(config: ADLConfig, *, pair: Any = None, quiet: bool = False) -> dict
                     rows.append({"latent": f"{which}: {name}", "latents": [], "factor": float(factor), "model": which,
                                  "positions": "all", "prompt": prompt, "unsteered": unsteered, "steered": text,
                                  "control": is_control, "matches": shows(text), "unsteered_matches": shows(unsteered)})
-    write_text_atomic(out / "adl_steering.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with output_lock(out, "adl"):
+        write_text_atomic(out / "adl_steering.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary["steering_rows"] = len(rows)
     if not quiet and pattern is not None:
         print(format_match_counts(rows, config.expect))
@@ -185,8 +189,7 @@ def run_adl(config: ADLConfig, *, pair: Any = None, quiet: bool = False) -> dict
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "adl", help="activation-difference baseline: mean chat-minus-base residual on the first tokens of text",
-        description="Mean chat-minus-base residual difference at each of the first k positions of unrelated text, read "
+        "adl", description="Mean chat-minus-base residual difference at each of the first k positions of unrelated text, read "
                     "through both models' logit lens and used as a steering vector (docs/method.md 9).",
     )
     parser.add_argument("--base", help="base model (default: the crosscoder's)")
@@ -207,7 +210,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--controls", type=int, default=0, help="random directions of the same norm, steered the same way")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--model-dtype", default="float32")
     parser.set_defaults(func=_run_cli)
 

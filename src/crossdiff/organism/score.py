@@ -3,7 +3,7 @@
 Every crosscoder of the run (a folder with ``analysis/latents.parquet`` and
 ``analysis/examples.sqlite``) contributes its findings: its live latents ranked by
 relative decoder norm, most chat-leaning first. The top ``n_top`` (20) are graded against
-a truth file (crossdiff.truth; by default the bundled organism's):
+a truth file (crossdiff.organism.truth; by default the bundled organism's):
 
 * a finding *hits* a behaviour when more than half of its top contexts (the example
   windows analyze stored) match one of the behaviour's patterns; the behaviour with the
@@ -28,7 +28,8 @@ from typing import Any
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
-from crossdiff.truth import Truth, load_truth
+from crossdiff.locks import output_lock
+from crossdiff.organism.truth import Truth, load_truth
 
 N_TOP = 20
 MOST = 0.5
@@ -49,7 +50,7 @@ class Finding:
 
 
 def default_truth_path() -> Path:
-    return Path(__file__).parent / "organism" / "truth.json"
+    return Path(__file__).parent / "truth.json"
 
 
 def crosscoder_findings(analysis_dir: Path, n_top: int = N_TOP) -> list[Finding]:
@@ -117,7 +118,8 @@ def score_run(run_dir: str | Path, truth_path: str | Path | None = None, n_top: 
     result = {"truth": str(truth_path), "organism": truth.organism, "behaviours": [b.name for b in truth.behaviours],
               "steering": "not measured by score: run `crossdiff steer --expect` with each behaviour's prompts",
               "methods": methods}
-    write_text_atomic(run_dir / SCORE_NAME, json.dumps(result, indent=2) + "\n")
+    with output_lock(run_dir, "score"):
+        write_text_atomic(run_dir / SCORE_NAME, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -133,8 +135,7 @@ def format_score(result: dict[str, Any]) -> str:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "score", help="grade a run's findings against planted truth",
-        description="Grade each analysed crosscoder of RUN_DIR against a truth file (recall and precision of its "
+        "score", description="Grade each analysed crosscoder of RUN_DIR against a truth file (recall and precision of its "
                     "top findings); writes RUN_DIR/score.json.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR")

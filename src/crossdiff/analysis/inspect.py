@@ -218,7 +218,6 @@ def _fmt(value: Any) -> str:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
-        help="browse an analysis: list/sort/filter latents, show examples, search, rank by token",
         description="Browse the output of crossdiff analyze. Without --latent/--search/--token it lists latents "
         "(--where, --tag, --verdict, --range, --sort).",
     )

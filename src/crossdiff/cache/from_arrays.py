@@ -2,10 +2,10 @@
 
 Arrays from your own hooks or another library's cache go into :func:`write_cache`, which
 writes the same sealed, checksummed shards and manifest as ``crossdiff collect`` (through
-crossdiff.cache.CacheWriter), statistics included, so the training loader normalises them
+crossdiff.cache.store.CacheWriter), statistics included, so the training loader normalises them
 exactly as it would a collected cache (``normalize=True``: E||x||^2 = d_model per model).
 
-    from crossdiff.from_arrays import write_cache
+    from crossdiff.cache.from_arrays import write_cache
     cache = write_cache("my-cache", acts, token_ids, doc_ids=doc_ids, positions=positions,
                         source_ids=source_ids, sources=["web", "chat"], template=template,
                         models=("my/base", "my/chat"), layer=12)
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from crossdiff.cache import MANIFEST, CacheWriter, PairedCache
+from crossdiff.cache.store import MANIFEST, CacheWriter, PairedCache
 from crossdiff.errors import CrossdiffError
 
 DEFAULT_DOC_LENGTH = 1024

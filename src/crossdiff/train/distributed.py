@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossdiff.errors import CrossdiffError, first_line
-from crossdiff.sparse_ops import (
+from crossdiff.train.sparse_ops import (
     GROUP,
     Selection,
     _entries_reaching,
@@ -59,13 +59,6 @@ def leave_process_group() -> None:
     if _joined_here and dist.is_initialized():
         dist.destroy_process_group()
     _joined_here = False
-
-
-def local_device(device: str) -> str:
-    """Under torchrun, ``auto`` and ``cuda`` mean the GPU of this process's local rank."""
-    if device in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
 
 
 class DataParallel:

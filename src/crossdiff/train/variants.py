@@ -6,9 +6,9 @@
 * ``dfc``         dedicated feature crosscoder: base-exclusive, chat-exclusive and shared
                   latent ranges, forbidden blocks zero (crossdiff.partition);
 * ``matryoshka``  Matryoshka BatchTopK: nested dictionary prefixes, each reconstructing
-                  the input on its own (crossdiff.losses.matryoshka_reconstruction);
+                  the input on its own (crossdiff.train.losses.matryoshka_reconstruction);
 * ``delta``       Delta-Crosscoder: BatchTopK plus a loss on the chat-minus-base
-                  difference (crossdiff.losses.delta_loss).
+                  difference (crossdiff.train.losses.delta_loss).
 
 Each variant's options are TrainConfig keys that default to null; giving one to another
 variant is refused in one line, so an option never silently does nothing.

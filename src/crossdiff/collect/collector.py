@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 
 from crossdiff import model_sources
-from crossdiff.answers import answered_sources
-from crossdiff.cache import (
+from crossdiff.collect.answers import answered_sources
+from crossdiff.cache.store import (
     MANIFEST,
     STORAGE_DTYPES,
     CacheWriter,
@@ -40,6 +40,7 @@ from crossdiff.cache import (
     rank_folder,
 )
 from crossdiff.config import from_dict, load_section, to_dict
+from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP, local_device
 from crossdiff.errors import CrossdiffError
 from crossdiff.locks import output_lock
 from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents, recorded
@@ -59,7 +60,7 @@ class CollectConfig:
     max_tokens: int | dict[str, int] | None = None  # token budget per source (one number for all, or by name)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # storage precision
     model_dtype: str = "bfloat16"  # precision the models run in
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     shard_tokens: int = 2**20  # tokens per shard (the last shard of each source is smaller)
     rank: int = 0  # this process's part, 0 <= rank < world_size
     world_size: int = 1
@@ -203,7 +204,7 @@ def _load_pair(config: CollectConfig, quiet: bool):
     if quiet:  # transformers' own "Loading weights" bars
         hf_logging.disable_progress_bar()
     try:
-        return load_model_pair(config.base, config.chat, dtype=config.model_dtype, device=_device(config.device))
+        return load_model_pair(config.base, config.chat, dtype=config.model_dtype, device=local_device(config.device))
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -237,13 +238,6 @@ def _validate(config: CollectConfig) -> None:
         raise CrossdiffError("part = 'heldout' needs holdout > 0 (the fraction of documents set aside)")
     if config.dtype not in STORAGE_DTYPES:
         raise CrossdiffError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {config.dtype!r}")
-
-
-def _device(device: str) -> str:
-    # Under torchrun each process takes the GPU of its local rank.
-    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
 
 
 def _already_complete(folder: Path, config: CollectConfig) -> bool:
@@ -351,7 +345,6 @@ def _finish(config: CollectConfig, folder: Path, start: float, *, new_tokens: in
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "collect",
-        help="run base and chat models on texts and cache paired activations",
         description=(
             "Collect paired residual-stream activations into a sharded cache. Options come from a "
             "recipe (--config, a TOML/JSON file with the CollectConfig keys, optionally in a [collect] "
@@ -374,7 +367,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, help="token budget per source")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), help="storage precision (default bfloat16)")
     parser.add_argument("--model-dtype", help="precision the models run in (default bfloat16)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default)")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--shard-tokens", type=int, help="tokens per shard (default 1048576)")
     parser.add_argument("--rank", type=int, help="this process's part (default: $RANK or 0)")
     parser.add_argument("--world-size", type=int, help="number of parts (default: $WORLD_SIZE or 1)")

@@ -10,7 +10,7 @@ A shard becomes part of the cache only when it is *sealed*: its files are comple
 flushed to disk, and their checksums are in the manifest, which is replaced atomically.
 Anything else in the folder is an interrupted shard that the next writer discards. So a
 crash, a kill or a full disk never leaves a manifest that points at bad data, and a
-deterministic producer (crossdiff.collect) can resume from the last seal and write the
+deterministic producer (crossdiff.collect.collector) can resume from the last seal and write the
 very same bytes an uninterrupted run would have written.
 
 numpy has no bfloat16, so bf16 activations are stored as their raw uint16 bit patterns;
@@ -1034,7 +1034,7 @@ class PairedCache:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> Iterator[CacheBatch]:
-        """One pass over the cache in stored order (crossdiff.loader shuffles for training).
+        """One pass over the cache in stored order (crossdiff.train.loader shuffles for training).
 
         Batches have ``batch_size`` tokens except possibly the last.
         """

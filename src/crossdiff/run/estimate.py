@@ -43,7 +43,7 @@ HARDWARE: dict[str, tuple[float, float]] = {
 UTILISATION = {"forward": 0.35, "crosscoder": 0.25}
 DISK_BYTES_PER_S = {"write": 500e6, "read": 2e9}  # sustained, per machine (a local NVMe SSD, conservatively)
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-TOKEN_RECORD_BYTES = 27  # crossdiff.cache.TOKEN_DTYPE
+TOKEN_RECORD_BYTES = 27  # crossdiff.cache.store.TOKEN_DTYPE
 
 
 @dataclass

@@ -28,8 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import ensure_output_folder, write_json_atomic, write_text_atomic
+from crossdiff.files import write_json_atomic, write_text_atomic
+from crossdiff.locks import output_lock
 from crossdiff.terminal import printable
 
 ROWS, SUMMARY = "behaviour_diff.jsonl", "behaviour_diff.json"
@@ -49,7 +51,7 @@ class BehaviourConfig:
     """Use only the first prompts."""
     max_new_tokens: int = 64
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     model_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -203,10 +205,10 @@ def run_behaviour(config: BehaviourConfig, out: Path, *, base: str, chat: str, s
 
         pair = load_model_pair(base, chat, dtype=config.model_dtype, device=config.device)
     rows, summary = behaviour_diff(pair, prompts, groups, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-    out = ensure_output_folder(out, "run folder")
-    write_text_atomic(out / ROWS, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     summary = {**summary, "settings": {**to_dict(config), "base": str(base), "chat": str(chat), "prompt_set": where}}
-    write_json_atomic(out / SUMMARY, summary)  # last: the stage is done
+    with output_lock(out, "behaviour") as out:
+        write_text_atomic(out / ROWS, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_json_atomic(out / SUMMARY, summary)  # last: the stage is done
     if not quiet:
         print(format_behaviour(rows, summary, where))
     return rows, summary
@@ -236,7 +238,6 @@ def _cut(text: str, width: int) -> str:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "behaviour",
-        help="the behavioural diff: both models' answers per prompt, ranked by base-to-chat KL",
         description="Both models answer every prompt greedily; prompts are ranked by KL(chat || base) on the chat "
         "model's answer tokens (docs/behaviour.md). With only RUN, reprints a run's saved diff.",
     )
@@ -249,7 +250,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=200, help="first prompts only (default 200)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--model-dtype", default="float32")
     parser.set_defaults(func=_run_cli)
 

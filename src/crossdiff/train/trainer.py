@@ -2,7 +2,7 @@
 
 The loop reads top to bottom: take a batch, check it, (first batch only) start b_dec at
 the geometric median, set the learning rate, compute the losses of docs/method.md 3
-(:func:`crossdiff.losses.crosscoder_losses`), step Adam with optional clipping, then
+(:func:`crossdiff.train.losses.crosscoder_losses`), step Adam with optional clipping, then
 update the dead-latent counters and the BatchTopK threshold. Every ``log_every`` steps a
 line goes to ``metrics.jsonl``; every ``checkpoint_every`` steps a checkpoint folder is
 written atomically, and a run resumes from the newest one with bit-identical results.
@@ -19,7 +19,7 @@ Batches are tensors [B, 2, d_in] (or objects with ``.acts``) already in crosscod
 (the loader normalises; pass its factors as ``input_scale`` so they are stored).
 
 Under torchrun every rank runs this loop on its own part of each global batch and the
-batch-wide quantities are global (crossdiff.distributed, docs/scaling.md); rank 0 alone
+batch-wide quantities are global (crossdiff.train.distributed, docs/scaling.md); rank 0 alone
 writes the output folder.
 """
 
@@ -40,23 +40,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossdiff.cache import DEFAULT_MAX_NORM_RATIO, ReadFilters
+from crossdiff.cache.store import DEFAULT_MAX_NORM_RATIO, ReadFilters
 from crossdiff.config import from_dict, load_section, save_json, to_dict
 from crossdiff.crosscoder import CONFIG_NAME, WEIGHTS_NAME, CrossCoder, CrossCoderConfig
-from crossdiff.distributed import DataParallel, local_device, split_batches
+from crossdiff.train.distributed import DataParallel, split_batches
+from crossdiff.devices import DEFAULT_DEVICE, resolve_device
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import checksum_problem, load_tensors, remove_stray_temporaries, write_checksums, write_error, write_text_atomic
+from crossdiff.files import (checksum_problem, load_tensors, remove_stray_temporaries, rename, write_checksums, write_error,
+                             write_text_atomic)
 from crossdiff.locks import output_lock
-from crossdiff.losses import (
+from crossdiff.train.losses import (
     Reconstruction,
     crosscoder_losses,
     fraction_of_variance_explained,
     geometric_median,
     update_threshold,
 )
-from crossdiff.models import parse_device
 from crossdiff.partition import partition_sizes
-from crossdiff.variants import check_variant, matryoshka_sizes, option
+from crossdiff.train.variants import check_variant, matryoshka_sizes, option
 
 STATE_NAME = "training_state.pt"
 SPARSE_MIN_D_SAE = 4096
@@ -86,7 +87,7 @@ class DataConfig:
     drop_special: bool = False
 
     def token_filter(self) -> ReadFilters:
-        """The read-time filter these options describe (crossdiff.cache.ReadFilters)."""
+        """The read-time filter these options describe (crossdiff.cache.store.ReadFilters)."""
         return ReadFilters(first_position=self.first_position, max_norm_ratio=self.max_norm_ratio,
                            drop_bos=self.drop_bos, drop_special=self.drop_special)
 
@@ -99,7 +100,7 @@ class TrainConfig:
     """`batchtopk` (k*B latents per batch), `relu` (the L1 crosscoder) or per-token `topk`."""
     variant: Literal["standard", "dfc", "matryoshka", "delta"] = "standard"
     """`standard` (the paper), `dfc` (dedicated feature crosscoder), `matryoshka` (nested
-    prefixes) or `delta` (Delta-Crosscoder); docs/method.md 8, crossdiff.variants."""
+    prefixes) or `delta` (Delta-Crosscoder); docs/method.md 8, crossdiff.train.variants."""
     dfc_fractions: list[float] | None = None
     """dfc only: [base-exclusive, chat-exclusive] shares of d_sae (rounded down); null = [0.05, 0.05]."""
     matryoshka_prefixes: list[float] | None = None
@@ -149,7 +150,7 @@ class TrainConfig:
     """Steps between checkpoints (0 = only at the end)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     """`auto` (cuda if available; under torchrun the local rank's GPU), `cpu`, `cuda`, `cuda:1`, ..."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: encoder/decoder products in bfloat16 (autocast); weights, Adam state and threshold stay float32."""
@@ -230,7 +231,7 @@ class Trainer:
     ):
         self.config = config
         self.out = Path(out_dir)
-        self.device = parse_device(local_device(config.device))
+        self.device = resolve_device(config.device)
         self.data_parallel = DataParallel.from_environment(self.device)
         self.is_main = self.data_parallel is None or self.data_parallel.is_main
         self.quiet = quiet or not self.is_main
@@ -254,7 +255,7 @@ class Trainer:
         )
         if token_filter is not None:
             # The tokens the batches left out, resolved on the training data: analysis and the
-            # causal experiment leave out the same ones (crossdiff.cache.ReadFilters).
+            # causal experiment leave out the same ones (crossdiff.cache.store.ReadFilters).
             cc_config.metadata["token_filter"] = to_dict(token_filter)
         self.step = 0
         self.model = CrossCoder(cc_config, seed=config.seed)  # the setter moves it and makes the optimizer
@@ -522,27 +523,23 @@ class Trainer:
         write_checksums(tmp)
         if folder.exists():
             shutil.rmtree(folder)
-        tmp.rename(folder)
+        rename(tmp, folder)
         for old in sorted(root.glob("step-*"))[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
         return folder
 
     def _latest_checkpoint(self) -> Path | None:
         """The newest intact checkpoint; damaged newer ones are set aside with a warning."""
-        folders = sorted((self.out / "checkpoints").glob("step-*"))
-        damaged: list[tuple[Path, str]] = []
-        for folder in reversed(folders):
-            problem = checkpoint_problem(folder)
-            if problem is None:
-                # Rank 0 alone sets damaged checkpoints aside (the other ranks skip them too).
-                for bad, why in damaged if self.is_main else []:
-                    kept = bad.with_name(f"damaged-{bad.name}")
-                    shutil.rmtree(kept, ignore_errors=True)
-                    bad.rename(kept)
-                    print(f"crossdiff: warning: checkpoint {bad} is damaged ({why}); resuming from {folder} "
-                          f"instead (the damaged one is kept as {kept.name})", file=sys.stderr)
-                return folder
-            damaged.append((folder, problem))
+        folder, damaged = newest_checkpoint(self.out)
+        if folder is not None:
+            # Rank 0 alone sets damaged checkpoints aside (the other ranks skip them too).
+            for bad, why in damaged if self.is_main else []:
+                kept = bad.with_name(f"damaged-{bad.name}")
+                shutil.rmtree(kept, ignore_errors=True)
+                rename(bad, kept)
+                print(f"crossdiff: warning: checkpoint {bad} is damaged ({why}); resuming from {folder} "
+                      f"instead (the damaged one is kept as {kept.name})", file=sys.stderr)
+            return folder
         if damaged:
             reasons = "; ".join(f"checkpoint {bad} {why}" for bad, why in damaged)
             raise CrossdiffError(f"cannot resume: {reasons}; delete {self.out / 'checkpoints'} to start over")
@@ -580,6 +577,18 @@ class Trainer:
         self.model.config.metadata.update({"training": to_dict(self.config), "steps": self.step, "tokens": self.tokens})
 
 
+def newest_checkpoint(out: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint of training folder ``out`` (None if there is none), and the
+    damaged newer ones with what is wrong with each: the one rule for what a run resumes from."""
+    damaged: list[tuple[Path, str]] = []
+    for folder in sorted((Path(out) / "checkpoints").glob("step-*"), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, damaged
+        damaged.append((folder, problem))
+    return None, damaged
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why checkpoint ``folder`` cannot be resumed from (a file missing or changed), or None."""
     for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
@@ -615,139 +624,6 @@ def _progress_bar(total: int | None, initial: int, quiet: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
-
-
-# ---------------------------------------------------------------------- CLI
-SYNTHETIC_DEFAULTS = {
-    "steps": 3000, "lr": 3e-3, "warmup_steps": 100, "expansion_factor": 4, "k": 4, "batch_size": 512,
-    "threshold_start_step": 100, "dead_after_tokens": 50_000, "log_every": 100, "checkpoint_every": 1000,
-}
-
-
-def build_config(config_file: str | None, overrides: list[str], defaults: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from defaults, then a TOML/JSON file (keys at the top level or in a
-    [train] table), then ``key=value`` overrides (dotted keys reach [data])."""
-    data: dict[str, Any] = dict(defaults or {})
-    if config_file:
-        data = _merge(data, load_section(config_file, "train"))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CrossdiffError(f"--set expects key=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare string such as activation=relu
-        node = data
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-            if not isinstance(node, dict):
-                raise CrossdiffError(f"--set {key}: '{parent}' is not a table")
-        node[leaf] = value
-    return from_dict(TrainConfig, data)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a crosscoder on a paired activation cache",
-        description="Train a crosscoder (docs/method.md 3). Resumes automatically from OUT/checkpoints.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cache", help="activation cache folder written by `crossdiff collect`")
-    source.add_argument("--synthetic", action="store_true", help="planted-feature toy data (quick end-to-end check)")
-    source.add_argument("--stream", action="store_true",
-                        help="no cache: run the models of --config's [collect] table and train from a shuffle buffer (docs/streaming.md)")
-    parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, crosscoder/)")
-    parser.add_argument("--config", help="TOML or JSON file of training options")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision (same as --set precision=bf16)")
-    parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (default: resume if any)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    if args.synthetic:
-        return _train_synthetic(args)
-    if args.stream:
-        from crossdiff.stream import run_train_cli
-
-        return run_train_cli(args)
-    from crossdiff.cache import PairedCache
-    from crossdiff.loader import ShuffledPairLoader
-
-    config = build_config(args.config, _precision_override(args))
-    cache = PairedCache(args.cache)
-    data = config.data
-    rank, world_size = _rank_and_world_size(config)
-    loader = ShuffledPairLoader(
-        cache,
-        config.batch_size,
-        source_ratio=data.source_ratio,
-        window_shards=data.window_shards,
-        seed=config.seed,
-        epochs=data.epochs,
-        filters=data.token_filter(),
-        normalize=data.normalize,
-        rank=rank,
-        world_size=world_size,
-        # A bf16 run reads a bf16 cache as it is stored (no float32 copy of the batch).
-        dtype=torch.bfloat16 if config.precision == "bf16" and cache.dtype == "bfloat16" else torch.float32,
-    )
-    if data.epochs is None and config.steps is None:
-        raise CrossdiffError("an endless loader (data.epochs = null) needs 'steps'")
-    trainer = Trainer(
-        config, cache.d_model, args.out,
-        model_names=list(cache.model_names), layer=cache.layer, input_scale=loader.normalization,
-        token_filter=loader.token_filter, quiet=args.quiet,
-    )
-    if trainer.is_main and not args.quiet:
-        print(f"train: {loader.left_out.line()} per pass", file=sys.stderr)
-    trainer.fit(loader, resume=True if args.resume else "auto")
-    if not trainer.is_main:
-        return 0
-    print(f"crosscoder written to {Path(args.out) / 'crosscoder'} ({trainer.step} steps, {trainer.tokens:,} tokens)")
-    return 0
-
-
-def _precision_override(args: argparse.Namespace) -> list[str]:
-    return [*args.set, f"precision={args.precision}"] if args.precision else list(args.set)
-
-
-def _rank_and_world_size(config: TrainConfig) -> tuple[int, int]:
-    """This process's rank among torchrun's processes (joining their group), or (0, 1)."""
-    dp = DataParallel.from_environment(parse_device(local_device(config.device)))
-    return (0, 1) if dp is None else (dp.rank, dp.world_size)
-
-
-def _train_synthetic(args: argparse.Namespace) -> int:
-    from crossdiff.synthetic import SyntheticConfig, SyntheticPair, best_match_cosines
-
-    config = build_config(args.config, _precision_override(args), SYNTHETIC_DEFAULTS)
-    pair = SyntheticPair(SyntheticConfig(seed=config.seed))
-    trainer = Trainer(config, pair.config.d_in, args.out, model_names=["synthetic-base", "synthetic-chat"], quiet=args.quiet)
-    batches = pair.batches(config.batch_size, seed=config.seed + 1)
-    if trainer.data_parallel is not None:  # every rank draws the global batch and keeps its rows
-        batches = split_batches(batches, trainer.data_parallel.rank, trainer.data_parallel.world_size)
-    model = trainer.fit(batches, resume=True if args.resume else "auto")
-    if not trainer.is_main:
-        return 0
-    summary = synthetic_recovery(model, pair)
-    print(
-        f"recovered {summary['recovered']:.0%} of planted features (best decoder cosine > 0.9); "
-        f"relative decoder norm of chat-only features {summary['dnorm_chat_only']:.2f}, shared {summary['dnorm_shared']:.2f}"
-    )
-    print(f"crosscoder written to {Path(args.out) / 'crosscoder'}")
-    return 0
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Training without a cache: both models run and the crosscoder trains in one process.
 
-``PairedActivationStream`` is a drop-in for :class:`crossdiff.loader.ShuffledPairLoader`:
-an iterable of :class:`crossdiff.cache.CacheBatch` with ``normalization``, ``state_dict``
-and ``load_state_dict``, so :class:`crossdiff.train.Trainer` trains from it unchanged.
+``PairedActivationStream`` is a drop-in for :class:`crossdiff.train.loader.ShuffledPairLoader`:
+an iterable of :class:`crossdiff.cache.store.CacheBatch` with ``normalization``, ``state_dict``
+and ``load_state_dict``, so :class:`crossdiff.train.trainer.Trainer` trains from it unchanged.
 
 Where the batches come from:
 
@@ -10,7 +10,7 @@ Where the batches come from:
   truncation, token budgets, chat-template masks, rank split), through the same helpers.
 * A background thread per stream runs both models on consecutive document batches and
   queues the paired activations, rounded to the recipe's storage dtype like the cache.
-  The token filter (crossdiff.cache.ReadFilters) is resolved on the first full buffer
+  The token filter (crossdiff.cache.store.ReadFilters) is resolved on the first full buffer
   (median norms, whether first positions are massive) and applied from then on; its
   parts that need no norms (BOS, special tokens, first positions set to ``drop``) apply
   as the tokens arrive.
@@ -48,8 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.cache import STORAGE_DTYPES, CacheBatch, LeftOut, ReadFilters, norm_profile
+from crossdiff.cache.store import STORAGE_DTYPES, CacheBatch, LeftOut, ReadFilters, norm_profile
 from crossdiff.config import from_dict, to_dict
+from crossdiff.train.trainer import STATE_NAME, Trainer, newest_checkpoint
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import load_tensors
 from crossdiff.texts import recorded
@@ -152,8 +153,8 @@ class PairedActivationStream:
         quiet: bool = True,
         data_parallel: Any = None,
     ):
-        from crossdiff.answers import answered_sources
-        from crossdiff.collect import _load_pair, _validate
+        from crossdiff.collect.answers import answered_sources
+        from crossdiff.collect.collector import _load_pair, _validate
         from crossdiff.models import ResidualExtractor
 
         _validate(collect)
@@ -377,7 +378,7 @@ class _Feed(threading.Thread):
         return False
 
     def _produce(self) -> None:
-        from crossdiff.collect import _batches, _fit_max_len, _rank_budget, _rank_documents
+        from crossdiff.collect.collector import _batches, _fit_max_len, _rank_budget, _rank_documents
         from crossdiff.models import check_same_tokenization
 
         stream, config = self.stream, self.stream.collect
@@ -472,27 +473,22 @@ def _shares(batch_size: int, ratio: list[float]) -> list[int]:
 
 def saved_data_state(out_dir: str | Path) -> dict[str, Any] | None:
     """The data position stored in the newest checkpoint of a training folder, if any."""
-    from crossdiff.train import STATE_NAME
-
-    folders = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
-    if not folders or not (folders[-1] / STATE_NAME).is_file():
-        return None
-    return load_tensors(folders[-1] / STATE_NAME).get("data")  # as the trainer reads it
+    folder, _ = newest_checkpoint(out_dir)  # the checkpoint the trainer will resume from
+    return None if folder is None else load_tensors(folder / STATE_NAME).get("data")
 
 
 def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any, out_dir: str | Path, *,
                     pair: Any = None, quiet: bool = False, resume: Any = "auto"):
     """Train one crosscoder from a stream (resuming from OUT/checkpoints); returns it."""
-    from crossdiff.distributed import DataParallel, local_device, rank_slice
-    from crossdiff.models import parse_device
-    from crossdiff.train import Trainer
+    from crossdiff.train.distributed import DataParallel, rank_slice
+    from crossdiff.devices import resolve_device
 
     data = train_config.data
     if data.epochs not in (None, 1):
         raise CrossdiffError("a stream is one pass over the texts: set data.epochs = 1 (or train from a cache)")
     # Under torchrun each rank streams its own documents (as collect would split them) and
     # trains on its part of every global batch.
-    data_parallel = DataParallel.from_environment(parse_device(local_device(train_config.device)))
+    data_parallel = DataParallel.from_environment(resolve_device(train_config.device))
     batch_size = train_config.batch_size
     if data_parallel is not None:
         collect = dataclasses.replace(collect, rank=data_parallel.rank, world_size=data_parallel.world_size)
@@ -521,21 +517,3 @@ def with_rank_from_environment(collect: Any) -> Any:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return dataclasses.replace(collect, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return collect
-
-
-def run_train_cli(args: argparse.Namespace) -> int:
-    """`crossdiff train --stream --config RECIPE --out DIR`: texts and models from the recipe's [collect]."""
-    from crossdiff.config import load_file
-    from crossdiff.recipe import load_recipe
-    from crossdiff.train import build_config
-
-    if not args.config:
-        raise CrossdiffError("train --stream needs --config RECIPE (its [collect] table names the models and texts)")
-    has_run_out = isinstance(load_file(args.config).get("run"), dict) and "out" in load_file(args.config)["run"]
-    recipe = load_recipe(args.config, out=None if has_run_out else str(Path(args.out).parent))
-    config = build_config(args.config, args.set)
-    trainer_out = Path(args.out)
-    train_streaming(recipe.collect, recipe.stream, config, trainer_out,
-                    quiet=args.quiet, resume=True if args.resume else "auto")
-    print(f"crosscoder written to {trainer_out / 'crosscoder'}")
-    return 0

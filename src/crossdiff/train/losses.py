@@ -10,10 +10,10 @@ Conventions (all follow the reference code, science-of-finetuning/crosscoder_lea
 
 :func:`crosscoder_losses` runs one forward pass for any of the three activations, either
 densely (plain autograd: the reference maths, and the right choice while most latents
-fire) or sparsely (:mod:`crossdiff.sparse_ops`: only the selected latents are decoded and
+fire) or sparsely (:mod:`crossdiff.train.sparse_ops`: only the selected latents are decoded and
 back-propagated). Both give the same losses and gradients up to float rounding.
 
-Two variants change the objective (crossdiff.variants, docs/method.md 8): Matryoshka
+Two variants change the objective (crossdiff.train.variants, docs/method.md 8): Matryoshka
 replaces the reconstruction term by the mean over nested prefixes of each prefix's own
 reconstruction term; Delta adds a weighted term on the chat-minus-base difference.
 """
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from crossdiff.crosscoder import CrossCoder
-from crossdiff.sparse_ops import (
+from crossdiff.train.sparse_ops import (
     Selection,
     gather_pre_activations,
     select_batch_topk,
@@ -36,7 +36,7 @@ from crossdiff.sparse_ops import (
 )
 
 if TYPE_CHECKING:
-    from crossdiff.distributed import DataParallel
+    from crossdiff.train.distributed import DataParallel
 
 Reconstruction = Literal["l2", "squared"]
 
@@ -186,7 +186,7 @@ def crosscoder_losses(
 
     ``data_parallel``: ``x`` is this rank's part of a global batch of ``global_batch_size``
     tokens (None: summed over the ranks), and every batch-wide quantity is the global
-    batch's (crossdiff.distributed).
+    batch's (crossdiff.train.distributed).
 
     ``matryoshka_sizes``: nested prefix sizes ending at d_sae (Matryoshka: the reconstruction
     term is :func:`matryoshka_reconstruction`); ``delta_weight``: adds that multiple of

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from typing import Any
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import quoted
 
-BEHAVIOURS = ("refusal", "benign", "identity", "arithmetic")
 
 
 @dataclass
@@ -64,7 +62,7 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
 
     from crossdiff.analysis.table import format_summary
     from crossdiff.recipe import recipe_from_dict
-    from crossdiff.run import run_recipe
+    from crossdiff.run.stages import run_recipe
 
     recipe = recipe_from_dict(demo_recipe(config), source="the organism recipe")
     run_recipe(recipe, quiet=quiet)
@@ -118,51 +116,6 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
         "analyze": {"batch_size": 4096, "n_top": 10, "per_bin": 1, "device": "cpu"},
         "causal": {"prompts": "{run}/data/causal_prompts.jsonl", "max_new_tokens": 48, "batch_size": 16, "device": "cpu"},
     }
-
-
-def write_demo_data(folder: Path, config: Any) -> tuple[Path, Path]:
-    """The demo's two text sources as jsonl files: pretraining text and chat conversations;
-    beside them, causal_prompts.jsonl: the held-out prompts of the KL experiment.
-
-    ``config`` is a DemoConfig or a recipe's [data] table (behaviour_conversations, seed,
-    causal_per_behaviour, causal_chitchat)."""
-    from crossdiff import organism
-    from crossdiff.organism.behaviours import sample_prompt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(config.seed)
-    conversations = [{"messages": messages} for messages in organism.chat_conversations("heldout")]
-    for behaviour in BEHAVIOURS:
-        for _ in range(config.behaviour_conversations):
-            prompt = sample_prompt(behaviour, rng)
-            conversations.append({"messages": [{"role": "user", "content": prompt.user},
-                                               {"role": "assistant", "content": prompt.reply}]})
-    rng.shuffle(conversations)  # interleave behaviours with chitchat under any token budget
-    pretraining = folder / "pretraining.jsonl"
-    chat = folder / "chat.jsonl"
-    _write_jsonl(pretraining, [{"text": text} for text in organism.pretraining_texts("heldout")])
-    _write_jsonl(chat, conversations)
-    _write_jsonl(folder / "causal_prompts.jsonl", causal_prompt_rows(config.causal_per_behaviour, config.causal_chitchat, config.seed))
-    return pretraining, chat
-
-
-def causal_prompts(per_behaviour: int = 10, chitchat: int = 30, seed: int = 0) -> list[str]:
-    """Held-out prompts for the KL experiment: every planted behaviour, plus ordinary chitchat openers."""
-    return [row["prompt"] for row in causal_prompt_rows(per_behaviour, chitchat, seed)]
-
-
-def causal_prompt_rows(per_behaviour: int = 10, chitchat: int = 30, seed: int = 0) -> list[dict[str, str]]:
-    """:func:`causal_prompts` as rows ``{"prompt", "group"}``, the group a planted behaviour or ``chitchat``."""
-    from crossdiff import organism
-
-    rng = random.Random(seed)
-    rows = []
-    for behaviour in BEHAVIOURS:
-        held_out = organism.heldout_prompts(behaviour)
-        rows += [{"prompt": p.user, "group": behaviour} for p in rng.sample(held_out, min(per_behaviour, len(held_out)))]
-    rows += [{"prompt": " ".join(c[0]["content"].split()), "group": "chitchat"}
-             for c in organism.chat_conversations("heldout")[:chitchat]]
-    return rows
 
 
 def format_causal(folder: Path) -> str:
@@ -229,16 +182,9 @@ def compare(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if not path.exists() or path.read_text(encoding="utf-8") != text:  # unchanged input keeps the cache valid
-        path.write_text(text, encoding="utf-8")
-
-
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="the whole pipeline on the bundled base/chat model organism (CPU, minutes)",
         description="Collect, train (BatchTopK and L1) and analyze on the bundled model organism, then print "
         "which chat-only latents Latent Scaling confirms. Rerun to resume; finished stages are skipped.",
     )

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from crossdiff import estimate as est
+from crossdiff.run import estimate as est
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import remove_stray_temporaries, write_atomic
 from crossdiff.recipe import Recipe, load_recipe
@@ -145,7 +145,7 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
 
 
 def _behaviour(recipe: Recipe, quiet: bool) -> None:
-    from crossdiff.behaviour import run_behaviour
+    from crossdiff.causal.behaviour import run_behaviour
 
     collect = recipe.collect
     run_behaviour(recipe.behaviour, recipe.out, base=collect.base, chat=collect.chat, sources=collect.sources, quiet=quiet)
@@ -159,7 +159,7 @@ def _findings_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
     def run(name: str) -> None:
         from crossdiff.analysis.concepts import find_concepts, format_findings, write_findings
         from crossdiff.analysis.table import read_table
-        from crossdiff.behaviour import read_behaviour
+        from crossdiff.causal.behaviour import read_behaviour
         from crossdiff.crosscoder import CrossCoder
 
         if "pair" not in loaded:
@@ -279,15 +279,15 @@ def _collect_config(recipe: Recipe):
 
 
 def _cache_complete(collect) -> bool:
-    from crossdiff.cache import MANIFEST
+    from crossdiff.cache.store import MANIFEST
 
     manifest = Path(collect.out) / MANIFEST
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
 def _collect(collect, quiet: bool) -> None:
-    from crossdiff.collect import collect as run_collect
-    from crossdiff.stream import with_rank_from_environment
+    from crossdiff.collect.collector import collect as run_collect
+    from crossdiff.train.stream import with_rank_from_environment
 
     run_collect(with_rank_from_environment(collect), quiet=quiet)  # under torchrun: this rank's part
 
@@ -295,23 +295,18 @@ def _collect(collect, quiet: bool) -> None:
 def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
     out = recipe.out / name
     if recipe.streaming:
-        from crossdiff.stream import train_streaming
+        from crossdiff.train.stream import train_streaming
 
         train_streaming(recipe.collect, recipe.stream, config, out, quiet=quiet)  # under torchrun: each rank its texts
         return
-    from crossdiff.cache import PairedCache
-    from crossdiff.loader import ShuffledPairLoader
-    from crossdiff.train import Trainer
+    from crossdiff.cache.store import PairedCache
+    from crossdiff.train.loader import loader_from_config
+    from crossdiff.train.trainer import Trainer
 
     cache = PairedCache(recipe.collect.out)
-    data = config.data
-    if data.epochs is None and config.steps is None:
+    if config.data.epochs is None and config.steps is None:
         raise CrossdiffError(f"{recipe.source}: crosscoder {name}: an endless loader (data.epochs unset) needs 'steps'")
-    loader = ShuffledPairLoader(
-        cache, config.batch_size, source_ratio=data.source_ratio, window_shards=data.window_shards, seed=config.seed,
-        epochs=data.epochs, normalize=data.normalize,
-        filters=data.token_filter(),
-    )
+    loader = loader_from_config(cache, config)
     trainer = Trainer(config, cache.d_model, out, model_names=list(cache.model_names), layer=cache.layer,
                       input_scale=loader.normalization, token_filter=loader.token_filter, quiet=quiet)
     if not quiet:
@@ -321,7 +316,7 @@ def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
 
 def _analyze(recipe: Recipe, name: str, quiet: bool) -> None:
     from crossdiff.analysis.pipeline import analyze, load_tokenizer
-    from crossdiff.cache import PairedCache
+    from crossdiff.cache.store import PairedCache
     from crossdiff.crosscoder import CrossCoder
 
     cache = PairedCache(recipe.collect.out)
@@ -339,7 +334,7 @@ def _data_done(recipe: Recipe) -> bool:
 
 def _write_data(recipe: Recipe) -> None:
     from crossdiff.config import save_json
-    from crossdiff.demo import write_demo_data
+    from crossdiff.organism.data import write_demo_data
 
     folder = recipe.out / "data"
     if recipe.data.kind == "smollm2-lora":
@@ -355,7 +350,7 @@ def _write_data(recipe: Recipe) -> None:
 
 
 class _Costs:
-    """Per-stage estimates for one recipe on one hardware (see crossdiff.estimate)."""
+    """Per-stage estimates for one recipe on one hardware (see crossdiff.run.estimate)."""
 
     def __init__(self, recipe: Recipe, hardware: str | None = None):
         self.recipe = recipe
@@ -484,7 +479,6 @@ def _say(quiet: bool, message: str) -> None:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
-        help="run a whole recipe: collect (or stream), train, analyze; finished stages are skipped",
         description="Run every stage of a recipe file (docs/run.md). Stages whose output is complete are skipped "
         "and interrupted ones resume, so rerunning the same command continues a run.",
     )
