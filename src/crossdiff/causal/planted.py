@@ -58,7 +58,7 @@ class PlantedSteerConfig:
     search: int = 200
     """anticipation: how many of the most chat-leaning live latents are searched."""
     min_share: float = 0.5
-    """anticipation: a latent anticipates a behaviour when more than this share of its top examples do."""
+    """anticipation: a latent anticipates a behaviour when at least this share of its top examples do."""
     min_dnorm: float = 0.5
     """answer-start: only latents at least this chat-leaning are candidates (a shared latent steers both models alike)."""
     factors: list[float] = field(default_factory=lambda: [1.0, 2.0])
@@ -114,7 +114,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
         if config.pick == "anticipation":
             found = anticipating_latents(Path(analysis_dir), table, behaviour, search=config.search, min_share=config.min_share)
             score_name = "share"
-            why = f"anticipates it (in more than {config.min_share:g} of its top examples) among the {config.search} most chat-leaning"
+            why = f"anticipates it (in at least {config.min_share:g} of its top examples) among the {config.search} most chat-leaning"
         else:
             candidates = table[~table["dead"] & (table["dnorm"] >= config.min_dnorm) & (table["max_act"] > 0)]
             found = answer_start_contrast(crosscoder, pair, behaviour.contrast_prompts, truth.ordinary_prompts)
@@ -181,7 +181,7 @@ def ceiling_answers(pair: Any, layer: int, prompts: list[str], max_new_tokens: i
 
 def anticipating_latents(analysis_dir: Path, table: Any, behaviour: Behaviour, *, search: int, min_share: float) -> Any:
     """The latents that anticipate ``behaviour``, best first: among the ``search`` most
-    chat-leaning live latents, those for which more than ``min_share`` of the top examples
+    chat-leaning live latents, those for which at least ``min_share`` of the top examples
     are followed by the behaviour's words; a table of latent, share (of examples) and dnorm."""
     import pandas as pd
 
@@ -193,7 +193,7 @@ def anticipating_latents(analysis_dir: Path, table: Any, behaviour: Behaviour, *
     with ExampleStore(analysis_dir / "examples.sqlite") as store:
         for latent, dnorm in zip(live["latent"], live["dnorm"]):
             share = anticipation_share(store.examples(int(latent), "top"), behaviour)
-            if share > min_share:
+            if share >= min_share:
                 rows.append({"latent": int(latent), "share": share, "dnorm": float(dnorm)})
     found = pd.DataFrame(rows, columns=["latent", "share", "dnorm"])
     return found.sort_values(["share", "dnorm", "latent"], ascending=[False, False, True], kind="stable").reset_index(drop=True)
