@@ -23,7 +23,7 @@ import json
 import math
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,10 @@ import pandas as pd
 
 from crossdiff.analysis.table import EXPLANATIONS_FILE, join_explanations
 from crossdiff.autointerp import prompts
+from crossdiff.autointerp.config import ExplainConfig, SampleConfig  # noqa: F401 (re-exported)
 from crossdiff.autointerp.clients import ChatRequest, Client
 from crossdiff.autointerp.metrics import detection_scores, roc_auc
-from crossdiff.autointerp.samples import LatentSamples, SampleConfig, ScoreItem, latent_samples, top_tokens_explanation
+from crossdiff.autointerp.samples import LatentSamples, ScoreItem, latent_samples, top_tokens_explanation
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
@@ -65,21 +66,6 @@ COLUMNS: dict[str, str] = {
     "scorer_model": "model id of the detection scorer",
     "prompt_version": "version of the prompts",
 }
-
-
-@dataclass
-class ExplainConfig:
-    latents: list[int] | None = None
-    """Explain exactly these (default: confirmed chat-only, then most chat-leaning)."""
-    max_latents: int = 20
-    max_tokens: int = 300_000
-    """Budget: estimated prompt + completion tokens of all requests together."""
-    explain_max_tokens: int = 48
-    detection_batch: int = 0
-    """Excerpts per detection request (0: the whole held-out batch at once; 1 suits small models)."""
-    top_logprobs: int = 5
-    seed: int = 0
-    samples: SampleConfig = field(default_factory=SampleConfig)
 
 
 @dataclass
