@@ -37,7 +37,7 @@ from crossdiff.autointerp.clients import ChatRequest, Client
 from crossdiff.autointerp.metrics import detection_scores, roc_auc
 from crossdiff.autointerp.samples import LatentSamples, ScoreItem, latent_samples, top_tokens_explanation
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import remove_stray_temporaries, write_atomic
+from crossdiff.files import jsonable, remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
 
 SUMMARY_FILE = "autointerp.json"
@@ -153,7 +153,7 @@ def _explain(analysis_dir: Path, table_path: Path, examples_path: Path, client: 
     }
     files = {"explanations": analysis_dir / EXPLANATIONS_FILE, "summary": analysis_dir / SUMMARY_FILE}
     write_atomic(files["explanations"], lambda path: table.to_parquet(path, index=False))
-    write_atomic(files["summary"], lambda path: Path(path).write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
+    write_atomic(files["summary"], lambda path: Path(path).write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
     return ExplainResult(table, summary, files)
 
 
@@ -320,16 +320,3 @@ def _num(value: float | None) -> str:
 def _nanmean(values: pd.Series) -> float:
     values = values.astype(float).to_numpy()
     return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON without NaN (null instead), so any JSON reader can load the summary."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

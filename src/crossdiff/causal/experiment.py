@@ -39,7 +39,7 @@ from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_pat
 from crossdiff.causal.upper import SplitModel
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import remove_stray_temporaries, write_atomic
+from crossdiff.files import jsonable, remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
 
 SUBSETS = ("all", "first_k", "rest")
@@ -269,7 +269,7 @@ def write_outputs(out: Path, kl_table: pd.DataFrame, summary: dict[str, Any], ot
     files = {key: out / name for key, name in OUTPUT_FILES.items()}
     write_atomic(files["kl"], lambda tmp: kl_table.to_parquet(tmp, index=False))
     write_atomic(files["figure"], lambda tmp: plot_kl({**(others or {}), SPARSITY_NAMES.get(summary["activation"], summary["activation"]): kl_table}, tmp, k_first=summary["k_first"], format="png"))
-    write_atomic(files["summary"], lambda tmp: tmp.write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
+    write_atomic(files["summary"], lambda tmp: tmp.write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
     return files
 
 
@@ -361,18 +361,6 @@ def _pad_flags(rows: list[list[bool]], shape: torch.Size) -> torch.Tensor:
     for i, row in enumerate(rows):
         flags[i, :len(row)] = torch.as_tensor(row, dtype=torch.bool)
     return flags
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _say(quiet: bool, message: str) -> None:
