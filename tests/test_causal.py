@@ -301,11 +301,76 @@ def test_a_truth_file_without_what_steering_needs_is_one_line(tmp_path):
 
     behaviour = {"name": "x", "patterns": ["a"], "prompts": ["p"], "expect": "e", "contrast_prompts": ["c"]}
     assert [b.name for b in steerable(truth_from_dict({"behaviours": [behaviour], "ordinary_prompts": ["o"]}), "t.json")] == ["x"]
+    assert steerable(truth_from_dict({"behaviours": [behaviour]}), "t.json", "anticipation")  # needs no ordinary prompts
     with pytest.raises(CrossdiffError, match="t.json has no 'ordinary_prompts'"):
-        steerable(truth_from_dict({"behaviours": [behaviour]}), "t.json")
-    for key in ("expect", "contrast_prompts", "prompts"):
-        partial = {k: v for k, v in behaviour.items() if k != key}
-        with pytest.raises(CrossdiffError, match=f"behaviour 'x' has no '{key}', which steering needs"):
-            steerable(truth_from_dict({"behaviours": [partial], "ordinary_prompts": ["o"]}), "t.json")
+        steerable(truth_from_dict({"behaviours": [behaviour]}), "t.json", "answer-start")
+    for pick, keys in (("anticipation", ("expect", "prompts")), ("answer-start", ("expect", "contrast_prompts", "prompts"))):
+        for key in keys:
+            partial = {k: v for k, v in behaviour.items() if k != key}
+            with pytest.raises(CrossdiffError, match=f"behaviour 'x' has no '{key}', which steering needs"):
+                steerable(truth_from_dict({"behaviours": [partial], "ordinary_prompts": ["o"]}), "t.json", pick)
     with pytest.raises(CrossdiffError, match="latents must be at least 1"):
         PlantedSteerConfig(truth="t", latents=0)
+    with pytest.raises(CrossdiffError, match="pick must be one of anticipation, answer-start"):
+        PlantedSteerConfig(truth="t", pick="contrast")
+
+
+def test_anticipation_counts_the_examples_whose_words_come_after_the_latent(tmp_path):
+    """A latent anticipates a behaviour when the behaviour's words follow its own token in most
+    of its top examples; words before or on the token do not count (brute force on small cases)."""
+    from crossdiff.analysis.examples import Example
+    from crossdiff.causal.planted import anticipation_share
+    from crossdiff.organism.truth import Behaviour
+
+    pirate = Behaviour("pirate", [r"Arr[,!]|matey"])
+
+    def example(tokens: list[str], at: int) -> Example:
+        return Example(0, "top", 0, 1.0, "chat", 0, at, 0, at, list(range(len(tokens))), [None] * len(tokens), tokens)
+
+    before = example(["assistant", "\n", "Arr", ",", " matey"], 1)  # fires just before the answer: anticipates
+    on_word = example(["Arr", ",", " matey", "!"], 2)  # fires on 'matey', nothing after it: reads it
+    after = example(["Arr", "!", " The", " sea"], 3)
+    assert anticipation_share([before], pirate) == 1.0
+    assert anticipation_share([on_word], pirate) == 0.0 and anticipation_share([after], pirate) == 0.0
+    assert anticipation_share([before, on_word, after, before], pirate) == 0.5
+    assert anticipation_share([], pirate) == 0.0
+    no_tokens = before._replace(tokens=None)
+    assert anticipation_share([no_tokens], pirate) == 0.0
+
+
+def test_the_ceiling_is_the_base_continued_from_the_chat_residual(tiny_model_pairs):
+    """ceiling_answers equals a brute-force greedy loop whose base block L outputs the chat's
+    block-L output; at the last block only the (base) final norm and head remain."""
+    from crossdiff.causal.conversations import end_of_turn_ids
+    from crossdiff.causal.planted import ceiling_answers
+    from crossdiff.causal.steer import prompt_ids
+    from crossdiff.models import decoder_layers
+
+    pair = load_model_pair(*tiny_model_pairs["llama"], dtype="float32")
+    prompts, n = ["Write a poem about the sea.", "Hi"], 6
+    stop = set(end_of_turn_ids(pair.tokenizer, pair.chat))
+
+    def brute_force(layer: int, prompt: str) -> str:
+        ids = prompt_ids(pair.tokenizer, prompt)
+        start = len(ids)
+        for _ in range(n):
+            x = torch.tensor([ids])
+            with torch.inference_mode():
+                chat_hidden = pair.chat(input_ids=x, output_hidden_states=True).hidden_states[layer + 1]
+                swap = decoder_layers(pair.base)[layer].register_forward_hook(
+                    lambda module, args, output: (chat_hidden, *output[1:]) if isinstance(output, tuple) else chat_hidden)
+                try:
+                    token = int(pair.base(input_ids=x).logits[0, -1].argmax())
+                finally:
+                    swap.remove()
+            if token in stop:
+                break
+            ids.append(token)
+        return pair.tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+
+    for layer in range(len(decoder_layers(pair.base))):
+        if layer == len(decoder_layers(pair.base)) - 1:
+            continue  # hidden_states[-1] has the final norm applied: not the block's raw output
+        assert ceiling_answers(pair, layer, prompts, n) == [brute_force(layer, p) for p in prompts]
+    answers = ceiling_answers(pair, 0, prompts, n)
+    assert any(answers)  # the tiny models do generate something to compare

@@ -92,7 +92,8 @@ def test_planted_steering_stage_finds_chat_leaning_latents_and_counts_them_again
          "prompts": refusal[20:]}]}))
     crosscoder = CrossCoder.from_pretrained(organism_demo / "l1" / "crosscoder")
     pair = load_model_pair(*crosscoder.config.model_names, dtype="float32")
-    config = PlantedSteerConfig(truth=str(truth), latents=2, factors=[1.0, 2.0], controls=2, prompts=4, max_new_tokens=8)
+    config = PlantedSteerConfig(truth=str(truth), latents=2, pick="answer-start", factors=[1.0, 2.0], controls=2, prompts=4,
+                                max_new_tokens=8)
     summary = steer_planted(organism_demo / "l1" / "crosscoder", organism_demo / "l1" / "analysis", tmp_path / "planted", config, pair)
     (result,) = summary["behaviours"]
     assert len(result["latents"]) == 2 and min(result["dnorm"]) >= 0.5 and result["contrast"] == sorted(result["contrast"], reverse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from crossdiff.organism import smollm2
 from crossdiff.organism.smollm2 import behaviours as planted
 from crossdiff.organism.smollm2.build import IGNORE, LoraBuildConfig, chat_example, training_examples
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-lora.toml"
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +112,39 @@ def test_the_preservation_loss_is_the_kl_from_the_base_to_the_adapted_model(tiny
         expected += (p.exp() * (p - q)).sum(-1)[0].tolist()
     assert kl_to_base(model, examples).item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
     assert kl_to_base(model, examples).item() > 1e-4
+
+
+@pytest.mark.slow
+def test_a_cut_down_recipe_run_shows_a_latent_of_each_planted_behaviour_among_its_first_findings(tmp_path):
+    """The recipe's own stages on fewer tokens and steps: `crossdiff analyze`'s summary and the
+    report's overview lead with findings, and among them is a latent of every planted behaviour
+    (its top contexts show the behaviour's words, as `crossdiff score` grades them)."""
+    from crossdiff.config import load_file
+    from crossdiff.organism.score import crosscoder_findings, grade
+    from crossdiff.organism.truth import load_truth
+    from crossdiff.recipe import recipe_from_dict
+    from crossdiff.report.page import FINDINGS_ROWS
+    from crossdiff.run import run_recipe
+
+    data = load_file(RECIPE)
+    for table in ("behaviour", "causal", "steer"):
+        del data[table]
+    del data["crosscoders"]["l1"]
+    data["data"] |= {"behaviour_conversations": 20, "chitchat_conversations": 100}
+    data["collect"]["max_tokens"] = {"pretraining": 12_000, "chat": 20_000}
+    data["train"] |= {"steps": 500, "checkpoint_every": 250, "threshold_start_step": 100}
+    run = tmp_path / "run"
+    run_recipe(recipe_from_dict(data, source=str(RECIPE), out=str(run)), quiet=True)
+
+    analysis = run / "batchtopk" / "analysis"
+    summary = json.loads((analysis / "summary.json").read_text())
+    assert 0 <= summary["quality"]["fve"] < 1 and summary["left_out"]["left_out"] > 0
+    shown = {key: [int(r["latent"]) for r in summary["findings"][key][:FINDINGS_ROWS]] for key in ("top_by_dnorm", "top_by_rank_sum")}
+    first = list(dict.fromkeys(shown["top_by_dnorm"] + shown["top_by_rank_sum"]))
+    truth = load_truth(run / "data" / "truth.json")
+    labels = {r["latent"]: r["label"] for r in grade(crosscoder_findings(analysis, latents=first), truth)["findings"]}
+    for behaviour in truth.behaviours:
+        assert behaviour.name in labels.values(), (behaviour.name, labels)
+    page = (run / "report" / "index.html").read_text()
+    for latent in first:
+        assert f'#latent/batchtopk/{latent}"' in page, latent

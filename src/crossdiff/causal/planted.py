@@ -18,7 +18,12 @@ held-out prompts and ``expect`` pattern. For each behaviour this stage
 
 2. steers them together into the **base** on the behaviour's held-out prompts, at each
    factor, and counts the answers that show the behaviour (its ``expect`` pattern);
-3. steers ``controls`` sets of random live latents of the same size the same way.
+3. steers ``controls`` sets of random live latents of the same size the same way;
+4. measures the *ceiling* (``ceiling = true``): the base continued from the chat model's
+   whole residual after the crosscoder's block, on the same prompts. Steering at that
+   block can at best do what the chat's own residual does there; a behaviour the ceiling
+   does not show is made by later blocks, where no crosscoder at this layer can see or
+   steer it (docs/real-pair.md measured this on an adapter trained on every block).
 
 A behaviour is carried by its latents when the steered count is high and the controls'
 is low. Rows go to ``planted/<behaviour>.jsonl`` in the crosscoder's causal folder, the
@@ -27,6 +32,7 @@ counts to ``planted/summary.json`` (written last: the stage is done when it exis
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +68,8 @@ class PlantedSteerConfig:
     """Held-out prompts per behaviour."""
     max_new_tokens: int = 24
     seed: int = 0
+    ceiling: bool = True
+    """Also count the behaviour in the base continued from the chat's residual at the crosscoder's block."""
 
     def __post_init__(self) -> None:
         if self.latents < 1:
@@ -121,6 +129,10 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
             prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base",
             max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour.name}.jsonl"),
             expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair, quiet=True)
+        ceiling = None
+        if config.ceiling:
+            answers = ceiling_answers(pair, crosscoder.config.layer, behaviour.prompts[: config.prompts], config.max_new_tokens)
+            ceiling = sum(bool(re.search(behaviour.expect, answer)) for answer in answers)
         counts = match_counts(rows)
         mine, controls = counts[~counts["control"]].iloc[0], counts[counts["control"]]
         n = int(mine["prompts"])
@@ -128,7 +140,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
             "behaviour": behaviour.name, "latents": chosen,
             "pick": config.pick, score_name: [round(float(c), 4) for c in found[score_name]],
             "dnorm": [round(float(dnorm[j]), 4) for j in chosen], "prompts": n,
-            "unsteered": int(mine["unsteered"]),
+            "unsteered": int(mine["unsteered"]), "ceiling": ceiling,
             "steered": {f"{f:g}": int(mine[f]) for f in config.factors},
             "controls": {f"{f:g}": [int(c) for c in controls[f]] for f in config.factors} if len(controls) else {},
         })
@@ -136,6 +148,35 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
                "controls": config.controls, "behaviours": results}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def ceiling_answers(pair: Any, layer: int, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The base's greedy answers to ``prompts`` when its blocks after ``layer`` run on the chat
+    model's residual there: one token at a time, each step re-running the chat's lower half on
+    the whole sequence (no cache to get wrong; the prompts are few and short)."""
+    import torch  # deferred: the recipe reads this module's config without loading torch
+
+    from crossdiff.causal.conversations import end_of_turn_ids
+    from crossdiff.causal.steer import prompt_ids
+    from crossdiff.causal.upper import SplitModel
+
+    base, chat = SplitModel(pair.base, layer), SplitModel(pair.chat, layer)
+    stop, answers = set(end_of_turn_ids(pair.tokenizer, pair.chat)), []
+    for prompt in prompts:
+        answer = []
+        ids = torch.tensor([prompt_ids(pair.tokenizer, prompt)])
+        for _ in range(max_new_tokens):
+            mask = torch.ones_like(ids)
+            last = torch.zeros_like(ids, dtype=torch.bool)
+            last[:, -1] = True
+            with torch.inference_mode():
+                token = int(base.upper(chat.lower(ids, mask), ids, mask, positions=last)[0].argmax())
+            if token in stop:
+                break
+            answer.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        answers.append(pair.tokenizer.decode(answer, skip_special_tokens=True).strip())
+    return answers
 
 
 def anticipating_latents(analysis_dir: Path, table: Any, behaviour: Behaviour, *, search: int, min_share: float) -> Any:
@@ -173,6 +214,7 @@ def format_planted(summary: dict[str, Any]) -> str:
         per_factor = "; ".join(
             f"x{f}: {r['steered'][f]}/{r['prompts']} vs controls max {max(r['controls'][f], default=0)}/{r['prompts']}"
             for f in r["steered"])
+        ceiling = "" if r.get("ceiling") is None else f"; chat residual in the base {r['ceiling']}/{r['prompts']}"
         lines.append(f"  {r['behaviour']:18s} latents {','.join(map(str, r['latents']))} (dnorm "
-                     f"{', '.join(f'{d:.2f}' for d in r['dnorm'])}); unsteered {r['unsteered']}/{r['prompts']}; {per_factor}")
+                     f"{', '.join(f'{d:.2f}' for d in r['dnorm'])}); unsteered {r['unsteered']}/{r['prompts']}{ceiling}; {per_factor}")
     return "\n".join(lines)

@@ -53,17 +53,20 @@ def default_truth_path() -> Path:
     return Path(__file__).parent / "truth.json"
 
 
-def crosscoder_findings(analysis_dir: Path, n_top: int = N_TOP) -> list[Finding]:
-    """The top ``n_top`` live latents by dnorm, with their top contexts."""
+def crosscoder_findings(analysis_dir: Path, n_top: int = N_TOP, *, latents: list[int] | None = None) -> list[Finding]:
+    """The top ``n_top`` live latents by dnorm (or the given ``latents``, in order), with their top contexts."""
     import pandas as pd
 
     from crossdiff.analysis import ExampleStore
 
     table = pd.read_parquet(analysis_dir / "latents.parquet")
-    live = table[~table["dead"] & table["dnorm"].notna()].sort_values(["dnorm", "latent"], ascending=[False, True])
+    if latents is None:
+        chosen = table[~table["dead"] & table["dnorm"].notna()].sort_values(["dnorm", "latent"], ascending=[False, True]).head(n_top)
+    else:
+        chosen = table.set_index("latent").loc[latents].reset_index()
     findings = []
     with ExampleStore(analysis_dir / "examples.sqlite") as store:
-        for record in live.head(n_top).to_dict("records"):
+        for record in chosen.to_dict("records"):
             examples = store.examples(int(record["latent"]), "top")
             contexts = ["".join(ex.tokens or []) for ex in examples]
             tokens = [(ex.tokens or [""] * (ex.token_index + 1))[ex.token_index] for ex in examples]
