@@ -106,8 +106,7 @@ def test_nothing_outside_files_renames_or_replaces_files():
 
 
 # inspect only reads; run and demo chain the stages, each of which locks its own folder.
-# organism build/check do not lock yet (issue 20's closing note): listed so the gap stays visible.
-UNLOCKED = {"inspect", "run", "demo", "organism"}
+UNLOCKED = {"inspect", "run", "demo"}
 
 
 def test_every_command_that_writes_takes_the_output_lock():

@@ -22,20 +22,20 @@ from crossdiff.terminal import printable
 # every command without importing any stage (and with it torch); `crossdiff CMD ...`
 # imports the one module it needs. Order: as `crossdiff --help` lists them.
 COMMANDS = {
-    "behaviour": ("crossdiff.causal.behaviour", "the behavioural diff: both models' answers per prompt, ranked by base-to-chat KL"),
-    "collect": ("crossdiff.collect.collector", "run base and chat models on texts and cache paired activations"),
+    "behaviour": ("crossdiff.causal.cli", "the behavioural diff: both models' answers per prompt, ranked by base-to-chat KL"),
+    "collect": ("crossdiff.collect.cli", "run base and chat models on texts and cache paired activations"),
     "train": ("crossdiff.train.cli", "train a crosscoder on a paired activation cache"),
     "analyze": ("crossdiff.analysis.cli", "per-latent table, Latent Scaling, max-activating examples"),
     "explain": ("crossdiff.autointerp.cli", "LLM explanations and detection scores for latents (autointerp)"),
-    "inspect": ("crossdiff.analysis.inspect", "browse an analysis: list/sort/filter latents, show examples, search, rank by token"),
+    "inspect": ("crossdiff.analysis.cli", "browse an analysis: list/sort/filter latents, show examples, search, rank by token"),
     "report": ("crossdiff.report.cli", "a static HTML report of the analyses (opens from disk, no server)"),
     "plot": ("crossdiff.report.cli", "the paper's figures as PNG and SVG"),
     "organism": ("crossdiff.organism.cli", "the bundled base/chat model pair with planted chat behaviours"),
     "causal": ("crossdiff.causal.cli", "KL patching: how much of the base-to-chat gap do chosen latents close?"),
-    "steer": ("crossdiff.causal.steer", "generate with latent directions added to the base or chat residual stream"),
+    "steer": ("crossdiff.causal.cli", "generate with latent directions added to the base or chat residual stream"),
     "demo": ("crossdiff.run.demo", "the whole pipeline on the bundled base/chat model organism (CPU, minutes)"),
     "run": ("crossdiff.run.stages", "run a whole recipe: collect (or stream), train, analyze; finished stages are skipped"),
-    "adl": ("crossdiff.analysis.adl", "activation-difference baseline: mean chat-minus-base residual on the first tokens of text"),
+    "adl": ("crossdiff.analysis.cli", "activation-difference baseline: mean chat-minus-base residual on the first tokens of text"),
     "score": ("crossdiff.organism.score", "grade a run's findings against planted truth"),
 }
 

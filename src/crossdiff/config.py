@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
@@ -151,23 +151,33 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str],
+                    parse: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
     """``data`` with ``key=value`` overrides applied (``--set``); dotted keys reach nested tables.
-    Values parse as JSON where they can (numbers, booleans, lists, null), else stay strings."""
+    ``parse(key, raw)`` reads a value (crossdiff.cli_config reads it by the field's type); by
+    default values parse as JSON where they can (numbers, booleans, lists, null), else stay strings."""
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise CrossdiffError(f"--set expects key=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare string such as activation=relu
-        node = data
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-            if not isinstance(node, dict):
-                raise CrossdiffError(f"--set {key}: '{parent}' is not a table")
-        node[leaf] = value
+        set_path(data, key, parse(key, raw) if parse else _json_or_text(raw))
     return data
+
+
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` of ``data`` (in place), making the nested tables it names."""
+    node = data
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        node = node.setdefault(parent, {})
+        if not isinstance(node, dict):
+            raise CrossdiffError(f"--set {key}: '{parent}' is not a table")
+    node[leaf] = value
+
+
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw  # a bare string such as activation=relu

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -70,6 +71,20 @@ def rename(source: Path, target: Path) -> None:
     write that must appear whole goes through here."""
     os.replace(source, target)
     fsync_dir(Path(target).parent)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data, the one encoding of crossdiff's JSON files: NaN becomes null
+    (any JSON reader loads it), numpy scalars plain numbers, tuples lists, keys strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy scalar (no numpy import here)
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from crossdiff.errors import CrossdiffError, first_line
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -348,6 +346,8 @@ def _content_spans(tokenizer: Any, rendered: str, messages: list[dict[str, str]]
 
 def _template_mask(n_chars: int, spans: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> list[bool]:
     """A token is content if any of its characters lie in a message's content; otherwise template."""
+    import numpy as np  # deferred: configs import this module (TextSourceConfig), and `collect --help` stays fast
+
     in_content = np.zeros(n_chars + 1, dtype=np.int64)
     for start, end in spans:
         in_content[start + 1 : end + 1] = 1

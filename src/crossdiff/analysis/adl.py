@@ -23,63 +23,19 @@ format, ``latent`` naming the position, ``pos 2``, or the control, ``random 0``)
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
+from crossdiff.analysis.config import ADLConfig  # noqa: F401 (re-exported)
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_atomic, write_text_atomic
 from crossdiff.locks import output_lock
 from crossdiff.terminal import printable
 
-DEFAULT_FACTORS = (0.5, 1.0, 2.0)
 FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm")
-
-
-@dataclass
-class ADLConfig:
-    base: str
-    chat: str
-    layer: int
-    texts: str
-    """Unrelated documents: a .txt file (one per line) or a jsonl/parquet file or dataset with a `text` column."""
-    out: str
-    positions: int = 5
-    """k: the first k token positions (BOS included when the tokenizer adds one)."""
-    max_docs: int = 1000
-    top_tokens: int = 10
-    prompts: list[str] = field(default_factory=list)
-    prompts_file: str | None = None
-    steer_positions: list[int] | None = None
-    """Positions whose differences are steered with; None = all but position 0."""
-    factors: list[float] = field(default_factory=lambda: list(DEFAULT_FACTORS))
-    models: list[str] = field(default_factory=lambda: ["base", "chat"])
-    expect: str | None = None
-    controls: int = 0
-    seed: int = 0
-    max_new_tokens: int = 32
-    device: str = DEFAULT_DEVICE
-    model_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.positions < 1 or self.max_docs < 1 or self.top_tokens < 1 or self.max_new_tokens < 1 or self.controls < 0:
-            raise CrossdiffError("--positions, --docs, --top and --max-new-tokens must be at least 1, --controls at least 0")
-        if any(m not in ("base", "chat") for m in self.models):
-            raise CrossdiffError(f"--model must be base or chat, got {self.models}")
-        if self.steer_positions is not None and any(not 0 <= p < self.positions for p in self.steer_positions):
-            raise CrossdiffError(f"--steer-position must be in 0..{self.positions - 1}, got {self.steer_positions}")
-        if self.expect is not None:
-            import re
-
-            try:
-                re.compile(self.expect)
-            except re.error as error:
-                raise CrossdiffError(f"--expect {self.expect!r} is not a regular expression: {error}") from None
 
 
 @torch.inference_mode()
@@ -185,52 +141,3 @@ def run_adl(config: ADLConfig, *, pair: Any = None, quiet: bool = False) -> dict
     if not quiet and pattern is not None:
         print(format_match_counts(rows, config.expect))
     return summary
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "adl", description="Mean chat-minus-base residual difference at each of the first k positions of unrelated text, read "
-                    "through both models' logit lens and used as a steering vector (docs/method.md 9).",
-    )
-    parser.add_argument("--base", help="base model (default: the crosscoder's)")
-    parser.add_argument("--chat", help="chat model (default: the crosscoder's)")
-    parser.add_argument("--layer", type=int, help="block whose output residual is read (default: the crosscoder's)")
-    parser.add_argument("--crosscoder", help="take --base, --chat and --layer from this crosscoder")
-    parser.add_argument("--texts", required=True, help="unrelated documents: .txt (one per line) or jsonl/parquet with `text`")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--positions", type=int, default=5, help="k, the first positions (default 5)")
-    parser.add_argument("--docs", type=int, default=1000, help="documents read (default 1000)")
-    parser.add_argument("--top", type=int, default=10, help="logit-lens tokens per position (default 10)")
-    parser.add_argument("--prompt", action="append", default=[], help="a chat prompt to steer on (repeatable)")
-    parser.add_argument("--prompts", dest="prompts_file", help="file of prompts")
-    parser.add_argument("--steer-position", type=int, action="append", help="position whose difference steers (default: 1..k-1)")
-    parser.add_argument("--factor", type=float, action="append", help=f"steering factors (default {list(DEFAULT_FACTORS)})")
-    parser.add_argument("--model", action="append", choices=["base", "chat"], help="model(s) steered (default both)")
-    parser.add_argument("--expect", help="regular expression: count the answers that show the behaviour")
-    parser.add_argument("--controls", type=int, default=0, help="random directions of the same norm, steered the same way")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
-    parser.add_argument("--model-dtype", default="float32")
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    base, chat, layer = args.base, args.chat, args.layer
-    if args.crosscoder:
-        from crossdiff.crosscoder import CrossCoder
-
-        config = CrossCoder.from_pretrained(args.crosscoder).config
-        names = config.model_names or [None, None]
-        base, chat = base or names[0], chat or names[1]
-        layer = layer if layer is not None else config.layer
-    if base is None or chat is None or layer is None:
-        raise CrossdiffError("give --base, --chat and --layer, or a --crosscoder that records them")
-    run_adl(ADLConfig(
-        base=base, chat=chat, layer=layer, texts=args.texts, out=args.out, positions=args.positions, max_docs=args.docs,
-        top_tokens=args.top, prompts=args.prompt, prompts_file=args.prompts_file, steer_positions=args.steer_position,
-        factors=args.factor or list(DEFAULT_FACTORS), models=args.model or ["base", "chat"], expect=args.expect,
-        controls=args.controls, seed=args.seed, max_new_tokens=args.max_new_tokens, device=args.device,
-        model_dtype=args.model_dtype,
-    ))
-    return 0

@@ -215,34 +215,6 @@ def _fmt(value: Any) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "inspect",
-        description="Browse the output of crossdiff analyze. Without --latent/--search/--token it lists latents "
-        "(--where, --tag, --verdict, --range, --sort).",
-    )
-    p.add_argument("analysis", help="analysis folder (crossdiff analyze --out)")
-    p.add_argument("--where", help="pandas query on any column, e.g. \"tag == 'chat-only' and nu_error < 0.2\"")
-    p.add_argument("--tag", help="only latents with this tag")
-    p.add_argument("--verdict", help="only latents with this verdict, e.g. chat-specific")
-    p.add_argument("--range", action="append", default=[], metavar="COLUMN=LOW:HIGH",
-                   help="only latents with LOW <= COLUMN <= HIGH (either side may be empty); repeatable")
-    p.add_argument("--sort", default="dnorm", help="column to sort by (default dnorm)")
-    p.add_argument("--ascending", action="store_true", help="smallest first")
-    p.add_argument("--columns", help="comma-separated columns to show")
-    p.add_argument("-n", "--limit", type=int, default=20, help="rows (or examples) to show (default 20)")
-    p.add_argument("--latent", type=int, help="show this latent's examples")
-    p.add_argument("--kind", choices=["top", "quantile", "all"], default="top", help="examples to show with --latent")
-    p.add_argument("--search", help="examples whose text contains this string")
-    p.add_argument("--token", help="rank latents by their activation on tokens matching this string")
-    p.add_argument("--regex", action="store_true", help="--search/--token are regular expressions")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                   help="highlight active tokens with colours (auto: on a terminal) or [brackets]")
-    p.add_argument("--findings", action="store_true",
-                   help="reprint the findings screen (concepts, ranked latents) from findings.json beside the analysis")
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.findings:
         from crossdiff.analysis.concepts import format_findings, read_findings

@@ -7,28 +7,15 @@ norms. (The reference code stores ``1 - dnorm``.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from crossdiff.analysis.config import TagThresholds
 from crossdiff.crosscoder import CrossCoder, relative_norm
 
 TAGS = ("chat-only", "base-only", "shared", "other")
-
-
-@dataclass
-class TagThresholds:
-    """The paper's thresholds on dnorm (1 = chat-only)."""
-
-    chat_only: float = 0.9
-    """dnorm above this: chat-only."""
-    base_only: float = 0.1
-    """dnorm below this: base-only."""
-    shared_low: float = 0.4
-    shared_high: float = 0.6
-    """dnorm within [shared_low, shared_high]: shared."""
 
 
 class DecoderGeometry(NamedTuple):

@@ -18,9 +18,8 @@ import copy
 import dataclasses
 import shutil
 import sqlite3
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crossdiff.analysis.config import AnalysisConfig, ScalingThresholds, TagThresholds  # noqa: F401 (re-exported)
 from crossdiff.analysis.examples import (
     ContextCollector,
     ExampleRefs,
@@ -40,63 +40,20 @@ from crossdiff.analysis.examples import (
 )
 from crossdiff.analysis.findings import find
 from crossdiff.analysis.roles import RoleStats, RoleTagger
-from crossdiff.analysis.norms import TagThresholds, decoder_geometry, tag_latents
-from crossdiff.analysis.scaling import LatentScaling, ScalingThresholds, scaling_flags
+from crossdiff.analysis.norms import decoder_geometry, tag_latents
+from crossdiff.analysis.scaling import LatentScaling, scaling_flags
 from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
 from crossdiff.analysis.table import add_verdict_columns, build_table, summarize, write_table
-from crossdiff.analysis.twins import DEFAULT_TWIN_COSINE, best_twin, find_twins
+from crossdiff.analysis.twins import best_twin, find_twins
 from crossdiff.cache.store import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import quoted
 from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
 from crossdiff.locks import output_lock
-from crossdiff.devices import DEFAULT_DEVICE, resolve_device
+from crossdiff.devices import resolve_device
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class AnalysisConfig:
-    """Options of `crossdiff analyze` (a TOML/JSON file with these keys, flags override)."""
-
-    batch_size: int = 4096
-    max_tokens: int | None = None
-    """Analyse only the first tokens of the cache (None = all)."""
-    device: str = DEFAULT_DEVICE
-    """`cpu`, `cuda`, `cuda:1`, `mps` or `auto` (CUDA if present)."""
-    dtype: Literal["float32", "float64"] = "float32"
-    """Compute dtype of the crosscoder and activations; sums are always float64."""
-    tags: TagThresholds = field(default_factory=TagThresholds)
-    scaling: ScalingThresholds = field(default_factory=ScalingThresholds)
-    twin_cosine: float = DEFAULT_TWIN_COSINE
-    """Minimum decoder cosine between a chat-only latent and its base-only twin."""
-    examples: bool = True
-    n_top: int = 20
-    """Max-activating examples kept per latent."""
-    quantile_bins: int = 10
-    """Bins at fractions of each latent's max activation (0 disables quantile samples)."""
-    per_bin: int = 2
-    window_before: int = 32
-    window_after: int = 8
-    seed: int = 0
-    allow_mismatch: bool = False
-    """Analyse a cache collected at another layer or from other models than the crosscoder's."""
-    n_findings: int = 20
-    """Latents listed in each ranked list of the summary (top by dnorm, by rank-sum, chat-specific)."""
-    token_filter: bool = True
-    """Leave out the tokens the crosscoder's training left out (its recorded filter: massive
-    activations, ...; docs/cache.md); false analyses every token."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise CrossdiffError(f"batch_size must be positive, got {self.batch_size}")
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise CrossdiffError(f"max_tokens must be positive, got {self.max_tokens}")
-        if self.n_top <= 0 or self.quantile_bins < 0 or self.per_bin <= 0:
-            raise CrossdiffError("n_top and per_bin must be positive and quantile_bins non-negative")
-        if self.window_before < 0 or self.window_after < 0:
-            raise CrossdiffError("window_before and window_after must be non-negative")
 
 
 class Batch(NamedTuple):

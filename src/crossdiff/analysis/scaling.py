@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from crossdiff.analysis.config import ScalingThresholds
 
 BASE, CHAT = 0, 1
 DEFAULT_BLOCKS = 20
@@ -245,31 +246,6 @@ class LatentScaling:
             spread = (nu - nu.mean(0)).square().sum(0)
             errors.append(((k - 1) / k * spread).sqrt().cpu().numpy())  # NaN if any replicate is undefined
         return errors[0], errors[1]
-
-
-@dataclass
-class ScalingThresholds:
-    """The paper's decision rule (docs/method.md 5)."""
-
-    nu_error_max: float = 0.2
-    """Chat-specific needs nu_error below this; at or above it a chat-only latent is flagged as Complete Shrinkage."""
-    nu_recon_max: float = 0.5
-    """Chat-specific needs nu_recon below this; at or above it a chat-only latent is flagged as Latent Decoupling."""
-    min_tokens: int = 50
-    """Guard: a verdict needs at least this many tokens with f > 0 (fewer: "too few tokens")."""
-    ratio_margin: float = 0.25
-    """Guard: a ratio outside [-ratio_margin, 1 + ratio_margin] by more than z standard errors, or a
-    non-positive beta in the ratio's denominator, gets "out of range" instead of a verdict."""
-    z: float = 2.0
-    """Guard: a ratio whose interval nu +- z * se contains its threshold makes the verdict "uncertain"."""
-    n_blocks: int = 20
-    """Token blocks of the jackknife that gives every ratio its standard error (0: no uncertainty)."""
-
-    def __post_init__(self) -> None:
-        from crossdiff.errors import CrossdiffError
-
-        if self.min_tokens < 1 or self.ratio_margin < 0 or self.z < 0 or self.n_blocks in (1,) or self.n_blocks < 0:
-            raise CrossdiffError("scaling: min_tokens must be >= 1, ratio_margin and z >= 0, n_blocks 0 or >= 2")
 
 
 class ScalingFlags(NamedTuple):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crossdiff.files import jsonable
 from crossdiff.analysis.norms import TAGS, DecoderGeometry
 from crossdiff.analysis.scaling import LatentScalingResult, ScalingFlags, ScalingThresholds
 from crossdiff.analysis.verdicts import decided, rank_sum, verdicts
@@ -170,7 +171,7 @@ def summarize(table: pd.DataFrame, **extra: Any) -> dict[str, Any]:
         **extra,
         "columns": COLUMNS,
     }
-    return _jsonable(summary)  # what summary.json holds, NaN as null
+    return jsonable(summary)  # what summary.json holds, NaN as null
 
 
 def write_table(table: pd.DataFrame, summary: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
@@ -178,7 +179,7 @@ def write_table(table: pd.DataFrame, summary: dict[str, Any], folder: str | Path
     folder.mkdir(parents=True, exist_ok=True)
     table_path, summary_path = folder / "latents.parquet", folder / "summary.json"
     table.to_parquet(table_path, index=False)
-    summary_path.write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    summary_path.write_text(json.dumps(jsonable(summary), indent=2) + "\n")
     return table_path, summary_path
 
 
@@ -231,17 +232,3 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({co['shrinkage_and_decoupling']} both, {co['no_estimate']} without estimate); base-only twin found for {co['with_twin']}"
     )
     return "\n".join(lines)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
-    return value

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from crossdiff.analysis.config import DEFAULT_TWIN_COSINE
 from crossdiff.crosscoder import CrossCoder
 
-DEFAULT_TWIN_COSINE = 0.5
 TWIN_COLUMNS = ["chat_latent", "base_latent", "cosine"]
 
 

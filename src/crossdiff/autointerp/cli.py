@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crossdiff.autointerp.config import ExplainConfig
+from crossdiff.cli_config import add_config_flags, config_data
+from crossdiff.config import from_dict
 from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
 from crossdiff.errors import CrossdiffError
 
@@ -33,14 +36,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--offline", action="store_true", help="send nothing: replay the cached requests only")
     p.add_argument("--config", help="TOML/JSON file with ExplainConfig keys, e.g. [explain] samples.n_score_random "
                    "(flags override it)")
-    p.add_argument("--latents", help="comma-separated latent indices (default: confirmed chat-only, then most chat-leaning)")
-    p.add_argument("--max-latents", type=int, help="latents per analysis at most (default 20)")
-    p.add_argument("--max-tokens", type=int, help="token budget per analysis, prompts and answers (estimated; default 300000)")
-    p.add_argument("--n-explain", type=int, help="excerpts shown to the explainer (default 10)")
-    p.add_argument("--detection-batch", type=int,
-                   help="excerpts per detection request (default 0: all held-out excerpts at once; 1 suits small models)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--latents", type=_latent_ids,
+                   help="comma-separated latent indices (default: confirmed chat-only, then most chat-leaning)")
+    p.add_argument("--n-explain", type=int, dest="samples.n_explain", help="excerpts shown to the explainer (default 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, ExplainConfig)
     p.set_defaults(func=run)
 
 
@@ -83,21 +83,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace):
-    from crossdiff.autointerp.pipeline import ExplainConfig
-    from crossdiff.config import from_dict, load_section
+def _latent_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CrossdiffError(f"--latents must be comma-separated integers, got {text!r}") from None
 
-    data = load_section(args.config, "explain") if args.config else {}
-    for key in ("max_latents", "max_tokens", "detection_batch", "seed"):
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
-    if args.n_explain is not None:
-        data["samples"] = {**data.get("samples", {}), "n_explain": args.n_explain}
-    if args.latents:
-        try:
-            data["latents"] = [int(x) for x in args.latents.split(",") if x.strip()]
-        except ValueError:
-            raise CrossdiffError(f"--latents must be comma-separated integers, got {args.latents!r}") from None
+
+def _config(args: argparse.Namespace) -> ExplainConfig:
+    data = config_data(ExplainConfig, args, "explain")
     config = from_dict(ExplainConfig, data, source=args.config)
     if config.max_latents <= 0 or config.max_tokens <= 0:
         raise CrossdiffError(f"the budget must be positive (max latents {config.max_latents}, max tokens {config.max_tokens})")

@@ -23,7 +23,7 @@ import json
 import math
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,12 @@ import pandas as pd
 
 from crossdiff.analysis.table import EXPLANATIONS_FILE, join_explanations
 from crossdiff.autointerp import prompts
+from crossdiff.autointerp.config import ExplainConfig, SampleConfig  # noqa: F401 (re-exported)
 from crossdiff.autointerp.clients import ChatRequest, Client
 from crossdiff.autointerp.metrics import detection_scores, roc_auc
-from crossdiff.autointerp.samples import LatentSamples, SampleConfig, ScoreItem, latent_samples, top_tokens_explanation
+from crossdiff.autointerp.samples import LatentSamples, ScoreItem, latent_samples, top_tokens_explanation
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import remove_stray_temporaries, write_atomic
+from crossdiff.files import jsonable, remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
 
 SUMMARY_FILE = "autointerp.json"
@@ -65,21 +66,6 @@ COLUMNS: dict[str, str] = {
     "scorer_model": "model id of the detection scorer",
     "prompt_version": "version of the prompts",
 }
-
-
-@dataclass
-class ExplainConfig:
-    latents: list[int] | None = None
-    """Explain exactly these (default: confirmed chat-only, then most chat-leaning)."""
-    max_latents: int = 20
-    max_tokens: int = 300_000
-    """Budget: estimated prompt + completion tokens of all requests together."""
-    explain_max_tokens: int = 48
-    detection_batch: int = 0
-    """Excerpts per detection request (0: the whole held-out batch at once; 1 suits small models)."""
-    top_logprobs: int = 5
-    seed: int = 0
-    samples: SampleConfig = field(default_factory=SampleConfig)
 
 
 @dataclass
@@ -167,7 +153,7 @@ def _explain(analysis_dir: Path, table_path: Path, examples_path: Path, client: 
     }
     files = {"explanations": analysis_dir / EXPLANATIONS_FILE, "summary": analysis_dir / SUMMARY_FILE}
     write_atomic(files["explanations"], lambda path: table.to_parquet(path, index=False))
-    write_atomic(files["summary"], lambda path: Path(path).write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
+    write_atomic(files["summary"], lambda path: Path(path).write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
     return ExplainResult(table, summary, files)
 
 
@@ -334,16 +320,3 @@ def _num(value: float | None) -> str:
 def _nanmean(values: pd.Series) -> float:
     values = values.astype(float).to_numpy()
     return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON without NaN (null instead), so any JSON reader can load the summary."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from crossdiff.analysis.examples import Example, ExampleStore
+from crossdiff.autointerp.config import SampleConfig
 from crossdiff.analysis.stats import ACTIVE_THRESHOLD
 
 
@@ -50,20 +51,6 @@ class LatentSamples:
     """The tokens the latent fires on most among the explainer's examples, most frequent first."""
     explain_refs: list[tuple[str, int, int]]
     """(source, document, position) of each explainer excerpt's focus token."""
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    n_explain: int = 10
-    n_score_activating: int = 4
-    n_score_similar: int = 2
-    n_score_random: int = 2
-    before: int = 12
-    """Tokens shown before an excerpt's focus token."""
-    after: int = 4
-    n_top_tokens: int = 5
-    mark_fraction: float = 0.5
-    """Mark tokens at or above this fraction of the excerpt's largest activation."""
 
 
 def clean(token: str) -> str:

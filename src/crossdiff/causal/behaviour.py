@@ -18,17 +18,16 @@ Outputs, in the run folder (``crossdiff run``'s ``behaviour`` stage, or ``crossd
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
+from crossdiff.causal.config import BehaviourConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic, write_text_atomic
 from crossdiff.locks import output_lock
@@ -36,27 +35,6 @@ from crossdiff.terminal import printable
 
 ROWS, SUMMARY = "behaviour_diff.jsonl", "behaviour_diff.json"
 HISTOGRAM_BINS = 20
-
-
-@dataclass
-class BehaviourConfig:
-    """A recipe's ``[behaviour]`` table (flags of ``crossdiff behaviour``)."""
-
-    prompts: str | None = None
-    """Prompts (.txt one per line, or a jsonl/parquet/dataset column); default: the first user turns of the first chat source."""
-    column: str = "prompt"
-    group_column: str = "group"
-    """Column naming each prompt's group (optional: prompts without it have no group)."""
-    limit: int | None = 200
-    """Use only the first prompts."""
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    device: str = DEFAULT_DEVICE
-    model_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1 or (self.limit is not None and self.limit < 1):
-            raise CrossdiffError("behaviour: max_new_tokens, batch_size and limit must be at least 1")
 
 
 def load_prompt_set(config: BehaviourConfig, sources: Sequence[Any] = ()) -> tuple[list[str], list[str | None], str]:
@@ -233,39 +211,3 @@ def _cut(text: str, width: int) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "behaviour",
-        description="Both models answer every prompt greedily; prompts are ranked by KL(chat || base) on the chat "
-        "model's answer tokens (docs/behaviour.md). With only RUN, reprints a run's saved diff.",
-    )
-    parser.add_argument("out", metavar="RUN", help="run folder: behaviour_diff.jsonl/json are written (or read) there")
-    parser.add_argument("--base", help="base model (as for collect)")
-    parser.add_argument("--chat", help="chat model")
-    parser.add_argument("--prompts", help="prompts: .txt (one per line) or jsonl/parquet with a prompt column")
-    parser.add_argument("--column", default="prompt", help="prompt column (default prompt)")
-    parser.add_argument("--group-column", default="group", help="group column, if the prompts have one (default group)")
-    parser.add_argument("--limit", type=int, default=200, help="first prompts only (default 200)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
-    parser.add_argument("--model-dtype", default="float32")
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    if args.base is None and args.chat is None and args.prompts is None:
-        saved = read_behaviour(args.out)
-        if saved is None:
-            raise CrossdiffError(f"{args.out} has no {SUMMARY}; give --base, --chat and --prompts to compute one")
-        print(format_behaviour(*saved, saved[1].get("settings", {}).get("prompt_set", "")))
-        return 0
-    if args.base is None or args.chat is None or args.prompts is None:
-        raise CrossdiffError("behaviour needs --base, --chat and --prompts (or only RUN, to reprint a saved diff)")
-    config = BehaviourConfig(prompts=args.prompts, column=args.column, group_column=args.group_column, limit=args.limit,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
-                             model_dtype=args.model_dtype)
-    run_behaviour(config, Path(args.out), base=args.base, chat=args.chat)
-    return 0

@@ -1,63 +1,103 @@
-"""`crossdiff causal` (KL patching) and `crossdiff steer` (generation with latent directions)."""
+"""`crossdiff causal` (KL patching), `crossdiff steer` (generation with latent directions) and
+`crossdiff behaviour` (the behavioural diff). Flags come from CausalConfig, SteerConfig and
+BehaviourConfig (crossdiff.cli_config); the few declared here keep older spellings. The
+handlers import torch (the experiments) when they run, so that each --help stays fast."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
+from crossdiff.causal.config import BehaviourConfig, CausalConfig, SteerConfig
+from crossdiff.cli_config import add_config_flags, config_from_args
+from crossdiff.errors import CrossdiffError
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    _add_causal(subparsers)
+    _add_steer(subparsers)
+    _add_behaviour(subparsers)
+
+
+def _add_causal(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "causal",
         description="Patch the base residual with latents' chat-minus-base decoder contributions at the crosscoder's layer, "
-        "run the rest of the chat model, and report KL(p_chat || p_patched) on assistant tokens (docs/causal.md).",
+        "run the rest of the chat model, and report KL(p_chat || p_patched) on assistant tokens (docs/causal.md). "
+        "Give exactly one of --conversations and --prompts.",
     )
     parser.add_argument("crosscoder", help="crosscoder folder or hub id")
     parser.add_argument("analysis_dir", help="the crosscoder's `crossdiff analyze` folder")
-    source = parser.add_argument_group("conversations (exactly one)")
-    source.add_argument("--conversations", help="full conversations: .jsonl/.parquet file, folder, saved or hub dataset")
-    source.add_argument("--prompts", help="user prompts (.txt one per line, or jsonl/parquet) the chat model answers first")
-    source.add_argument("--column", default="messages", help="messages column of --conversations (default messages)")
-    source.add_argument("--split", default="train", help="dataset split (default train)")
-    source.add_argument("--prompt-column", default="prompt", help="prompt column of a jsonl/parquet --prompts (default prompt)")
-    source.add_argument("--max-new-tokens", type=int, default=64, help="answer length for --prompts (default 64)")
-    source.add_argument("--limit", type=int, help="use only the first N conversations / prompts")
-    parser.add_argument("--out", help="output folder (default: causal/ beside the analysis folder)")
-    parser.add_argument("--base", help="base model (default: the crosscoder's)")
-    parser.add_argument("--chat", help="chat model (default: the crosscoder's)")
-    parser.add_argument("--layer", type=int, help="patched block; must be the crosscoder's (default: the crosscoder's)")
-    parser.add_argument("--k-first", type=int, default=10, help="first assistant tokens per turn, template excluded (default 10)")
-    parser.add_argument("--pool-size", type=int, default=100,
-                        help="candidate pool when fewer latents are chat-only: the N most chat-leaning (default 100)")
-    parser.add_argument("--random-seeds", type=int, default=3, help="random halves of the pool, averaged (default 3)")
-    parser.add_argument("--latents", action="append", default=[], metavar="IDS_OR_QUERY",
+    parser.add_argument("--latents", action="append", metavar="IDS_OR_QUERY",
                         help="an extra latent set: ids '3,17,42' or a pandas query on latents.parquet, e.g. "
                         "\"tag == 'chat-only' and template_share > 0.5\" (repeatable)")
-    parser.add_argument("--compare", action="append", default=[], metavar="CAUSAL_DIR",
+    parser.add_argument("--compare", action="append", metavar="CAUSAL_DIR",
                         help="another crosscoder's causal folder, drawn beside this one in kl.png (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=8, help="conversations per batch (default 8)")
-    parser.add_argument("--tokens-per-pass", type=int, default=16384,
-                        help="conditions share an upper-half pass up to this many tokens (default 16384; lower it if memory runs out)")
-    parser.add_argument("--max-len", type=int, default=1024, help="tokens kept per conversation (default 1024)")
-    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
-    parser.add_argument("--model-dtype", default="float32", help="dtype the models run in (default float32)")
-    parser.add_argument("--save-every", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--save-every", type=float, dest="save_every_s", metavar="SECONDS",
                         help="save the scored batches (the resume point) at most this often (default 30; 0: after every batch)")
     parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(func=_run_causal)
+    add_config_flags(parser, CausalConfig)
+    parser.set_defaults(func=run_causal_cli)
 
 
-def _run_causal(args: argparse.Namespace) -> int:
-    from crossdiff.causal.experiment import CausalConfig, run_causal
+def run_causal_cli(args: argparse.Namespace) -> int:
+    from crossdiff.causal.experiment import run_causal  # torch: deferred so that --help stays fast
 
-    config = CausalConfig(
-        crosscoder=args.crosscoder, analysis_dir=args.analysis_dir, out=args.out, conversations=args.conversations,
-        column=args.column, split=args.split, prompts=args.prompts, prompt_column=args.prompt_column,
-        max_new_tokens=args.max_new_tokens, limit=args.limit, base=args.base, chat=args.chat, layer=args.layer,
-        k_first=args.k_first, pool_size=args.pool_size, random_seeds=args.random_seeds, latents=args.latents, compare=args.compare,
-        batch_size=args.batch_size, tokens_per_pass=args.tokens_per_pass, max_len=args.max_len, device=args.device, model_dtype=args.model_dtype,
-        save_every_s=args.save_every,
+    run_causal(config_from_args(CausalConfig, args, "causal"), quiet=args.quiet)
+    return 0
+
+
+def _add_steer(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "steer",
+        description="Add the latents' unit chat decoder directions x max activation x factor to a model's residual after "
+        "the crosscoder's block, generate greedy answers to chat prompts, and show them beside the unsteered answers.",
     )
-    run_causal(config, quiet=args.quiet)
+    parser.add_argument("crosscoder", help="crosscoder folder or hub id")
+    parser.add_argument("analysis_dir", help="the crosscoder's `crossdiff analyze` folder")
+    parser.add_argument("--latent", action="append", required=True, dest="latents", metavar="ID[,ID...]",
+                        help="latents steered together (repeat for several sets)")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="a user prompt (repeatable)")
+    parser.add_argument("--prompts", dest="prompts_file", help="file of prompts (.txt one per line, or jsonl column prompt)")
+    parser.add_argument("--factor", type=float, nargs="+", dest="factors", help="scales (default -0.5 0.5 1 1.5)")
+    parser.add_argument("--model", choices=["base", "chat"], help="steered model (default base)")
+    parser.add_argument("--positions", choices=["all", "prompt"], help="steer all positions or the prompt's only (default all)")
+    parser.add_argument("--quiet", action="store_true")
+    add_config_flags(parser, SteerConfig)
+    parser.set_defaults(func=run_steer_cli)
+
+
+def run_steer_cli(args: argparse.Namespace) -> int:
+    from crossdiff.causal.steer import run_steer  # torch: deferred so that --help stays fast
+
+    run_steer(config_from_args(SteerConfig, args, "steer"), quiet=args.quiet)
+    return 0
+
+
+def _add_behaviour(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "behaviour",
+        description="Both models answer every prompt greedily; prompts are ranked by KL(chat || base) on the chat "
+        "model's answer tokens (docs/behaviour.md). With only RUN, reprints a run's saved diff.",
+    )
+    parser.add_argument("out", metavar="RUN", help="run folder: behaviour_diff.jsonl/json are written (or read) there")
+    parser.add_argument("--base", help="base model (as for collect)")
+    parser.add_argument("--chat", help="chat model")
+    add_config_flags(parser, BehaviourConfig)
+    parser.set_defaults(func=run_behaviour_cli)
+
+
+def run_behaviour_cli(args: argparse.Namespace) -> int:
+    from crossdiff.causal.behaviour import SUMMARY, format_behaviour, read_behaviour, run_behaviour  # torch: as above
+
+    config = config_from_args(BehaviourConfig, args, "behaviour")
+    if args.base is None and args.chat is None and config.prompts is None:
+        saved = read_behaviour(args.out)
+        if saved is None:
+            raise CrossdiffError(f"{args.out} has no {SUMMARY}; give --base, --chat and --prompts to compute one")
+        print(format_behaviour(*saved, saved[1].get("settings", {}).get("prompt_set", "")))
+        return 0
+    if args.base is None or args.chat is None or config.prompts is None:
+        raise CrossdiffError("behaviour needs --base, --chat and --prompts (or only RUN, to reprint a saved diff)")
+    run_behaviour(config, Path(args.out), base=args.base, chat=args.chat)
     return 0

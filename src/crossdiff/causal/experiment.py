@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,70 +31,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from crossdiff.causal.config import CausalConfig
 from crossdiff.causal.conditions import Conditions, LatentSet, candidate_pool, paper_sets, user_set
 from crossdiff.causal.conversations import Conversation, answer_prompts, load_conversations, load_prompts, prediction_masks, tokenize_conversation
 from crossdiff.causal.kl import KLAccumulator, kl_per_token
 from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_path
 from crossdiff.causal.upper import SplitModel
 from crossdiff.crosscoder import CrossCoder
-from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import remove_stray_temporaries, write_atomic
+from crossdiff.files import jsonable, remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
 
 SUBSETS = ("all", "first_k", "rest")
 SPARSITY_NAMES = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
 OUTPUT_FILES = {"kl": "kl.parquet", "figure": "kl.png", "summary": "summary.json"}  # summary.json last: the mark of a finished run
 KL_COLUMNS = ["condition", "subset", "kl_mean", "ci_low", "ci_high", "n_tokens", "n_latents", "form", "closed"]
-
-
-@dataclass
-class CausalConfig:
-    """Options of `crossdiff causal` (flags of the same names)."""
-
-    crosscoder: str
-    analysis_dir: str
-    out: str | None = None
-    """Output folder; default: ``causal/`` beside the analysis folder (RUN/<name>/causal)."""
-    conversations: str | None = None
-    """Full conversations: jsonl/parquet file, folder, saved or hub dataset."""
-    column: str = "messages"
-    split: str = "train"
-    prompts: str | None = None
-    """User prompts (.txt one per line, or a jsonl/parquet column) the chat model answers first."""
-    prompt_column: str = "prompt"
-    max_new_tokens: int = 64
-    limit: int | None = None
-    """Use only the first conversations / prompts."""
-    base: str | None = None
-    """Base model; default: the one the crosscoder was trained on."""
-    chat: str | None = None
-    layer: int | None = None
-    """Block whose output is patched; must be the crosscoder's (default: the crosscoder's)."""
-    k_first: int = 10
-    pool_size: int = 100
-    random_seeds: int = 3
-    latents: list[str] = field(default_factory=list)
-    """Extra latent sets: ``"3,17,42"`` or a pandas query on the latent table."""
-    compare: list[str] = field(default_factory=list)
-    """Other causal folders (another crosscoder's results) drawn beside this one in kl.png."""
-    batch_size: int = 8
-    tokens_per_pass: int = 16384
-    """Upper passes stack several conditions up to this many (padded) tokens."""
-    max_len: int = 1024
-    device: str = DEFAULT_DEVICE
-    model_dtype: str = "float32"
-    save_every_s: float = 30.0
-    """Seconds between saves of the scored batches' sums (the resume point); 0 saves after every batch."""
-
-    def __post_init__(self) -> None:
-        if (self.conversations is None) == (self.prompts is None):
-            raise CrossdiffError("give exactly one of --conversations (full conversations) or --prompts (answered by the chat model)")
-        for name in ("k_first", "batch_size", "max_len", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise CrossdiffError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.random_seeds < 0 or (self.limit is not None and self.limit < 1):
-            raise CrossdiffError("random_seeds must be >= 0 and limit >= 1")
 
 
 class CausalResult(NamedTuple):
@@ -318,7 +269,7 @@ def write_outputs(out: Path, kl_table: pd.DataFrame, summary: dict[str, Any], ot
     files = {key: out / name for key, name in OUTPUT_FILES.items()}
     write_atomic(files["kl"], lambda tmp: kl_table.to_parquet(tmp, index=False))
     write_atomic(files["figure"], lambda tmp: plot_kl({**(others or {}), SPARSITY_NAMES.get(summary["activation"], summary["activation"]): kl_table}, tmp, k_first=summary["k_first"], format="png"))
-    write_atomic(files["summary"], lambda tmp: tmp.write_text(json.dumps(_jsonable(summary), indent=2) + "\n"))
+    write_atomic(files["summary"], lambda tmp: tmp.write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
     return files
 
 
@@ -410,18 +361,6 @@ def _pad_flags(rows: list[list[bool]], shape: torch.Size) -> torch.Tensor:
     for i, row in enumerate(rows):
         flags[i, :len(row)] = torch.as_tensor(row, dtype=torch.bool)
     return flags
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _say(quiet: bool, message: str) -> None:

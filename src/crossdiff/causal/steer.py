@@ -19,11 +19,9 @@ be compared.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import textwrap
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,62 +29,11 @@ import numpy as np
 import torch
 
 from crossdiff.causal.conditions import user_set
-from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
+from crossdiff.causal.config import DEFAULT_FACTORS, SteerConfig  # noqa: F401 (re-exported)
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
 from crossdiff.locks import output_lock
 from crossdiff.terminal import printable, quoted
-
-DEFAULT_FACTORS = (-0.5, 0.5, 1.0, 1.5)
-
-
-@dataclass
-class SteerConfig:
-    crosscoder: str
-    analysis_dir: str
-    latents: list[str]
-    """Latent sets, each ``"ID[,ID...]"`` steered together (or a pandas query on the latent table)."""
-    prompts: list[str] = field(default_factory=list)
-    prompts_file: str | None = None
-    factors: list[float] = field(default_factory=lambda: list(DEFAULT_FACTORS))
-    model: str = "base"
-    """Which model is steered and generates: base or chat."""
-    positions: str = "all"
-    """all (prompt and every generated token) or prompt (the prompt's positions only)."""
-    max_new_tokens: int = 32
-    out: str | None = None
-    """steering.jsonl path; default: causal/steering.jsonl beside the analysis folder."""
-    base: str | None = None
-    chat: str | None = None
-    layer: int | None = None
-    device: str = DEFAULT_DEVICE
-    model_dtype: str = "float32"
-    expect: str | None = None
-    """A regular expression: an answer that contains a match shows the behaviour (counted per set and factor)."""
-    controls: int = 0
-    """Sets of random live latents (as large as the largest chosen set) steered the same way, as a baseline for the counts."""
-    seed: int = 0
-    """Seed of the control latents' draw."""
-
-    def __post_init__(self) -> None:
-        if self.model not in ("base", "chat"):
-            raise CrossdiffError(f"--model must be base or chat, got {self.model!r}")
-        if self.positions not in ("all", "prompt"):
-            raise CrossdiffError(f"--positions must be all or prompt, got {self.positions!r}")
-        if not self.latents:
-            raise CrossdiffError("give at least one --latent")
-        if not self.factors:
-            raise CrossdiffError("give at least one --factor")
-        if self.max_new_tokens < 1:
-            raise CrossdiffError("--max-new-tokens must be at least 1")
-        if self.controls < 0:
-            raise CrossdiffError("--controls must be 0 or more")
-        if self.expect is not None:
-            try:
-                re.compile(self.expect)
-            except re.error as error:
-                raise CrossdiffError(f"--expect {self.expect!r} is not a regular expression: {error}") from None
-
 
 def steering_vector(crosscoder: Any, table: Any, latents: np.ndarray) -> torch.Tensor:
     """Sum of unit chat decoder directions x max activation, in the chat model's space [d]."""
@@ -287,44 +234,3 @@ def format_match_counts(rows: list[dict[str, Any]], expect: str | None) -> str:
         values = " ".join(f"{int(row[f]):>6d}" for f in factors)
         lines.append(f"  {textwrap.shorten(name, 24, placeholder='...'):24s} {int(row['unsteered']):>9d} {values}")
     return "\n".join(lines)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "steer",
-        description="Add the latents' unit chat decoder directions x max activation x factor to a model's residual after "
-        "the crosscoder's block, generate greedy answers to chat prompts, and show them beside the unsteered answers.",
-    )
-    parser.add_argument("crosscoder")
-    parser.add_argument("analysis_dir")
-    parser.add_argument("--latent", action="append", required=True, metavar="ID[,ID...]",
-                        help="latents steered together (repeat for several sets)")
-    parser.add_argument("--prompt", action="append", default=[], help="a user prompt (repeatable)")
-    parser.add_argument("--prompts", dest="prompts_file", help="file of prompts (.txt one per line, or jsonl column prompt)")
-    parser.add_argument("--factor", type=float, nargs="+", default=list(DEFAULT_FACTORS), help="scales (default -0.5 0.5 1 1.5)")
-    parser.add_argument("--model", default="base", choices=["base", "chat"], help="steered model (default base)")
-    parser.add_argument("--positions", default="all", choices=["all", "prompt"], help="steer all positions or the prompt's only")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--out", help="jsonl file (default: causal/steering.jsonl beside the analysis folder)")
-    parser.add_argument("--base")
-    parser.add_argument("--chat")
-    parser.add_argument("--layer", type=int)
-    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
-    parser.add_argument("--model-dtype", default="float32")
-    parser.add_argument("--expect", metavar="REGEX", help="count the answers that contain a match (the behaviour looked for)")
-    parser.add_argument("--controls", type=int, default=0, metavar="N",
-                        help="also steer N sets of random active latents the same way (each as large as the largest --latent set), "
-                        "as a baseline (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the control latents' draw")
-    parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(func=_run_steer_cli)
-
-
-def _run_steer_cli(args: argparse.Namespace) -> int:
-    config = SteerConfig(crosscoder=args.crosscoder, analysis_dir=args.analysis_dir, latents=args.latent, prompts=args.prompt,
-                         prompts_file=args.prompts_file, factors=args.factor, model=args.model, positions=args.positions,
-                         max_new_tokens=args.max_new_tokens, out=args.out, base=args.base, chat=args.chat, layer=args.layer,
-                         device=args.device, model_dtype=args.model_dtype, expect=args.expect, controls=args.controls,
-                         seed=args.seed)
-    run_steer(config, quiet=args.quiet)
-    return 0

@@ -14,7 +14,6 @@ index is congruent to their rank into ``OUT/rank-R``; the last rank to finish wr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -23,11 +22,10 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from crossdiff import model_sources
 from crossdiff.collect.answers import answered_sources
 from crossdiff.cache.store import (
     MANIFEST,
@@ -39,55 +37,11 @@ from crossdiff.cache.store import (
     merge_ranks,
     rank_folder,
 )
-from crossdiff.config import from_dict, load_section, to_dict
-from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP, local_device
+from crossdiff.collect.config import CollectConfig
+from crossdiff.devices import local_device
 from crossdiff.errors import CrossdiffError
 from crossdiff.locks import output_lock
-from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents, recorded
-
-
-@dataclass
-class CollectConfig:
-    """What to collect and where; a recipe's ``[collect]`` table."""
-
-    base: str  # base model spec: hub id, folder, .gguf file, smollm2, or BASE::ADAPTER (docs/models-and-texts.md)
-    chat: str  # chat model spec, as base (its tokenizer and chat template are used)
-    layer: int  # residual stream after this decoder block (0-based)
-    sources: list[TextSourceConfig]
-    out: str  # cache folder
-    max_len: int = 1024  # tokens per document (longer ones are truncated, never packed)
-    batch_size: int = 8  # documents per forward pass
-    max_tokens: int | dict[str, int] | None = None  # token budget per source (one number for all, or by name)
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # storage precision
-    model_dtype: str = "bfloat16"  # precision the models run in
-    device: str = DEFAULT_DEVICE
-    shard_tokens: int = 2**20  # tokens per shard (the last shard of each source is smaller)
-    rank: int = 0  # this process's part, 0 <= rank < world_size
-    world_size: int = 1
-    bos: Literal["auto", "always", "never"] = "auto"
-    """BOS at the start of documents (docs/models-and-texts.md): auto adds it to plain text when the
-    tokenizer has one (even if it does not add it itself), always also to chat, never adds none."""
-    holdout: float = 0.0
-    """Fraction of every source's documents set aside for a held-out cache (chosen by document
-    index, the same documents in every run); 0 keeps all."""
-    part: Literal["train", "heldout"] = "train"
-    """With ``holdout``: collect the documents kept for training, or the held-out ones."""
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that determine the cache's contents (checked when resuming)."""
-        data = to_dict(self)
-        data["sources"] = [recorded(source) for source in self.sources]
-        for volatile in ("out", "device", "rank"):
-            data.pop(volatile)
-        for key, default in (("bos", "auto"), ("holdout", 0.0), ("part", "train")):
-            if data[key] == default:  # defaults: caches from before these settings existed resume unchanged
-                data.pop(key)
-        # Which weights exactly, where a name alone does not say: a GGUF file's or an adapter's sha256.
-        # (A hub id or folder adds nothing, so caches of such pairs keep the settings they had.)
-        weights = [model_sources.identity(spec) for spec in (self.base, self.chat)]
-        if any(set(w) - {"spec", "model"} for w in weights):
-            data["model_identities"] = weights
-        return data
+from crossdiff.texts import TextSourceConfig, TokenizedDoc, iter_documents
 
 
 @dataclass
@@ -340,97 +294,3 @@ def _finish(config: CollectConfig, folder: Path, start: float, *, new_tokens: in
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "collect",
-        description=(
-            "Collect paired residual-stream activations into a sharded cache. Options come from a "
-            "recipe (--config, a TOML/JSON file with the CollectConfig keys, optionally in a [collect] "
-            "table) and/or flags; flags win. Rerunning the same command resumes an interrupted run."
-        ),
-    )
-    parser.add_argument("--config", help="recipe file (.toml or .json)")
-    parser.add_argument("--base", help="base model: hub id, folder, .gguf file, smollm2, or BASE::ADAPTER")
-    parser.add_argument("--chat", help="chat model: as --base, e.g. smollm2::path/to/adapter")
-    parser.add_argument("--layer", type=int, help="decoder block whose output is cached (0-based)")
-    parser.add_argument(
-        "--source", action="append", metavar="NAME:KIND:PATH[:COLUMN]",
-        help="a text source, e.g. fineweb:text:HuggingFaceFW/fineweb, lmsys:chat:chats.jsonl:conversation or "
-        "own:answers:prompts.txt (the chat model answers the prompts; docs/models-and-texts.md) "
-        "(repeatable; replaces the recipe's sources)",
-    )
-    parser.add_argument("--out", help="cache folder")
-    parser.add_argument("--max-len", type=int, help="tokens per document (default 1024)")
-    parser.add_argument("--batch-size", type=int, help="documents per forward pass (default 8)")
-    parser.add_argument("--max-tokens", type=int, help="token budget per source")
-    parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), help="storage precision (default bfloat16)")
-    parser.add_argument("--model-dtype", help="precision the models run in (default bfloat16)")
-    parser.add_argument("--device", help=DEVICE_HELP)
-    parser.add_argument("--shard-tokens", type=int, help="tokens per shard (default 1048576)")
-    parser.add_argument("--rank", type=int, help="this process's part (default: $RANK or 0)")
-    parser.add_argument("--world-size", type=int, help="number of parts (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--bos", choices=["auto", "always", "never"],
-                        help="BOS at document starts: auto (default; plain text gets the tokenizer's BOS even if it "
-                        "does not add it), always (chat too), never")
-    parser.add_argument("--holdout", type=float, metavar="FRACTION",
-                        help="set aside this fraction of every source's documents (same ones in every run)")
-    parser.add_argument("--heldout", action="store_true",
-                        help="with --holdout: collect the held-out documents instead of the training ones")
-    parser.add_argument("--verify", metavar="CACHE", help="only check an existing cache's checksums and exit")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    if args.verify:
-        cache = PairedCache(args.verify, verify=True, allow_incomplete=True)
-        state = "complete" if cache.manifest["complete"] else "incomplete"
-        if not args.quiet:
-            print(f"ok: {cache.n_tokens:,} tokens in {len(cache.shards)} shards verified ({state})")
-        return 0
-    collect(config_from_args(args), quiet=args.quiet)
-    return 0
-
-
-def config_from_args(args: argparse.Namespace) -> CollectConfig:
-    data: dict[str, Any] = {}
-    if args.config:
-        data = load_section(args.config, "collect")
-    flags = {
-        "base": args.base, "chat": args.chat, "layer": args.layer, "out": args.out, "max_len": args.max_len,
-        "batch_size": args.batch_size, "max_tokens": args.max_tokens, "dtype": args.dtype,
-        "model_dtype": args.model_dtype, "device": args.device, "shard_tokens": args.shard_tokens,
-        "rank": args.rank, "world_size": args.world_size, "bos": args.bos, "holdout": args.holdout,
-        "part": "heldout" if args.heldout else None,
-    }
-    data.update({k: v for k, v in flags.items() if v is not None})
-    if args.source:
-        data["sources"] = [_parse_source(spec) for spec in args.source]
-    for key, env in (("rank", "RANK"), ("world_size", "WORLD_SIZE")):
-        if key not in data and env in os.environ:
-            if not os.environ[env].isdigit():
-                raise CrossdiffError(f"environment variable {env}={os.environ[env]!r} is not a non-negative integer")
-            data[key] = int(os.environ[env])
-    missing = [k for k in ("base", "chat", "layer", "sources", "out") if k not in data]
-    if missing and set(data) - {f.name for f in dataclasses.fields(CollectConfig)}:
-        from_dict(CollectConfig, data)  # a typo explains the missing key better: report it first
-    if missing:
-        flag_names = ", ".join("--source" if k == "sources" else "--" + k.replace("_", "-") for k in missing)
-        raise CrossdiffError(f"collect needs {flag_names} (as flags or in --config)")
-    return from_dict(CollectConfig, data)
-
-
-def _parse_source(spec: str) -> dict[str, Any]:
-    parts = spec.split(":")
-    if len(parts) not in (3, 4) or not all(parts):
-        raise CrossdiffError(f"--source {spec!r}: expected NAME:KIND:PATH or NAME:KIND:PATH:COLUMN")
-    if parts[1] not in ("text", "chat", "answers"):
-        raise CrossdiffError(f"--source {spec!r}: KIND must be 'text', 'chat' or 'answers', got {parts[1]!r}")
-    source = {"name": parts[0], "kind": parts[1], "path": parts[2]}
-    if len(parts) == 4:
-        source["column"] = parts[3]
-    elif parts[1] != "text":
-        source["column"] = {"chat": "messages", "answers": "prompt"}[parts[1]]
-    return source

@@ -1,9 +1,13 @@
-"""`crossdiff organism build|check`. Heavy imports wait until a command runs."""
+"""`crossdiff organism build|check`. Heavy imports wait until a command runs. Both take the
+output lock (crossdiff.locks) of the folder they write: build its --out, check the folder of
+its --json (check without --json writes nothing)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from crossdiff.locks import output_lock
 
 
 def add_cli(subparsers) -> None:
@@ -51,20 +55,23 @@ def _build(args: argparse.Namespace) -> int:
         from crossdiff.organism.smollm2 import ADAPTER_DIR
         from crossdiff.organism.smollm2.build import build as build_lora
 
-        build_lora(args.out or ADAPTER_DIR.parent, quiet=args.quiet)
+        with output_lock(args.out or ADAPTER_DIR.parent, "organism build"):
+            build_lora(args.out or ADAPTER_DIR.parent, quiet=args.quiet)
         return 0
     from crossdiff.organism import WEIGHTS_DIR
     from crossdiff.organism.build import build
 
-    build(args.out or WEIGHTS_DIR, args.cache, quiet=args.quiet)
+    with output_lock(args.out or WEIGHTS_DIR, "organism build"):
+        build(args.out or WEIGHTS_DIR, args.cache, quiet=args.quiet)
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     if args.organism == "smollm2-lora":
-        from crossdiff.organism.smollm2.check import run_cli as run_lora_check
-
-        return run_lora_check(args)
-    from crossdiff.organism.check import run_cli
-
-    return run_cli(args)
+        from crossdiff.organism.smollm2.check import run_cli
+    else:
+        from crossdiff.organism.check import run_cli
+    if args.json is None:
+        return run_cli(args)
+    with output_lock(args.json.parent, "organism check"):
+        return run_cli(args)

@@ -8,15 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crossdiff.cache.store import PairedCache
+from crossdiff.cli_config import add_config_flags, config_data
 from crossdiff.config import apply_overrides, from_dict, load_file, load_section, merge
 from crossdiff.errors import CrossdiffError
 from crossdiff.recipe import load_recipe
-from crossdiff.synthetic import SyntheticConfig, SyntheticPair
-from crossdiff.train.distributed import split_batches
-from crossdiff.train.loader import loader_from_config
-from crossdiff.train.stream import train_streaming
-from crossdiff.train.trainer import TrainConfig, Trainer, synthetic_recovery
+from crossdiff.train.config import TrainConfig
+
+# The handlers import torch (through the trainer, the loader and the cache) when they run,
+# not at import: `crossdiff train --help` builds its flags from TrainConfig in well under a second.
 
 SYNTHETIC_DEFAULTS = {
     "steps": 3000, "lr": 3e-3, "warmup_steps": 100, "expansion_factor": 4, "k": 4, "batch_size": 512,
@@ -44,12 +43,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--stream", action="store_true",
                         help="no cache: run the models of --config's [collect] table and train from a shuffle buffer (docs/streaming.md)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, crosscoder/)")
-    parser.add_argument("--config", help="TOML or JSON file of training options")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision (same as --set precision=bf16)")
+    parser.add_argument("--config", help="TOML or JSON file of training options (keys at the top level or in a [train] table); "
+                        "with --stream, the recipe")
     parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (default: resume if any)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(parser, TrainConfig)
     parser.set_defaults(func=run_cli)
+
+
+def config_from_cli(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from defaults, --config (its [train] table), the field flags and --set."""
+    return from_dict(TrainConfig, config_data(TrainConfig, args, "train", defaults=defaults))
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -57,7 +61,11 @@ def run_cli(args: argparse.Namespace) -> int:
         return _train_synthetic(args)
     if args.stream:
         return _train_streamed(args)
-    config = build_config(args.config, _precision_override(args))
+    from crossdiff.cache.store import PairedCache  # torch: see the comment at the imports
+    from crossdiff.train.loader import loader_from_config
+    from crossdiff.train.trainer import Trainer
+
+    config = config_from_cli(args)
     cache = PairedCache(args.cache)
     loader = loader_from_config(cache, config)
     if config.data.epochs is None and config.steps is None:
@@ -76,12 +84,12 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _precision_override(args: argparse.Namespace) -> list[str]:
-    return [*args.set, f"precision={args.precision}"] if args.precision else list(args.set)
-
-
 def _train_synthetic(args: argparse.Namespace) -> int:
-    config = build_config(args.config, _precision_override(args), SYNTHETIC_DEFAULTS)
+    from crossdiff.synthetic import SyntheticConfig, SyntheticPair  # torch: see the comment at the imports
+    from crossdiff.train.distributed import split_batches
+    from crossdiff.train.trainer import Trainer, synthetic_recovery
+
+    config = config_from_cli(args, SYNTHETIC_DEFAULTS)
     pair = SyntheticPair(SyntheticConfig(seed=config.seed))
     trainer = Trainer(config, pair.config.d_in, args.out, model_names=["synthetic-base", "synthetic-chat"], quiet=args.quiet)
     batches = pair.batches(config.batch_size, seed=config.seed + 1)
@@ -101,11 +109,13 @@ def _train_synthetic(args: argparse.Namespace) -> int:
 
 def _train_streamed(args: argparse.Namespace) -> int:
     """`crossdiff train --stream --config RECIPE --out DIR`: texts and models from the recipe's [collect]."""
+    from crossdiff.train.stream import train_streaming  # torch: see the comment at the imports
+
     if not args.config:
         raise CrossdiffError("train --stream needs --config RECIPE (its [collect] table names the models and texts)")
     has_run_out = isinstance(load_file(args.config).get("run"), dict) and "out" in load_file(args.config)["run"]
     recipe = load_recipe(args.config, out=None if has_run_out else str(Path(args.out).parent))
-    config = build_config(args.config, args.set)
+    config = config_from_cli(args)
     trainer_out = Path(args.out)
     train_streaming(recipe.collect, recipe.stream, config, trainer_out,
                     quiet=args.quiet, resume=True if args.resume else "auto")

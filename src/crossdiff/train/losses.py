@@ -20,12 +20,13 @@ reconstruction term; Delta adds a weighted term on the chat-minus-base differenc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from crossdiff.crosscoder import CrossCoder
+from crossdiff.train.config import Reconstruction
 from crossdiff.train.sparse_ops import (
     Selection,
     gather_pre_activations,
@@ -38,7 +39,6 @@ from crossdiff.train.sparse_ops import (
 if TYPE_CHECKING:
     from crossdiff.train.distributed import DataParallel
 
-Reconstruction = Literal["l2", "squared"]
 
 
 # ---------------------------------------------------------------------- loss terms

@@ -41,7 +41,6 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ import torch
 
 from crossdiff.cache.store import STORAGE_DTYPES, CacheBatch, LeftOut, ReadFilters, norm_profile
 from crossdiff.config import from_dict, to_dict
+from crossdiff.train.config import StreamConfig  # noqa: F401 (re-exported)
 from crossdiff.train.trainer import STATE_NAME, Trainer, newest_checkpoint
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import load_tensors
@@ -57,24 +57,6 @@ from crossdiff.texts import recorded
 
 RECORDS = ("token_ids", "doc_ids", "positions", "source_ids", "template")
 _END = "end"
-
-
-@dataclass
-class StreamConfig:
-    """A recipe's ``[stream]`` table (used when ``[run] train_from = "stream"`` or ``train --stream``)."""
-
-    buffer_tokens: int = 2**20
-    """Shuffle buffer size in tokens (all sources together); memory = buffer_tokens x 2 x d_model x storage bytes."""
-    prefetch_batches: int = 4
-    """Document batches each background thread computes ahead of the buffer."""
-    analysis_tokens: int | None = 1_000_000
-    """Tokens per source that the runner still caches (RUN/cache) for the analyze stage when streaming."""
-
-    def __post_init__(self) -> None:
-        if self.buffer_tokens < 1 or self.prefetch_batches < 1:
-            raise CrossdiffError("stream buffer_tokens and prefetch_batches must be positive")
-        if self.analysis_tokens is not None and self.analysis_tokens < 1:
-            raise CrossdiffError(f"stream analysis_tokens must be positive, got {self.analysis_tokens}")
 
 
 class _Buffer:
