@@ -212,7 +212,7 @@ def format_planted(summary: dict[str, Any]) -> str:
     lines = [f"planted behaviours steered into the {summary['model']} (answers showing the behaviour, of n held-out prompts):"]
     for r in summary["behaviours"]:
         per_factor = "; ".join(
-            f"x{f}: {r['steered'][f]}/{r['prompts']} vs controls max {max(r['controls'][f], default=0)}/{r['prompts']}"
+            f"x{f}: {r['steered'][f]}/{r['prompts']} vs controls max {max(r['controls'].get(f, []), default=0)}/{r['prompts']}"
             for f in r["steered"])
         ceiling = "" if r.get("ceiling") is None else f"; chat residual in the base {r['ceiling']}/{r['prompts']}"
         lines.append(f"  {r['behaviour']:18s} latents {','.join(map(str, r['latents']))} (dnorm "
