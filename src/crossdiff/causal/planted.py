@@ -62,6 +62,8 @@ class PlantedSteerConfig:
     min_dnorm: float = 0.5
     """answer-start: only latents at least this chat-leaning are candidates (a shared latent steers both models alike)."""
     factors: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    positions: str = "all"
+    """Where the push is added: all (prompt and every generated token) or prompt (the prompt's positions only)."""
     controls: int = 5
     """Sets of random live latents steered the same way, per behaviour."""
     prompts: int = 10
@@ -126,7 +128,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
         chosen = [int(j) for j in found["latent"]]
         rows = run_steer(SteerConfig(
             crosscoder=str(crosscoder_dir), analysis_dir=str(analysis_dir), latents=[",".join(map(str, chosen))],
-            prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base",
+            prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base", positions=config.positions,
             max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour.name}.jsonl"),
             expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair, quiet=True)
         ceiling = None
