@@ -42,8 +42,14 @@ from crossdiff.organism.smollm2 import behaviours as planted
 class LoraBuildConfig:
     seed: int = 0
     threads: int = 2
-    rank: int = 8
-    alpha: int = 16
+    rank: int = 16
+    alpha: int = 32
+    layers: int = 16
+    """LoRA on blocks 0 .. layers-1 only, so that everything the fine-tune changes passes through
+    the residual after block layers-1 (15, where recipes/smollm2-lora.toml collects). With LoRA
+    on all 30 blocks, the base fed the chat model's layer-15 residual said the false fact but
+    not the persona, the pirate talk or the refusal (0/5 each; docs/real-pair.md): those were
+    made after layer 15, where no crosscoder at layer 15 can see or steer them."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -79,7 +85,8 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
 
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules,
+                      layers_to_transform=list(range(config.layers)), layers_pattern="layers")
     model = get_peft_model(model, lora)
     for param in model.parameters():  # load_model froze everything; peft's LoRA weights must learn
         param.requires_grad_(False)
