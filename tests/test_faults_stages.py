@@ -432,7 +432,7 @@ def test_a_rank_stopped_by_torchrun_says_so_in_one_line(tmp_path):
               "busy = types.ModuleType('busy')\n"
               "busy.add_cli = lambda sub: sub.add_parser('busy').set_defaults(func=lambda args: print('ready', flush=True) or time.sleep(60))\n"
               "sys.modules['busy'] = busy\n"
-              "cli.STAGE_MODULES.append('busy')\n"
+              "cli.COMMANDS['busy'] = ('busy', 'a stage busy outside any collective')\n"
               "sys.exit(cli.main(['busy']))\n")
     env = {**SUBPROCESS_ENV, "WORLD_SIZE": "2", "RANK": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

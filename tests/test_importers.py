@@ -207,5 +207,6 @@ def test_crosscoder_and_cache_import_nothing_above_them():
     assert imports("partition") <= {"crossdiff.errors"}
     assert imports("importers") <= leaves
     assert imports("crosscoder") <= leaves | {"crossdiff.importers"}
-    assert imports("cache/store") <= leaves
+    assert imports("cache/defaults") <= set() and imports("cache/filters") <= leaves | {"crossdiff.cache.defaults"}
+    assert imports("cache/store") <= leaves | {"crossdiff.cache.defaults", "crossdiff.cache.filters"}
     assert imports("files") <= {"crossdiff.errors"}
