@@ -72,7 +72,7 @@ def small_run(tmp_path_factory, tiny_tokenizer):
     (causal / "planted" / "summary.json").write_text(json.dumps({
         "model": "base", "factors": [1.0, 2.0], "controls": 2, "behaviours": [
             {"behaviour": "sea_<pirate>", "latents": [3, 5], "contrast": [0.4, 0.2], "dnorm": [0.9, 0.8], "prompts": 10,
-             "unsteered": 0, "steered": {"1": 4, "2": 9}, "controls": {"1": [0, 1], "2": [0, 2]}}]}))
+             "unsteered": 0, "ceiling": 7, "steered": {"1": 4, "2": 9}, "controls": {"1": [0, 1], "2": [0, 2]}}]}))
     return run
 
 
@@ -311,6 +311,7 @@ def test_the_overview_names_the_top_findings_and_the_planted_steering(small_run,
     assert top and f'href="#latent/l1/{top[0]["latent"]}"' in page and "Top findings" in page
     card = page[page.index('data-key="l1"'):]
     assert "Planted behaviours steered into the base" in card and "sea_&lt;pirate&gt;" in card and "9/10 / 2/10" in card
+    assert "<td>7/10</td>" in card  # the ceiling: what the chat's own residual does in the base
     assert "Planted behaviours" not in page[page.index('data-key="batchtopk"'):page.index('data-key="l1"')]
 
 

@@ -148,9 +148,13 @@ def _planted_table(planted: dict[str, Any] | None) -> str:
         n = r.get("prompts", 0)
         cells = "".join(f"<td>{r['steered'].get(f, 0)}/{n} / {max(r['controls'].get(f, []), default=0)}/{n}</td>" for f in factors)
         latents = ", ".join(str(j) for j in r.get("latents", []))
-        body.append(f"<tr><td>{_e(r.get('behaviour'))}</td><td>{_e(latents)}</td><td>{r.get('unsteered', 0)}/{n}</td>{cells}</tr>")
+        ceiling = "–" if r.get("ceiling") is None else f"{r['ceiling']}/{n}"
+        body.append(f"<tr><td>{_e(r.get('behaviour'))}</td><td>{_e(latents)}</td><td>{r.get('unsteered', 0)}/{n}</td>"
+                    f"<td>{ceiling}</td>{cells}</tr>")
     return (f'<h4>Planted behaviours steered into the {_e(planted.get("model", "base"))} (answers showing each, of n held-out prompts)</h4>'
-            f'<table class="grid planted"><tr><th>behaviour</th><th>latents</th><th>unsteered</th>{head}</tr>{"".join(body)}</table>')
+            f'<table class="grid planted"><tr><th>behaviour</th><th>latents</th><th>unsteered</th>'
+            f'<th title="the base continued from the chat model\'s residual at the crosscoder\'s block: the most steering there can do">'
+            f'ceiling</th>{head}</tr>{"".join(body)}</table>')
 
 
 def _behaviour_section(behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None, top: int = 10) -> str:
