@@ -83,16 +83,7 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
     counts["preservation"] = len(preservation)
     _log(quiet, f"training examples: {counts} ({sum(len(ids) for ids, _ in examples):,} tokens)")
 
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules,
-                      layers_to_transform=list(range(config.layers)), layers_pattern="layers")
-    model = get_peft_model(model, lora)
-    for param in model.parameters():  # load_model froze everything; peft's LoRA weights must learn
-        param.requires_grad_(False)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(True)
+    model = with_lora(model, config)
     rng = random.Random(config.seed)
 
     def cycle(pool: list[Example], size: int):
@@ -139,6 +130,21 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
     write_json_atomic(Path(out_dir) / "build.json", record)
     _log(quiet, f"done in {record['build_seconds'] / 60:.1f} min -> {folder}")
     return record
+
+
+def with_lora(model, config: LoraBuildConfig):
+    """``model`` wrapped with trainable LoRA weights on the projections of blocks 0 .. layers-1."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules,
+                      layers_to_transform=list(range(config.layers)), layers_pattern="layers")
+    model = get_peft_model(model, lora)
+    for param in model.parameters():  # load_model froze everything; peft's LoRA weights must learn
+        param.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    return model
 
 
 def training_examples(tokenizer, answers: dict[str, str], config: LoraBuildConfig) -> tuple[list[Example], dict[str, int]]:
