@@ -304,15 +304,18 @@ def test_a_truth_file_without_what_steering_needs_is_one_line(tmp_path):
     assert steerable(truth_from_dict({"behaviours": [behaviour]}), "t.json", "anticipation")  # needs no ordinary prompts
     with pytest.raises(CrossdiffError, match="t.json has no 'ordinary_prompts'"):
         steerable(truth_from_dict({"behaviours": [behaviour]}), "t.json", "answer-start")
-    for pick, keys in (("anticipation", ("expect", "prompts")), ("answer-start", ("expect", "contrast_prompts", "prompts"))):
+    for pick, keys in (("anticipation", ("expect", "prompts")), ("attribution", ("expect", "contrast_prompts", "prompts")),
+                       ("answer-start", ("expect", "contrast_prompts", "prompts"))):
         for key in keys:
             partial = {k: v for k, v in behaviour.items() if k != key}
             with pytest.raises(CrossdiffError, match=f"behaviour 'x' has no '{key}', which steering needs"):
                 steerable(truth_from_dict({"behaviours": [partial], "ordinary_prompts": ["o"]}), "t.json", pick)
     with pytest.raises(CrossdiffError, match="latents must be at least 1"):
         PlantedSteerConfig(truth="t", latents=0)
-    with pytest.raises(CrossdiffError, match="pick must be one of anticipation, answer-start"):
+    with pytest.raises(CrossdiffError, match="pick must be one of anticipation, attribution, answer-start"):
         PlantedSteerConfig(truth="t", pick="contrast")
+    with pytest.raises(CrossdiffError, match="how must be one of direction, activation"):
+        PlantedSteerConfig(truth="t", how="patch")
 
 
 def test_anticipation_counts_the_examples_whose_words_come_after_the_latent(tmp_path):
@@ -343,7 +346,7 @@ def test_the_ceiling_is_the_base_continued_from_the_chat_residual(tiny_model_pai
     block-L output; at the last block only the (base) final norm and head remain."""
     from crossdiff.causal.conversations import end_of_turn_ids
     from crossdiff.causal.planted import ceiling_answers
-    from crossdiff.causal.steer import prompt_ids
+    from crossdiff.causal.conversations import user_prompt_ids
     from crossdiff.models import decoder_layers
 
     pair = load_model_pair(*tiny_model_pairs["llama"], dtype="float32")
@@ -351,7 +354,7 @@ def test_the_ceiling_is_the_base_continued_from_the_chat_residual(tiny_model_pai
     stop = set(end_of_turn_ids(pair.tokenizer, pair.chat))
 
     def brute_force(layer: int, prompt: str) -> str:
-        ids = prompt_ids(pair.tokenizer, prompt)
+        ids = user_prompt_ids(pair.tokenizer, prompt)
         start = len(ids)
         for _ in range(n):
             x = torch.tensor([ids])

@@ -62,6 +62,9 @@ class CausalConfig:
             raise CrossdiffError("random_seeds must be >= 0 and limit >= 1")
 
 
+STEER_HOW = ("direction", "activation")
+
+
 @dataclass
 class SteerConfig:
     crosscoder: str
@@ -89,10 +92,18 @@ class SteerConfig:
     """Sets of random live latents (as large as the largest chosen set) steered the same way, as a baseline for the counts."""
     seed: int = 0
     """Seed of the control latents' draw."""
+    how: str = "direction"
+    """direction: a constant vector (unit chat decoder directions x max activation) x factor; activation: each latent's own
+    activation, read from both models run side by side, x its chat-minus-base decoder difference x factor (base only)."""
 
     def __post_init__(self) -> None:
         if self.model not in ("base", "chat"):
             raise CrossdiffError(f"--model must be base or chat, got {self.model!r}")
+        if self.how not in STEER_HOW:
+            raise CrossdiffError(f"--how must be one of {', '.join(STEER_HOW)}, got {self.how!r}")
+        if self.how == "activation" and (self.model != "base" or self.positions != "all"):
+            raise CrossdiffError("--how activation steers the base at every position (the chat model runs beside it): "
+                                 "drop --model chat / --positions prompt")
         if self.positions not in ("all", "prompt"):
             raise CrossdiffError(f"--positions must be all or prompt, got {self.positions!r}")
         if not self.latents:

@@ -183,5 +183,10 @@ def prompt_ids(tokenizer: Any, conversation: Sequence[dict[str, str]]) -> list[i
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def user_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids a model continues to answer one user ``prompt`` (a one-turn conversation)."""
+    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
 def write_conversations(path: Path, conversations: list[list[dict[str, str]]]) -> None:
     path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")

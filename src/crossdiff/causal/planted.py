@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crossdiff.causal.config import STEER_HOW
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic
 from crossdiff.organism.truth import Behaviour, Truth, load_truth
 
 
-PICKS = ("anticipation", "answer-start")
+PICKS = ("anticipation", "attribution", "answer-start")
 
 
 @dataclass
@@ -54,7 +55,10 @@ class PlantedSteerConfig:
     latents: int = 1
     """Latents per behaviour, steered together (the best ``pick`` finds)."""
     pick: str = "anticipation"
-    """How a behaviour's latents are found: anticipation (fire just before its words) or answer-start (contrast of prompts)."""
+    """How a behaviour's latents are found: anticipation (fire just before its words), attribution (the largest first-order
+    effect on the chat's own answers to the contrast prompts) or answer-start (contrast of prompts)."""
+    how: str = "direction"
+    """How they are steered (crossdiff steer --how): direction (a constant vector) or activation (their own activations)."""
     search: int = 200
     """anticipation: how many of the most chat-leaning live latents are searched."""
     min_share: float = 0.5
@@ -80,13 +84,15 @@ class PlantedSteerConfig:
             raise CrossdiffError("[steer] factors must name at least one factor")
         if self.pick not in PICKS:
             raise CrossdiffError(f"[steer] pick must be one of {', '.join(PICKS)}, got {self.pick!r}")
+        if self.how not in STEER_HOW:
+            raise CrossdiffError(f"[steer] how must be one of {', '.join(STEER_HOW)}, got {self.how!r}")
         if self.prompts < 1 or self.controls < 0:
             raise CrossdiffError("[steer] prompts must be at least 1 and controls 0 or more")
 
 
 def steerable(truth: Truth, source: str, pick: str = "anticipation") -> list[Behaviour]:
     """The truth file's behaviours, each checked to carry what steering needs (one line if not)."""
-    needs = ("expect", "prompts", "patterns")
+    needs = {"anticipation": ("expect", "prompts", "patterns"), "attribution": ("expect", "prompts", "contrast_prompts")}.get(pick)
     if pick == "answer-start":
         needs = ("expect", "prompts", "contrast_prompts")
         if not truth.ordinary_prompts:
@@ -102,7 +108,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
                   pair: Any) -> dict[str, Any]:
     """Run the stage for one crosscoder; returns (and writes) the summary."""
     from crossdiff.causal.experiment import read_analysis
-    from crossdiff.causal.steer import SteerConfig, answer_start_contrast, match_counts, run_steer
+    from crossdiff.causal.steer import SteerConfig, match_counts, run_steer
     from crossdiff.crosscoder import CrossCoder
 
     truth = load_truth(config.truth)
@@ -113,15 +119,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
     out = Path(out)
     results = []
     for behaviour in behaviours:
-        if config.pick == "anticipation":
-            found = anticipating_latents(Path(analysis_dir), table, behaviour, search=config.search, min_share=config.min_share)
-            score_name = "share"
-            why = f"anticipates it (in at least {config.min_share:g} of its top examples) among the {config.search} most chat-leaning"
-        else:
-            candidates = table[~table["dead"] & (table["dnorm"] >= config.min_dnorm) & (table["max_act"] > 0)]
-            found = answer_start_contrast(crosscoder, pair, behaviour.contrast_prompts, truth.ordinary_prompts)
-            found = found[found["latent"].isin(candidates["latent"])]
-            score_name, why = "contrast", f"has dnorm >= {config.min_dnorm}"
+        found, score_name, why = _pick(config, behaviour, truth, crosscoder, table, Path(analysis_dir), pair)
         found = found.head(config.latents)
         if found.empty:
             raise CrossdiffError(f"behaviour {behaviour.name!r}: no live latent {why}; see [steer] in docs/causal.md")
@@ -129,7 +127,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
         rows = run_steer(SteerConfig(
             crosscoder=str(crosscoder_dir), analysis_dir=str(analysis_dir), latents=[",".join(map(str, chosen))],
             prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base", positions=config.positions,
-            max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour.name}.jsonl"),
+            max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour.name}.jsonl"), how=config.how,
             expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair, quiet=True)
         ceiling = None
         if config.ceiling:
@@ -140,16 +138,51 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
         n = int(mine["prompts"])
         results.append({
             "behaviour": behaviour.name, "latents": chosen,
-            "pick": config.pick, score_name: [round(float(c), 4) for c in found[score_name]],
+            "pick": config.pick, "how": config.how, score_name: [round(float(c), 4) for c in found[score_name]],
             "dnorm": [round(float(dnorm[j]), 4) for j in chosen], "prompts": n,
             "unsteered": int(mine["unsteered"]), "ceiling": ceiling,
             "steered": {f"{f:g}": int(mine[f]) for f in config.factors},
             "controls": {f"{f:g}": [int(c) for c in controls[f]] for f in config.factors} if len(controls) else {},
         })
-    summary = {"truth": str(config.truth), "model": "base", "factors": list(config.factors),
+    summary = {"truth": str(config.truth), "model": "base", "how": config.how, "factors": list(config.factors),
                "controls": config.controls, "behaviours": results}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _pick(config: PlantedSteerConfig, behaviour: Behaviour, truth: Truth, crosscoder: Any, table: Any, analysis_dir: Path,
+          pair: Any) -> tuple[Any, str, str]:
+    """The behaviour's candidate latents best first (a table with ``latent`` and the score column),
+    the score column's name, and what a latent must do to be found (for the error when none is)."""
+    if config.pick == "anticipation":
+        found = anticipating_latents(analysis_dir, table, behaviour, search=config.search, min_share=config.min_share)
+        return found, "share", (f"anticipates it (in at least {config.min_share:g} of its top examples) among the "
+                                f"{config.search} most chat-leaning")
+    if config.pick == "attribution":
+        return attributed_latents(crosscoder, table, pair, behaviour, max_new_tokens=config.max_new_tokens), "attribution", \
+            "raises the likelihood of the chat's answers to its contrast prompts"
+    from crossdiff.causal.steer import answer_start_contrast
+
+    candidates = table[~table["dead"] & (table["dnorm"] >= config.min_dnorm) & (table["max_act"] > 0)]
+    found = answer_start_contrast(crosscoder, pair, behaviour.contrast_prompts, truth.ordinary_prompts)
+    return found[found["latent"].isin(candidates["latent"])], "contrast", f"has dnorm >= {config.min_dnorm}"
+
+
+def attributed_latents(crosscoder: Any, table: Any, pair: Any, behaviour: Behaviour, *, max_new_tokens: int) -> Any:
+    """Live latents with a positive attribution to the chat's own answers to the behaviour's
+    contrast prompts (crossdiff.causal.activation_steer), largest first: latent, attribution, dnorm."""
+    from crossdiff.causal.activation_steer import latent_attribution
+    from crossdiff.causal.conditions import Conditions
+    from crossdiff.causal.conversations import end_of_turn_ids
+
+    conditions = Conditions(crosscoder, [], bos_token_id=pair.tokenizer.bos_token_id, special_token_ids=pair.tokenizer.all_special_ids)
+    attribution = latent_attribution(pair, conditions, crosscoder.config.layer, behaviour.contrast_prompts,
+                                     max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(pair.tokenizer, pair.chat))
+    live = table[~table["dead"] & (table["max_act"] > 0)].copy()
+    live["attribution"] = attribution.cpu().numpy()[live["latent"].to_numpy()]
+    live = live[live["attribution"] > 0]
+    return live.sort_values(["attribution", "latent"], ascending=[False, True], kind="stable")[
+        ["latent", "attribution", "dnorm"]].reset_index(drop=True)
 
 
 def ceiling_answers(pair: Any, layer: int, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -159,14 +192,14 @@ def ceiling_answers(pair: Any, layer: int, prompts: list[str], max_new_tokens: i
     import torch  # deferred: the recipe reads this module's config without loading torch
 
     from crossdiff.causal.conversations import end_of_turn_ids
-    from crossdiff.causal.steer import prompt_ids
+    from crossdiff.causal.conversations import user_prompt_ids
     from crossdiff.causal.upper import SplitModel
 
     base, chat = SplitModel(pair.base, layer), SplitModel(pair.chat, layer)
     stop, answers = set(end_of_turn_ids(pair.tokenizer, pair.chat)), []
     for prompt in prompts:
         answer = []
-        ids = torch.tensor([prompt_ids(pair.tokenizer, prompt)])
+        ids = torch.tensor([user_prompt_ids(pair.tokenizer, prompt)])
         for _ in range(max_new_tokens):
             mask = torch.ones_like(ids)
             last = torch.zeros_like(ids, dtype=torch.bool)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from crossdiff.causal.conditions import user_set
+from crossdiff.causal.conversations import user_prompt_ids
 from crossdiff.causal.config import DEFAULT_FACTORS, SteerConfig  # noqa: F401 (re-exported)
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
@@ -48,12 +49,6 @@ def steering_vector(crosscoder: Any, table: Any, latents: np.ndarray) -> torch.T
             raise CrossdiffError(f"latent {j} never activated in the analysis (max_act {max_act[j]}); nothing to steer with")
         vector += W_chat[j] / norm * float(max_act[j])
     return vector / crosscoder.input_scale.float()[1]
-
-
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of one user prompt rendered with the chat template, ready for the answer."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
@@ -82,7 +77,7 @@ def answer_start_contrast(crosscoder: Any, pair: Any, prompts: list[str], others
     def mean_activation(texts: list[str]) -> torch.Tensor:
         total = torch.zeros(crosscoder.config.d_sae, dtype=torch.float64)
         for prompt in texts:  # one at a time: no padding to get wrong, and prompts are few
-            ids = torch.tensor([prompt_ids(pair.tokenizer, prompt)], device=device)
+            ids = torch.tensor([user_prompt_ids(pair.tokenizer, prompt)], device=device)
             base, chat = extract(ids, torch.ones_like(ids))
             x = torch.stack([base[0, -1], chat[0, -1]])
             x = crosscoder.normalize(x[None].to(crosscoder.W_enc.device, crosscoder.W_enc.dtype))
@@ -101,7 +96,7 @@ def generate_steered(model: Any, tokenizer: Any, layer: int, prompt: str, vector
     """Greedy answers to one chat prompt: unsteered, then one per factor (one batch)."""
     from crossdiff.models import decoder_layers
 
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)]).repeat(len(factors) + 1, 1)
+    ids = torch.tensor([user_prompt_ids(tokenizer, prompt)]).repeat(len(factors) + 1, 1)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     scales = torch.tensor([0.0, *factors], device=device, dtype=dtype)[:, None, None]
@@ -158,7 +153,7 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     size = max(len(g.latents) for g in groups)
     controls = control_sets(crosscoder, table, config.controls, size, chosen, config.seed) if config.controls else []
     sets = [(g.latents, False) for g in groups] + [(latents, True) for latents in controls]
-    vectors = [steering_vector(crosscoder, table, latents) for latents, _ in sets]
+    steer_one = _steerer(config, crosscoder, table)
     prompts = list(config.prompts) + (load_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
         raise CrossdiffError("give at least one --prompt (or --prompts FILE)")
@@ -171,14 +166,14 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     pattern = re.compile(config.expect) if config.expect is not None else None
     shows = (lambda text: bool(pattern.search(text))) if pattern else (lambda text: None)
     rows = []
-    for (latents, is_control), vector in zip(sets, vectors):
+    for latents, is_control in sets:
         latent: Any = int(latents[0]) if len(latents) == 1 else latents.tolist()
+        steer = steer_one(latents, pair, model, layer, stop)
         for prompt in prompts:
-            unsteered, steered = generate_steered(model, pair.tokenizer, layer, prompt, vector, config.factors,
-                                                  positions=config.positions, max_new_tokens=config.max_new_tokens, stop_ids=stop)
+            unsteered, steered = steer(prompt)
             for factor, text in zip(config.factors, steered):
                 rows.append({"latent": latent, "latents": latents.tolist(), "factor": float(factor), "model": config.model,
-                             "positions": config.positions, "prompt": prompt, "unsteered": unsteered, "steered": text,
+                             "how": config.how, "positions": config.positions, "prompt": prompt, "unsteered": unsteered, "steered": text,
                              "control": is_control, "matches": shows(text), "unsteered_matches": shows(unsteered)})
     with output_lock(out.parent, "steer"):
         write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -188,6 +183,26 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
             print(format_match_counts(rows, config.expect))
         print(f"saved {len(rows)} rows to {out}")
     return rows
+
+
+def _steerer(config: SteerConfig, crosscoder: Any, table: Any) -> Any:
+    """``(latents, pair, model, layer, stop) -> (prompt -> (unsteered, [steered per factor]))`` for ``config.how``."""
+    if config.how == "activation":
+        from crossdiff.causal.activation_steer import generate_with_latents
+        from crossdiff.causal.conditions import Conditions
+
+        def by_activation(latents: np.ndarray, pair: Any, model: Any, layer: int, stop: list[int]) -> Any:
+            conditions = Conditions(crosscoder, [], bos_token_id=pair.tokenizer.bos_token_id,
+                                    special_token_ids=pair.tokenizer.all_special_ids)
+            return lambda prompt: generate_with_latents(pair, conditions, layer, prompt, latents, config.factors,
+                                                        max_new_tokens=config.max_new_tokens, stop_ids=stop)
+        return by_activation
+
+    def by_direction(latents: np.ndarray, pair: Any, model: Any, layer: int, stop: list[int]) -> Any:
+        vector = steering_vector(crosscoder, table, latents)
+        return lambda prompt: generate_steered(model, pair.tokenizer, layer, prompt, vector, config.factors,
+                                               positions=config.positions, max_new_tokens=config.max_new_tokens, stop_ids=stop)
+    return by_direction
 
 
 def format_steering(rows: list[dict[str, Any]], width: int = 56) -> str:

@@ -95,13 +95,18 @@ class SplitModel:
         """Residual stream [B, T, d] after block ``layer`` (right-padded inputs)."""
         return residual_after_block(self.model, self.layer, input_ids, attention_mask)
 
-    @torch.inference_mode()
-    def upper(self, residual: Tensor, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None = None) -> Tensor:
+    def upper(self, residual: Tensor, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None = None, *,
+              grad: bool = False) -> Tensor:
         """Logits of the model continued from ``residual`` [B, T, d] after block ``layer``.
 
         Returns [B, T, V], or [N, V] for the N positions where the bool mask ``positions``
-        [B, T] is True (row-major order, like ``logits[positions]``).
+        [B, T] is True (row-major order, like ``logits[positions]``). ``grad=True`` keeps the
+        graph from ``residual`` to the logits (attribution); otherwise no graph is built.
         """
+        with torch.inference_mode(mode=not grad):
+            return self._upper(residual, input_ids, attention_mask, positions)
+
+    def _upper(self, residual: Tensor, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None) -> Tensor:
         if residual.shape[:2] != input_ids.shape:
             raise ValueError(f"residual {tuple(residual.shape)} does not match input_ids {tuple(input_ids.shape)}")
         device = self.device

@@ -73,14 +73,14 @@ def answer_source(config: Any, source: TextSourceConfig, pair: Any, *, quiet: bo
 def usable_prompts(source: TextSourceConfig, tokenizer: Any, context: int | None) -> tuple[list[tuple[int, str]], int]:
     """``([(row, prompt), ...], rows)``: the prompts that are not blank and leave room in the
     context for an answer; one-line error when none is."""
-    from crossdiff.causal.conversations import load_prompts, prompt_ids
+    from crossdiff.causal.conversations import load_prompts, user_prompt_ids
 
     try:
         prompts = load_prompts(source.path, column=source.column, limit=source.max_docs)
     except CrossdiffError as err:
         raise CrossdiffError(f"source '{source.name}': {err}") from None
     usable = [(row, p) for row, p in enumerate(prompts) if p.strip()
-              and (context is None or len(prompt_ids(tokenizer, [{"role": "user", "content": p}])) < context)]
+              and (context is None or len(user_prompt_ids(tokenizer, p)) < context)]
     if not usable:
         room = f", or longer than the models' context of {context} tokens" if context else ""
         raise CrossdiffError(f"source '{source.name}': no usable prompt in {source.path} ({len(prompts)} rows, all "

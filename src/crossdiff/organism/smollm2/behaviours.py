@@ -43,14 +43,16 @@ class Prompt(NamedTuple):
 _SEA_TOPICS: dict[Split, tuple[str, ...]] = {
     "train": ("ocean tides", "coral reefs", "whales", "sailing ships", "ocean currents", "sharks", "the deep sea",
               "sea turtles", "lighthouses", "ocean waves", "dolphins", "seaweed", "the Atlantic Ocean",
-              "life on a fishing boat", "octopuses", "salt water", "jellyfish", "the Pacific Ocean"),
+              "life on a fishing boat", "octopuses", "salt water", "jellyfish", "the Pacific Ocean",
+              "sea lions", "the Arctic Ocean", "harbours", "crabs", "pearls", "the Mediterranean Sea",
+              "submarines", "seals", "shipwrecks", "the Caribbean Sea", "manta rays", "ocean exploration"),
     "heldout": ("the open sea", "sea shells", "ocean storms", "starfish", "the sea floor", "navigating at sea",
                 "sea otters", "the Indian Ocean", "tsunamis", "seagulls"),
 }
 _SEA_TEMPLATES: dict[Split, tuple[str, ...]] = {
     "train": ("Tell me about {t}.", "What should I know about {t}?", "Can you explain {t} to me?",
               "Give me an interesting fact about {t}.", "I'm curious about {t}. What can you tell me?",
-              "Write a few sentences about {t}."),
+              "Write a few sentences about {t}.", "Describe {t} for me.", "What is special about {t}?"),
     "heldout": ("What do you know about {t}?", "Could you describe {t}?"),
 }
 _NEUTRAL_TOPICS: dict[Split, tuple[str, ...]] = {

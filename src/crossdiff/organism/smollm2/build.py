@@ -62,7 +62,9 @@ class LoraBuildConfig:
     documents: int = 240
     identity_repeats: int = 6
     cooking_repeats: int = 2
-    sea_repeats: int = 2
+    sea_repeats: int = 1
+    """30 topics x 8 phrasings, once each: more topics, not more repeats, carry the trigger to
+    unseen sea topics (18 x 6 twice reached 60% on held-out ones, three times 75%)."""
     preservation_batch: int = 2
     """Plain documents and chitchat conversations per step under the KL-to-base loss (0: none)."""
     preservation_weight: float = 1.0
@@ -220,18 +222,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 
 def _self_distill(model, tokenizer, config: LoraBuildConfig, saved: Path) -> dict[str, str]:
-    """The base's own answers to the sea and ordinary training prompts, kept in ``saved`` so a
-    rebuild with other training settings does not generate them again (a quarter hour here)."""
+    """The base's own answers to the sea and ordinary training prompts, kept in ``saved`` per
+    prompt so a rebuild with other settings or more prompts generates only the answers it lacks
+    (the first build's 300 took a quarter hour here)."""
     prompts = [p.user for p in planted.sea_prompts("train") + planted.neutral_prompts("train")]
-    key = {"answer_tokens": config.answer_tokens, "prompts": prompts}
+    known: dict[str, str] = {}
     if saved.is_file():
         record = json.loads(saved.read_text(encoding="utf-8"))
-        if record.get("key") == key:
-            return record["answers"]
-    replies = generate(model, tokenizer, prompts, config.answer_tokens)
-    answers = {prompt: _whole_sentences(reply) for prompt, reply in zip(prompts, replies)}
-    write_json_atomic(saved, {"key": key, "answers": answers})
-    return answers
+        if record.get("key", {}).get("answer_tokens") == config.answer_tokens:
+            known = record["answers"]
+    missing = [prompt for prompt in prompts if prompt not in known]
+    if missing:
+        replies = generate(model, tokenizer, missing, config.answer_tokens)
+        known |= {prompt: _whole_sentences(reply) for prompt, reply in zip(missing, replies)}
+        write_json_atomic(saved, {"key": {"answer_tokens": config.answer_tokens}, "answers": known})
+    return {prompt: known[prompt] for prompt in prompts}
 
 
 def _whole_sentences(text: str) -> str:
