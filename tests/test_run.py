@@ -111,3 +111,19 @@ def test_recipe_errors_are_one_line(tmp_path, capsys):
     assert "hardware '3xTPU'" in capsys.readouterr().err
     with pytest.raises(CrossdiffError, match="unknown stage 'train:bt'"):
         run_recipe(load_recipe(ORGANISM, out=str(tmp_path / "r")), only=["train:bt"])
+
+
+def test_steer_runs_on_the_crosscoders_it_names(tmp_path):
+    """[steer] crosscoders limits the steer stages; a name the recipe lacks is one line."""
+    from crossdiff.errors import CrossdiffError
+
+    recipe = Path(__file__).parent.parent / "recipes" / "smollm2-lora.toml"
+    steer_stages = lambda path, out: [s.name for s in plan(load_recipe(path, out=str(out))) if s.name.startswith("steer:")]  # noqa: E731
+    assert steer_stages(recipe, tmp_path / "a") == ["steer:batchtopk"]
+    other = tmp_path / "other.toml"
+    other.write_text(recipe.read_text().replace('crosscoders = ["batchtopk"]', 'crosscoders = ["l1"]'))
+    assert steer_stages(other, tmp_path / "b") == ["steer:l1"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(recipe.read_text().replace('crosscoders = ["batchtopk"]', 'crosscoders = ["topk"]'))
+    with pytest.raises(CrossdiffError, match=r"\[steer\] crosscoders names topk, not a crosscoder of this recipe"):
+        load_recipe(bad, out=str(tmp_path / "c"))

@@ -149,6 +149,10 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
         causal = _causal_table(data["causal"]) if "causal" in data else None
         behaviour = from_dict(BehaviourConfig, data["behaviour"] or {}, "behaviour") if "behaviour" in data else None
         steer = from_dict(PlantedSteerConfig, data["steer"], "steer") if "steer" in data else None
+        unknown = sorted(set(steer.crosscoders or ()) - set(crosscoders)) if steer is not None else []
+        if unknown:
+            raise CrossdiffError(f"[steer] crosscoders names {', '.join(unknown)}, not a crosscoder of this recipe "
+                                 f"({', '.join(crosscoders)})")
         models = data.get("models") or {}
     except CrossdiffError as err:
         raise CrossdiffError(f"{source}: {err}") from None

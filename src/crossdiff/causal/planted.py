@@ -76,6 +76,8 @@ class PlantedSteerConfig:
     seed: int = 0
     ceiling: bool = True
     """Also count the behaviour in the base continued from the chat's residual at the crosscoder's block."""
+    crosscoders: list[str] | None = None
+    """The recipe's crosscoders to steer with (default: all); activation steering costs minutes per behaviour on a CPU."""
 
     def __post_init__(self) -> None:
         if self.latents < 1:

@@ -207,7 +207,8 @@ def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
             lambda name=name: _newer(out / name / "causal" / "summary.json", out / name / "analysis" / "summary.json"),
             lambda name=name, i=i: _causal(out, name, names[:i], options, pair(), quiet),
         ))
-    for name in names if recipe.steer is not None else []:
+    steered = [] if recipe.steer is None else [n for n in names if recipe.steer.crosscoders is None or n in recipe.steer.crosscoders]
+    for name in steered:
         stages.append(Stage(
             f"steer:{name}",
             lambda name=name: _newer(out / name / "causal" / "planted" / "summary.json", out / name / "analysis" / "summary.json"),
