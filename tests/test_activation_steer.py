@@ -55,16 +55,17 @@ def _brute_force(pair, crosscoder, latents, factor, prompt, stop) -> str:
 def test_activation_steering_equals_a_brute_force_loop_and_all_latents_give_the_chat_residual(tiny_model_pairs):
     pair, crosscoder, conditions, stop = _setup(tiny_model_pairs)
     D = crosscoder.config.d_sae
-    some = np.arange(0, D, 3)
+    sets = [np.arange(0, D, 3), np.arange(D // 2, D)]  # steered side by side in one batch
     for prompt in PROMPTS:
-        unsteered, steered = generate_with_latents(pair, conditions, LAYER, prompt, some, [0.5, 2.0], max_new_tokens=NEW,
+        unsteered, steered = generate_with_latents(pair, conditions, LAYER, prompt, sets, [0.5, 2.0], max_new_tokens=NEW,
                                                    stop_ids=stop)
-        assert unsteered == _brute_force(pair, crosscoder, some, 0.0, prompt, stop)
-        assert steered == [_brute_force(pair, crosscoder, some, f, prompt, stop) for f in (0.5, 2.0)]
+        assert unsteered == _brute_force(pair, crosscoder, sets[0], 0.0, prompt, stop)
+        for latents, texts in zip(sets, steered):
+            assert texts == [_brute_force(pair, crosscoder, latents, f, prompt, stop) for f in (0.5, 2.0)]
     # Every latent at factor 1 adds the whole chat-minus-base difference: the base runs on the
     # chat's residual, which is what the ceiling measures.
-    everything = [generate_with_latents(pair, conditions, LAYER, p, np.arange(D), [1.0], max_new_tokens=NEW,
-                                        stop_ids=stop)[1][0] for p in PROMPTS]
+    everything = [generate_with_latents(pair, conditions, LAYER, p, [np.arange(D)], [1.0], max_new_tokens=NEW,
+                                        stop_ids=stop)[1][0][0] for p in PROMPTS]
     assert everything == ceiling_answers(pair, LAYER, PROMPTS, NEW)
     assert any(everything)
 

@@ -103,3 +103,30 @@ def test_planted_steering_stage_finds_chat_leaning_latents_and_counts_them_again
     assert {len(r["latents"]) for r in controls} == {2} and not {j for r in controls for j in r["latents"]} & set(result["latents"])
     assert json.loads((tmp_path / "planted" / "summary.json").read_text()) == summary
     assert "refusal" in format_planted(summary)
+
+
+def test_planted_steering_by_attribution_and_activation(organism_demo, tmp_path):
+    """pick = attribution, how = activation: the latents come best first with a positive attribution,
+    and the chosen set and its controls are steered the same way (rows say how)."""
+    from crossdiff.causal.planted import PlantedSteerConfig, steer_planted
+    from crossdiff.crosscoder import CrossCoder
+    from crossdiff.models import load_model_pair
+    from crossdiff.organism import heldout_prompts
+    from crossdiff.organism.behaviours import REFUSAL
+
+    refusal = [p.user for p in heldout_prompts("refusal")]
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({"behaviours": [
+        {"name": "refusal", "patterns": ["cannot help"], "expect": REFUSAL.split(".")[0], "contrast_prompts": refusal[:6],
+         "prompts": refusal[20:]}]}))
+    crosscoder = CrossCoder.from_pretrained(organism_demo / "l1" / "crosscoder")
+    pair = load_model_pair(*crosscoder.config.model_names, dtype="float32")
+    config = PlantedSteerConfig(truth=str(truth), latents=5, pick="attribution", how="activation", factors=[1.0], controls=2,
+                                prompts=3, max_new_tokens=8, ceiling=False)
+    summary = steer_planted(organism_demo / "l1" / "crosscoder", organism_demo / "l1" / "analysis", tmp_path / "planted", config, pair)
+    (result,) = summary["behaviours"]
+    assert summary["how"] == "activation" and len(result["latents"]) == 5
+    assert result["attribution"] == sorted(result["attribution"], reverse=True) and min(result["attribution"]) > 0
+    rows = [json.loads(line) for line in (tmp_path / "planted" / "refusal.jsonl").read_text().splitlines()]
+    assert {r["how"] for r in rows} == {"activation"} and len(rows) == 3 * 3
+    assert {len(r["latents"]) for r in rows} == {5}

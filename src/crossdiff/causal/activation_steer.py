@@ -48,12 +48,13 @@ def _replace_hidden(output: Any, hidden: Tensor) -> Any:
 
 
 class _Lockstep:
-    """Hooks that add ``factor x sum_{j in S} f_j delta_j`` to the base's residual after ``layer``,
+    """Hooks that add, to row r of the base's residual after ``layer``, ``sum_j weights[r, j] f_j delta_j``,
     f read from the base's and the chat's residuals at the same positions of the same tokens."""
 
-    def __init__(self, pair: Any, conditions: Conditions, layer: int, latents: Tensor, factors: Tensor):
-        self.conditions, self.latents, self.factors = conditions, latents, factors
-        self.delta = conditions.delta[latents]
+    def __init__(self, pair: Any, conditions: Conditions, layer: int, weights: Tensor):
+        self.conditions = conditions
+        used = torch.nonzero(weights.any(0)).flatten()  # only latents some row steers: a small product
+        self.used, self.weights, self.delta = used, weights[:, used], conditions.delta[used]
         self.chat_hidden: Tensor | None = None
         self.positions: Tensor | None = None
         self.token_ids: Tensor | None = None
@@ -68,7 +69,7 @@ class _Lockstep:
         B, T, d = base.shape
         f = self.conditions.encode(base.reshape(B * T, d).float(), self.chat_hidden.reshape(B * T, d).float(),
                                    self.positions.reshape(-1), self.token_ids.reshape(-1))
-        push = (f[:, self.latents] @ self.delta).reshape(B, T, d) * self.factors[:, None, None]
+        push = (f[:, self.used].reshape(B, T, -1) * self.weights[:, None, :]) @ self.delta
         return _replace_hidden(output, base + push.to(base.dtype))
 
     def remove(self) -> None:
@@ -77,15 +78,18 @@ class _Lockstep:
 
 
 @torch.inference_mode()
-def generate_with_latents(pair: Any, conditions: Conditions, layer: int, prompt: str, latents: Any, factors: list[float], *,
-                          max_new_tokens: int, stop_ids: list[int]) -> tuple[str, list[str]]:
-    """The base's greedy answers to one chat prompt: unsteered, then one per factor (one batch)."""
+def generate_with_latents(pair: Any, conditions: Conditions, layer: int, prompt: str, latent_sets: list[Any],
+                          factors: list[float], *, max_new_tokens: int, stop_ids: list[int]) -> tuple[str, list[list[str]]]:
+    """The base's greedy answers to one chat prompt: unsteered, then for each latent set one per
+    factor, all in one batch (the same prompt in every row, so no padding)."""
     device = next(pair.base.parameters()).device
-    rows = len(factors) + 1
-    ids = torch.tensor([user_prompt_ids(pair.tokenizer, prompt)], device=device).repeat(rows, 1)
-    hooks = _Lockstep(pair, conditions, layer, torch.as_tensor(latents, device=device),
-                      torch.tensor([0.0, *factors], device=device))
-    step, start, answer = ids, 0, [[] for _ in range(rows)]
+    weights = torch.zeros(1 + len(latent_sets) * len(factors), conditions.delta.shape[0], device=device)
+    for i, latents in enumerate(latent_sets):
+        for k, factor in enumerate(factors):
+            weights[1 + i * len(factors) + k, torch.as_tensor(latents, device=device)] = factor
+    rows = weights.shape[0]
+    hooks = _Lockstep(pair, conditions, layer, weights)
+    step, start, answer = torch.tensor([user_prompt_ids(pair.tokenizer, prompt)], device=device).repeat(rows, 1), 0, [[] for _ in range(rows)]
     caches = [_kv_cache(pair.base), _kv_cache(pair.chat)]  # filled in place by each forward
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     try:
@@ -106,7 +110,7 @@ def generate_with_latents(pair: Any, conditions: Conditions, layer: int, prompt:
     finally:
         hooks.remove()
     texts = [pair.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in answer]
-    return texts[0], texts[1:]
+    return texts[0], [texts[1 + i * len(factors): 1 + (i + 1) * len(factors)] for i in range(len(latent_sets))]
 
 
 def _kv_cache(model: Any) -> dict[str, Any]:

@@ -153,7 +153,6 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     size = max(len(g.latents) for g in groups)
     controls = control_sets(crosscoder, table, config.controls, size, chosen, config.seed) if config.controls else []
     sets = [(g.latents, False) for g in groups] + [(latents, True) for latents in controls]
-    steer_one = _steerer(config, crosscoder, table)
     prompts = list(config.prompts) + (load_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
         raise CrossdiffError("give at least one --prompt (or --prompts FILE)")
@@ -165,12 +164,11 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
 
     pattern = re.compile(config.expect) if config.expect is not None else None
     shows = (lambda text: bool(pattern.search(text))) if pattern else (lambda text: None)
+    answers = _steerer(config, crosscoder, table)(sets, pair, model, layer, stop, prompts)
     rows = []
-    for latents, is_control in sets:
+    for (latents, is_control), per_prompt in zip(sets, answers):
         latent: Any = int(latents[0]) if len(latents) == 1 else latents.tolist()
-        steer = steer_one(latents, pair, model, layer, stop)
-        for prompt in prompts:
-            unsteered, steered = steer(prompt)
+        for prompt, (unsteered, steered) in zip(prompts, per_prompt):
             for factor, text in zip(config.factors, steered):
                 rows.append({"latent": latent, "latents": latents.tolist(), "factor": float(factor), "model": config.model,
                              "how": config.how, "positions": config.positions, "prompt": prompt, "unsteered": unsteered, "steered": text,
@@ -186,22 +184,31 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
 
 
 def _steerer(config: SteerConfig, crosscoder: Any, table: Any) -> Any:
-    """``(latents, pair, model, layer, stop) -> (prompt -> (unsteered, [steered per factor]))`` for ``config.how``."""
+    """``(sets, pair, model, layer, stop, prompts) -> answers[set][prompt] = (unsteered, [steered per factor])``
+    for ``config.how``."""
     if config.how == "activation":
         from crossdiff.causal.activation_steer import generate_with_latents
         from crossdiff.causal.conditions import Conditions
 
-        def by_activation(latents: np.ndarray, pair: Any, model: Any, layer: int, stop: list[int]) -> Any:
+        def by_activation(sets: list, pair: Any, model: Any, layer: int, stop: list[int], prompts: list[str]) -> list:
             conditions = Conditions(crosscoder, [], bos_token_id=pair.tokenizer.bos_token_id,
                                     special_token_ids=pair.tokenizer.all_special_ids)
-            return lambda prompt: generate_with_latents(pair, conditions, layer, prompt, latents, config.factors,
-                                                        max_new_tokens=config.max_new_tokens, stop_ids=stop)
+            answers: list[list] = [[] for _ in sets]
+            for prompt in prompts:  # every set and factor of one prompt in one batch
+                unsteered, steered = generate_with_latents(pair, conditions, layer, prompt, [latents for latents, _ in sets],
+                                                           config.factors, max_new_tokens=config.max_new_tokens, stop_ids=stop)
+                for i, texts in enumerate(steered):
+                    answers[i].append((unsteered, texts))
+            return answers
         return by_activation
 
-    def by_direction(latents: np.ndarray, pair: Any, model: Any, layer: int, stop: list[int]) -> Any:
-        vector = steering_vector(crosscoder, table, latents)
-        return lambda prompt: generate_steered(model, pair.tokenizer, layer, prompt, vector, config.factors,
-                                               positions=config.positions, max_new_tokens=config.max_new_tokens, stop_ids=stop)
+    def by_direction(sets: list, pair: Any, model: Any, layer: int, stop: list[int], prompts: list[str]) -> list:
+        answers = []
+        for latents, _ in sets:  # one batch per set and prompt: the unsteered row and one per factor
+            vector = steering_vector(crosscoder, table, latents)
+            answers.append([generate_steered(model, pair.tokenizer, layer, prompt, vector, config.factors, positions=config.positions,
+                                             max_new_tokens=config.max_new_tokens, stop_ids=stop) for prompt in prompts])
+        return answers
     return by_direction
 
 
