@@ -80,7 +80,8 @@ def adl_success(rows: list[dict[str, Any]], truth: Truth) -> tuple[dict[str, dic
 
 
 def _on_prompts(rows: list[dict[str, Any]], behaviour: Behaviour) -> list[dict[str, Any]]:
-    mine = [row for row in rows if row["prompt"] in set(behaviour.prompts)]
+    held_out = set(behaviour.prompts)
+    mine = [row for row in rows if row["prompt"] in held_out]
     return mine or rows
 
 
