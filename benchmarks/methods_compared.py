@@ -18,7 +18,8 @@ behaviour, the behaviours whose steering succeeded, and each crosscoder's traini
 a ratio to BatchTopK of the same seed (train-stage wall time from its metrics; a busy
 machine makes it noisy), then the mean over seeds per method. Text below the line
 NOTES_MARK in an existing --write file is kept (the hand-written reading of the table).
-Stages already complete in RUN_DIR are skipped, so an interrupted run resumes.
+Stages already complete in RUN_DIR are skipped, so an interrupted run resumes; the run's
+report (RUN_DIR/report) is rebuilt at the end, with the ADL section and the scores.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from crossdiff.config import load_file  # noqa: E402
+from crossdiff.errors import CrossdiffError  # noqa: E402
 from crossdiff.organism.score import default_truth_path, format_steering, score_run  # noqa: E402
 from crossdiff.organism.truth import load_truth  # noqa: E402
 from crossdiff.recipe import recipe_from_dict  # noqa: E402
+from crossdiff.report.build import build_report  # noqa: E402
 from crossdiff.run.demo import DemoConfig, demo_recipe  # noqa: E402
 from crossdiff.run.stages import run_recipe  # noqa: E402
 
@@ -66,6 +69,21 @@ def recipe_data(recipe_path: str | None, out: str, seeds: list[int]) -> dict[str
     data.pop("causal", None)
     data["crosscoders"] = {name_of(v, s): {**options, "seed": s} for s in seeds for v, options in VARIANTS.items()}
     return data
+
+
+def run_seed(data: dict[str, Any], seed: int, source: str) -> Any:
+    """Train, analyse and steer one seed's crosscoders (so each seed's results are complete
+    before the next seed starts); a crosscoder whose steering stage fails (no latent to steer
+    for a behaviour) is reported and left without steering results. Returns the recipe."""
+    seeded = {**data, "crosscoders": {name: options for name, options in data["crosscoders"].items() if options["seed"] == seed}}
+    run_recipe(recipe_from_dict({k: v for k, v in seeded.items() if k != "steer"}, source=source), quiet=True)
+    recipe = recipe_from_dict(seeded, source=source)
+    for name in seeded["crosscoders"]:
+        try:
+            run_recipe(recipe, quiet=True, only=[f"steer:{name}"])
+        except CrossdiffError as err:
+            print(f"steer:{name}: {err}", flush=True)
+    return recipe
 
 
 def run_adl_seeds(recipe: Any, seeds: list[int]) -> None:
@@ -146,10 +164,12 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.seeds) < 2:
         parser.error("give at least two seeds: one seed cannot tell a method's advantage from seed noise")
-    recipe = recipe_from_dict(recipe_data(args.recipe, args.out, args.seeds), source=args.recipe or "the organism recipe")
-    run_recipe(recipe, quiet=True)
+    data = recipe_data(args.recipe, args.out, args.seeds)
+    for seed in args.seeds:
+        recipe = run_seed(data, seed, args.recipe or "the organism recipe")
     run_adl_seeds(recipe, args.seeds)
     result = score_run(args.out, recipe.steer.truth)
+    build_report(args.out, say=lambda line: None)  # again: with the steering, the ADL section and the scores
     body = table(result, Path(args.out), args.seeds) + "\n\nBest steering result per behaviour (answers showing it, of " \
         "the held-out prompts; yes = more than half, and more than unsteered and every control):\n\n" + steering_lines(result)
     print(body)
