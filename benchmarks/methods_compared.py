@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
 from crossdiff.config import load_file  # noqa: E402
 from crossdiff.errors import CrossdiffError  # noqa: E402
@@ -174,8 +176,9 @@ def main() -> None:
         "the held-out prompts; yes = more than half, and more than unsteered and every control):\n\n" + steering_lines(result)
     print(body)
     if args.write:
+        shown = os.path.relpath(args.write, ROOT) if Path(args.write).resolve().is_relative_to(ROOT) else args.write
         command = "python benchmarks/methods_compared.py" + (f" --recipe {args.recipe}" if args.recipe else "") \
-            + f" --out RUN --seeds {' '.join(map(str, args.seeds))} --write {args.write}"
+            + f" --out RUN --seeds {' '.join(map(str, args.seeds))} --write {shown}"
         write_doc(Path(args.write), command, body)
 
 
