@@ -38,11 +38,10 @@ from typing import Any
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
 from crossdiff.locks import output_lock
-from crossdiff.organism.steered import adl_success, planted_success
+from crossdiff.organism.steered import MOST, adl_success, planted_success
 from crossdiff.organism.truth import Truth, load_truth
 
 N_TOP = 20
-MOST = 0.5
 LENS_SHARE = 0.2
 """An ADL finding hits a behaviour when at least this share of its lens tokens are the behaviour's."""
 SCORE_NAME = "score.json"

@@ -28,6 +28,7 @@ from typing import Any
 from crossdiff.organism.truth import Behaviour, Truth
 
 MOST = 0.5
+"""More than this share: "most" (of the prompts here, of a finding's contexts in crossdiff.organism.score)."""
 
 
 def succeeded(steered: dict[str, int], controls: dict[str, list[int]], unsteered: int, prompts: int) -> dict[str, Any]:
