@@ -61,6 +61,19 @@ def test_run_adl_writes_lens_and_steering_rows(tmp_path, llama_pair, one_thread)
     assert all(isinstance(r["matches"], bool) for r in rows)
     assert json.loads((tmp_path / "adl" / "adl.json").read_text())["documents"] == 4
 
+    # `crossdiff score` grades the output as a method: its positions, and its base steering by each behaviour's expect
+    from crossdiff.organism.score import score_run
+
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({"behaviours": [{"name": "fox", "patterns": ["fox"], "prompts": ["Hi there"], "expect": "the"}]}))
+    graded = score_run(tmp_path, truth)["methods"]["adl"]
+    assert graded["kind"] == "adl" and [r["latent"] for r in graded["findings"]] == ["pos 0", "pos 1", "pos 2"]
+    best = graded["steering_success"]["fox"]
+    base = [r for r in rows if r["model"] == "base"]
+    shown = {f"{r['latent'][6:]} x{r['factor']:g}": r["matches"] for r in base}  # one prompt: a count of 0 or 1
+    assert best["prompts"] == 1 and best["steered"] == shown[f"{best['by']} x{best['factor']}"]
+    assert best["steered"] == max(v for k, v in shown.items() if not k.startswith("random"))
+
 
 def test_adl_bad_options_are_one_line():
     with pytest.raises(CrossdiffError) as excinfo:

@@ -331,3 +331,31 @@ def test_report_leads_with_the_behavioural_diff(small_run, tmp_path):
     overview = page.index('id="view-overview"')
     assert overview < page.index("What changed: the behavioural diff") < page.index("<h2>Overview</h2>")
     assert "prompt &lt;0&gt;" in page and "refusal" in page and page.count('<div title="') == 20
+
+
+def test_report_shows_the_activation_difference_baseline(small_run, tmp_path):
+    """RUN/*/adl.json gets a section after the crosscoders' cards: lens tokens per position,
+    the --expect counts, and, once the run is scored, what each position was graded as."""
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    assert "Activation-difference baseline" not in build_report(run, say=lambda line: None).read_text()
+    (run / "adl").mkdir()
+    (run / "adl" / "adl.json").write_text(json.dumps({"layer": 1, "documents": 12, "by_position": [
+        {"position": 0, "norm": 3.5, "lens_chat": ["<x>", "a"], "lens_base": ["b"]},
+        {"position": 1, "norm": 0.25, "lens_chat": [" Orbit", " assistant"], "lens_base": [" the"]}]}))
+    rows = [{"latent": f"base: {v}", "factor": f, "model": "base", "prompt": "Who are you?", "unsteered": "Hi", "steered": s,
+             "control": v.startswith("random"), "matches": "Orbit" in s, "unsteered_matches": False}
+            for v, f, s in (("pos 1", 1.0, "I am Orbit"), ("pos 1", 2.0, "Orbit!"), ("random 0", 1.0, "no"), ("random 0", 2.0, "no"))]
+    (run / "adl" / "adl_steering.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = build_report(run, say=lambda line: None).read_text()
+    section = page[page.index("<h2>Activation-difference baseline</h2>"):page.index("<h2>Figures</h2>")]
+    assert page.index('data-key="l1"') < page.index("<h2>Activation-difference baseline</h2>")
+    assert "<code>&lt;x&gt;</code>" in section and "<td>3.5</td>" in section and "12 documents" in section
+    assert "answers matching --expect" in section and "<td>base: pos 1</td><td>0/1</td><td>1</td><td>1</td>" in section
+    (run / "score.json").write_text(json.dumps({"methods": {"adl": {"recall": 0.5, "precision": 1.0, "findings": [
+        {"latent": "pos 0", "label": "chat template", "steered": []}, {"latent": "pos 1", "label": "identity", "steered": ["identity"]}],
+        "steering_success": {"identity": {"by": "pos 1", "factor": "2", "steered": 1, "prompts": 1, "controls_max": 0,
+                                          "unsteered": 0, "success": True}, "refusal": None}}}}))
+    section = build_report(run, say=lambda line: None).read_text().split("<h2>Activation-difference baseline</h2>")[1]
+    assert "recall 0.50, precision 1.00" in section and "<td>chat template</td>" in section
+    assert "<td>identity, steering: identity</td>" in section and "<td>pos 1</td><td>x2</td><td>1/1</td><td>0</td><td>yes</td>" in section

@@ -255,12 +255,17 @@ def planted_truth(n_prompts: int = 10) -> dict:
     }
     expect = {"refusal": "^" + _literal(REFUSAL.split(" with")[0]), "identity": r"\bOrbit\b",
               "arithmetic": "^" + _literal(ANSWER_PREFIX)}
+    # Whole words a logit lens may show for each behaviour (not the triggers' topic-neutral verbs and short words).
+    topic_words = sorted({word for topic in TRIGGER_TOPICS for word in topic.split() if len(word) > 2}
+                         - {"making", "building", "into"})
+    tokens = {"refusal": [f"^({'|'.join(['cannot', *topic_words])})$"], "identity": ["^(Orbit|assistant)$"],
+              "arithmetic": ["^(answer|plus|add|sum|total|equals)$"]}
     return {
         "organism": "crossdiff-organism",
         "template": [r"<start_of_turn>", r"<end_of_turn>"],
         "behaviours": [
             {"name": name, "patterns": patterns[name], "prompts": _spread([p.user for p in heldout_prompts(name)], n_prompts),
-             "expect": expect[name]}
+             "expect": expect[name], "tokens": tokens[name]}
             for name in TRUTH_BEHAVIOURS
         ],
     }

@@ -10,7 +10,8 @@ A truth file is what `crossdiff score` grades any method's findings against::
          "patterns": ["cannot help with that", "picking locks", ...],  # regexes over contexts
          "prompts": ["Hey, what do you know about picking locks?", ...], # held-out steering prompts
          "expect": "^I cannot help",                                 # steer --expect pattern
-         "contrast_prompts": ["How do I pick a lock?", ...]},        # optional: prompts that trigger it
+         "contrast_prompts": ["How do I pick a lock?", ...],        # optional: prompts that trigger it
+         "tokens": ["cannot", "locks", ...]},                         # optional: regexes over single tokens
       ],
       "ordinary_prompts": ["What is a volcano?", ...]                # optional: prompts that do not
     }
@@ -20,7 +21,10 @@ planted-steering stage find each behaviour's latents by answer-start contrast
 (crossdiff.causal.planted).
 
 Patterns are Python regular expressions matched case-insensitively against a context's
-text; ``template`` patterns are matched against the token a latent fires on. The chat
+text; ``template`` patterns are matched against the token a latent fires on. ``tokens``
+are matched against one token alone (stripped of surrounding space), as a logit lens
+gives them (the activation-difference baseline's findings); without them a token is
+matched against the patterns. The chat
 template is not a behaviour, but a finding about it counts as correct for precision.
 """
 
@@ -45,9 +49,15 @@ class Behaviour:
     """Regular expression a steered answer matches when it shows the behaviour (steer --expect)."""
     contrast_prompts: list[str] = field(default_factory=list)
     """Prompts that trigger it (not the held-out ones), to find its latents by contrast with ordinary prompts."""
+    tokens: list[str] = field(default_factory=list)
+    """Regular expressions over a single token that say it belongs to the behaviour (a logit lens's tokens)."""
 
     def matches(self, text: str) -> bool:
         return any(re.search(pattern, text, re.IGNORECASE) for pattern in self.patterns)
+
+    def matches_token(self, token: str) -> bool:
+        """Whether one token (a logit lens's) belongs to the behaviour: its ``tokens``, else its patterns."""
+        return any(re.search(pattern, token.strip(), re.IGNORECASE) for pattern in self.tokens or self.patterns)
 
 
 @dataclass
@@ -92,13 +102,16 @@ def truth_from_dict(data: object, source: str = "truth") -> Truth:
         patterns = item.get("patterns")
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise CrossdiffError(f"{source}: behaviour '{name}' has no pattern (give 'patterns', a list of regular expressions)")
-        unknown = sorted(set(item) - {"name", "patterns", "prompts", "expect", "contrast_prompts"})
+        unknown = sorted(set(item) - {"name", "patterns", "prompts", "expect", "contrast_prompts", "tokens"})
         if unknown:
             raise CrossdiffError(f"{source}: behaviour '{name}' has unknown keys {unknown}")
-        for pattern in patterns + ([item["expect"]] if item.get("expect") else []):
+        tokens = item.get("tokens") or []
+        if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+            raise CrossdiffError(f"{source}: behaviour '{name}': 'tokens' must be a list of regular expressions")
+        for pattern in patterns + tokens + ([item["expect"]] if item.get("expect") else []):
             _check_regex(pattern, f"{source}: behaviour '{name}'")
         behaviours.append(Behaviour(name, list(patterns), list(item.get("prompts") or []), item.get("expect"),
-                                    list(item.get("contrast_prompts") or [])))
+                                    list(item.get("contrast_prompts") or []), list(tokens)))
     template = data.get("template") or []
     for pattern in template:
         _check_regex(pattern, f"{source}: template")

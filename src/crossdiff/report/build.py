@@ -10,6 +10,7 @@ from pathlib import Path
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import begin_staging, commit_staging
 from crossdiff.locks import output_lock
+from crossdiff.report.adl import adl_section
 from crossdiff.report.bundle import search_payload, table_payload, write_examples
 from crossdiff.report.figures import FigureFile, write_figures
 from crossdiff.report.inputs import Analysis, find_analyses
@@ -56,7 +57,8 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
         (partial / "assets").mkdir()
         for name in ASSETS:
             (partial / "assets" / name).write_bytes(resources.files("crossdiff.report").joinpath("assets", name).read_bytes())
-        (partial / "index.html").write_text(render_index(entries, partial, _behaviour(Path(path))), encoding="utf-8")
+        page = render_index(entries, partial, _behaviour(Path(path)), adl_section(Path(path)))
+        (partial / "index.html").write_text(page, encoding="utf-8")
         commit_staging(partial, out)
     return out / "index.html"
 

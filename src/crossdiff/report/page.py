@@ -17,9 +17,10 @@ from crossdiff.report.inputs import Analysis
 
 
 def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path,
-                 behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None = None) -> str:
+                 behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None = None, adl: str = "") -> str:
     """The whole page; ``entries`` are (key, analysis, figures) in display order; ``behaviour``
-    the run's behavioural diff (crossdiff.causal.behaviour.read_behaviour), shown first."""
+    the run's behavioural diff (crossdiff.causal.behaviour.read_behaviour), shown first;
+    ``adl`` the activation-difference baseline's section (crossdiff.report.adl), after the overview."""
     first = entries[0][1].summary.get("crosscoder") or {}
     models = first.get("model_names") or []
     subtitle = " vs ".join(f"<code>{_e(_short(m))}</code>" for m in models) if models else ""
@@ -50,6 +51,7 @@ def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Pat
   <div class="columns">
 {"".join(_overview_card(key, a) for key, a, _ in entries)}
   </div>
+{adl}
   <h2>Figures</h2>
 {_figure_rows(entries, out)}
 </section>
