@@ -1,8 +1,9 @@
 """`crossdiff collect`: run base and chat on the same tokens and cache the paired activations.
 
-The loop is deliberately deterministic: sources in recipe order, documents in source
-order, batches of ``batch_size`` consecutive documents, and a new shard whenever the next
-batch would not fit in the open one. A sealed shard records where the next one starts
+The records come from crossdiff.collect.paired (the path ``train --stream`` reads texts by
+too), deterministically: sources in recipe order, documents in source order, batches of
+``batch_size`` consecutive documents; a new shard starts whenever the next batch would not
+fit in the open one. A sealed shard records where the next one starts
 (source, document, tokens so far), so after a crash the same command re-opens the cache,
 drops the unfinished shard and recomputes exactly the batches an uninterrupted run would
 have computed: the finished cache is byte-identical (same machine and software).

@@ -1,7 +1,7 @@
 """Training without a cache: both models run and the crosscoder trains in one process.
 
 ``PairedActivationStream`` is a drop-in for :class:`crossdiff.train.loader.ShuffledPairLoader`:
-an iterable of :class:`crossdiff.cache.store.CacheBatch` with ``normalization``, ``state_dict``
+an iterable of :class:`crossdiff.cache.batch.CacheBatch` with ``normalization``, ``state_dict``
 and ``load_state_dict``, so :class:`crossdiff.train.trainer.Trainer` trains from it unchanged.
 
 Where the batches come from:
