@@ -172,6 +172,34 @@ def _as_plain(config: CollectConfig) -> dict:
     return to_dict(config)
 
 
+def test_the_shared_path_resumes_from_any_saved_position_to_the_same_records(tmp_path, tiny_pair_paths, texts):
+    """collect (positions before a batch, in its seals) and the stream (positions after one, in
+    its checkpoints) resume through one rule: from any position the rest comes out unchanged."""
+    from crossdiff.collect.paired import load_pair, paired_records
+    from crossdiff.models import ResidualExtractor
+
+    config = make_config(tiny_pair_paths, texts, tmp_path / "unused", max_tokens={"web": 200, "chat": 150})
+    pair = load_pair(config, quiet=True)
+    extractor = ResidualExtractor(pair, config.layer)
+    steps = list(paired_records(pair, extractor, config, config.sources))
+    assert [s.after.get("done", False) for s in steps].count(True) == 2 and steps[-1].after["done"]
+    assert [sum(len(s.records.acts) for s in steps if s.records is not None and s.source == i) for i in (0, 1)] == [200, 150]
+
+    def same(a, b):
+        return len(a) == len(b) and all(
+            (x.source, x.after) == (y.source, y.after) and (x.records is None) == (y.records is None)
+            and (x.records is None or all(torch.equal(u, v) for u, v in zip(x.records, y.records)))
+            for x, y in zip(a, b))
+
+    end_of_web = next(i for i, s in enumerate(steps) if s.after.get("done"))
+    for i in (0, 2, end_of_web - 1, end_of_web, len(steps) - 3):
+        assert same(list(paired_records(pair, extractor, config, config.sources, position=steps[i].after)), steps[i + 1:]), i
+        if steps[i + 1].records is not None:
+            assert same(list(paired_records(pair, extractor, config, config.sources, position=steps[i + 1].before)), steps[i + 1:]), i
+    chat_only = list(paired_records(pair, extractor, config, config.sources, order=[1]))
+    assert same(chat_only, steps[end_of_web + 1:])
+
+
 def test_ranks_collect_disjoint_documents_that_merge_into_one_cache(tmp_path, tiny_pair_paths, texts):
     single = tmp_path / "single"
     collect(make_config(tiny_pair_paths, texts, single, max_tokens=200, dtype="float32"), quiet=True)

@@ -80,9 +80,10 @@ def test_stream_gives_the_cache_tokens_and_resumes_without_repeats_or_gaps(toy):
 
 
 def test_filters_and_sources_follow_the_loader(toy):
-    from crossdiff.train.stream import _shares
+    from crossdiff.train.loader import source_shares  # the split the cache loader uses too
 
-    assert _shares(512, [0.5, 0.5]) == [256, 256] and _shares(10, [1, 1, 1]) == [4, 3, 3]
+    assert source_shares(512, {"b": 0.5, "a": 0.5}, ["a", "b"], "the recipe") == {"a": 256, "b": 256}
+    assert list(source_shares(10, {"c": 1, "a": 1, "b": 1}, ["a", "b", "c"], "the recipe").values()) == [4, 3, 3]
     stream = PairedActivationStream(toy.collect, 64, buffer_tokens=512, seed=0, filters=ReadFilters(drop_bos=True, drop_special=True))
     seen = [t for b in stream for t in zip(b.positions.tolist(), b.token_ids.tolist())]
     special = set(stream.pair.tokenizer.all_special_ids)

@@ -26,6 +26,7 @@ from torch import nn
 from crossdiff import model_sources
 from crossdiff.devices import parse_device
 from crossdiff.errors import CrossdiffError, first_line
+from crossdiff.texts import render_chat
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -117,11 +118,36 @@ def load_model_pair(
     )
 
     # Cheap checks first: configs and tokenizers, before gigabytes of weights are loaded.
+    d_model = _same_width(base_weights, chat_weights)
+    base_tokenizer, chat_tokenizer = _same_tokenizers(base_weights, chat_weights, check_texts)
+    base_model = load_model(base_name, "base", torch_dtype, torch_device, resolved=(base_weights, base_adapter))
+    chat_model = load_model(chat_name, "chat", torch_dtype, torch_device, resolved=(chat_weights, chat_adapter))
+    return ModelPair(
+        base=base_model,
+        chat=chat_model,
+        tokenizer=chat_tokenizer,
+        base_name=base_name,
+        chat_name=chat_name,
+        d_model=d_model,
+        n_layers=_same_blocks(base_model, chat_model, len(chat_tokenizer)),
+        base_tokenizer=base_tokenizer,
+        identities=(model_sources.identity(base_name), model_sources.identity(chat_name)),
+    )
+
+
+def _same_width(base_weights: str, chat_weights: str) -> int:
+    """The residual width both models' configs give (or CrossdiffError if they differ)."""
     d_base, d_chat = (
         _text_config(_load_config(name, role)).hidden_size for name, role in ((base_weights, "base"), (chat_weights, "chat"))
     )
     if d_base != d_chat:
         raise CrossdiffError(f"residual widths differ: base {d_base}, chat {d_chat}")
+    return int(d_chat)
+
+
+def _same_tokenizers(base_weights: str, chat_weights: str, check_texts: Sequence[str]) -> tuple[Any, Any]:
+    """(base, chat) tokenizers, checked to share a vocabulary and to encode the probe texts,
+    ``check_texts`` and a probe conversation alike."""
     chat_tokenizer = _load_tokenizer(chat_weights, "chat")
     try:
         base_tokenizer = _load_tokenizer(base_weights, "base")
@@ -131,37 +157,26 @@ def load_model_pair(
     _check_same_vocabulary(base_tokenizer, chat_tokenizer)
     probes = list(PROBE_TEXTS) + list(check_texts)
     if getattr(chat_tokenizer, "chat_template", None):
-        from crossdiff.texts import render_chat
-
         try:
             probes.append(render_chat(chat_tokenizer, [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"}]))
         except CrossdiffError:
             pass  # an unusual template that wants other turns; the chat sources are checked when collected
     check_same_tokenization((base_tokenizer, chat_tokenizer), probes)
+    return base_tokenizer, chat_tokenizer
 
-    base_model = load_model(base_name, "base", torch_dtype, torch_device, resolved=(base_weights, base_adapter))
-    chat_model = load_model(chat_name, "chat", torch_dtype, torch_device, resolved=(chat_weights, chat_adapter))
+
+def _same_blocks(base_model: nn.Module, chat_model: nn.Module, vocabulary: int) -> int:
+    """The number of decoder blocks of both loaded models, each embedding the whole ``vocabulary``."""
     n_base, n_chat = len(decoder_layers(base_model)), len(decoder_layers(chat_model))
     if n_base != n_chat:
         raise CrossdiffError(f"numbers of decoder blocks differ: base {n_base}, chat {n_chat}")
     for role, model in (("base", base_model), ("chat", chat_model)):
         rows = model.get_input_embeddings().num_embeddings
-        if rows < len(chat_tokenizer):
+        if rows < vocabulary:
             raise CrossdiffError(
-                f"vocabularies differ: the tokenizer has {len(chat_tokenizer)} tokens but the {role} model embeds only {rows}"
+                f"vocabularies differ: the tokenizer has {vocabulary} tokens but the {role} model embeds only {rows}"
             )
-
-    return ModelPair(
-        base=base_model,
-        chat=chat_model,
-        tokenizer=chat_tokenizer,
-        base_name=base_name,
-        chat_name=chat_name,
-        d_model=int(d_chat),
-        n_layers=n_chat,
-        base_tokenizer=base_tokenizer,
-        identities=(model_sources.identity(base_name), model_sources.identity(chat_name)),
-    )
+    return n_chat
 
 
 def check_same_tokenization(pair_or_tokenizers: ModelPair | tuple[Any, Any], texts: Iterable[Any]) -> None:

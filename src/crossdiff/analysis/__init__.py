@@ -27,7 +27,7 @@ __getattr__, __dir__ = exports(__name__, {
     "tag_latents": "crossdiff.analysis.norms",
     "AnalysisConfig": "crossdiff.analysis.pipeline",
     "AnalysisResult": "crossdiff.analysis.pipeline",
-    "Batch": "crossdiff.analysis.pipeline",
+    "CacheBatch": "crossdiff.cache.batch",
     "TensorSource": "crossdiff.analysis.pipeline",
     "analyze": "crossdiff.analysis.pipeline",
     "LatentScaling": "crossdiff.analysis.scaling",

@@ -45,6 +45,7 @@ from crossdiff.analysis.scaling import LatentScaling, scaling_flags
 from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
 from crossdiff.analysis.table import add_verdict_columns, build_table, summarize, write_table
 from crossdiff.analysis.twins import best_twin, find_twins
+from crossdiff.cache.batch import CacheBatch
 from crossdiff.cache.store import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
@@ -54,20 +55,6 @@ from crossdiff.locks import output_lock
 from crossdiff.devices import resolve_device
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class Batch(NamedTuple):
-    """The fields of a cache batch that analysis reads (crossdiff.cache.store.CacheBatch has them)."""
-
-    acts: Tensor
-    """[B, 2, d_in] model activations, base first (not yet normalised)."""
-    token_ids: Tensor
-    doc_ids: Tensor
-    positions: Tensor
-    """Position in the document; 0 is the BOS token."""
-    source_ids: Tensor
-    template: Tensor
-    """True on chat-template tokens."""
 
 
 class BatchSource(Protocol):
@@ -105,7 +92,7 @@ class TensorSource:
     ):
         n = acts.shape[0]
         index = torch.arange(n)
-        self.batch = Batch(
+        self.batch = CacheBatch(
             acts=acts,
             token_ids=token_ids if token_ids is not None else torch.zeros(n, dtype=torch.long),
             doc_ids=doc_ids if doc_ids is not None else index // doc_length,
@@ -118,9 +105,9 @@ class TensorSource:
         self.model_names = tuple(model_names) if model_names is not None else None
 
     def iter_batches(self, batch_size: int, *, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32, **_: Any) -> Iterator[Batch]:
+                     dtype: torch.dtype = torch.float32, **_: Any) -> Iterator[CacheBatch]:
         for start in range(0, self.n_tokens, batch_size):
-            part = Batch(*(t[start:start + batch_size].to(device) for t in self.batch))
+            part = self.batch.select(slice(start, start + batch_size)).to(device)
             yield part._replace(acts=part.acts.to(dtype))
 
 
@@ -298,7 +285,7 @@ def _check_acts(acts: Tensor, crosscoder: CrossCoder) -> None:
         )
 
 
-def _check_values(batch: Batch, n_sources: int) -> None:
+def _check_values(batch: CacheBatch, n_sources: int) -> None:
     """Damaged activations would turn every beta into NaN and the summary into "confirms 0"."""
     bad = ~torch.isfinite(batch.acts).all(dim=(1, 2))
     if bool(bad.any()):
@@ -332,7 +319,7 @@ def analysis_filter(crosscoder: CrossCoder, source: Any, apply: bool = True) -> 
 
 
 def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, desc: str,
-             progress: bool, token_filter: ReadFilters | None = None, left_out: LeftOut | None = None) -> Iterable[Batch]:
+             progress: bool, token_filter: ReadFilters | None = None, left_out: LeftOut | None = None) -> Iterable[CacheBatch]:
     """The cache's batches in stored order, on ``device``, cut at ``max_tokens`` (tokens read),
     without the tokens ``token_filter`` leaves out (counted into ``left_out``)."""
     limit = source.n_tokens if config.max_tokens is None else min(config.max_tokens, source.n_tokens)
@@ -343,7 +330,7 @@ def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, 
             take = min(raw.acts.shape[0], limit - seen)
             if take <= 0:
                 break
-            batch = Batch(*(getattr(raw, name)[:take] for name in Batch._fields))
+            batch = CacheBatch(*(getattr(raw, name)[:take] for name in CacheBatch._fields))
             seen += take
             bar.update(take)
             if token_filter is not None:
@@ -352,14 +339,14 @@ def _batches(source: BatchSource, config: AnalysisConfig, device: torch.device, 
                     left_out.add(reasons, batch.positions.cpu().numpy())
                 if any(mask.any() for mask in reasons.values()):
                     keep = torch.from_numpy(~np.any(list(reasons.values()), axis=0)).to(batch.acts.device)
-                    batch = Batch(*(t[keep] for t in batch))
+                    batch = batch.select(keep)
             elif left_out is not None:
                 left_out.seen += take
             if len(batch.acts):
                 yield batch
 
 
-def _left_out(batch: Batch, token_filter: ReadFilters, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+def _left_out(batch: CacheBatch, token_filter: ReadFilters, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """The filter's reasons for a batch; norms as the cache stores them (float32 of a float64 norm)."""
     norms = (torch.linalg.vector_norm(batch.acts, dim=-1, dtype=torch.float64).float().cpu().numpy()
              if token_filter.max_norm is not None else None)

@@ -56,12 +56,35 @@ def write_cache(
     path = Path(path)
     if (path / MANIFEST).exists():
         raise CrossdiffError(f"{path} already holds a cache; write into a new folder")
+    acts_t = _activations(acts)
+    sources = list(sources)
+    columns = _columns(acts_t.shape[0], sources, token_ids=token_ids, doc_ids=doc_ids, positions=positions,
+                       source_ids=source_ids, template=template)
+    writer = CacheWriter(path, models=tuple(models), layer=layer, d_model=acts_t.shape[2], sources=sources,
+                         dtype=dtype, shard_tokens=shard_tokens, config={"written_by": "crossdiff.from_arrays"},
+                         bos_token_id=bos_token_id, special_token_ids=special_token_ids)
+    try:
+        for s in range(len(sources)):
+            _write_source(writer, acts_t, columns, s, shard_tokens)
+        writer.finish()
+    finally:
+        writer.close()
+    return PairedCache(path)
+
+
+def _activations(acts: Any) -> torch.Tensor:
+    """``acts`` as a [tokens, 2, d_model] tensor of finite floats (or CrossdiffError)."""
     acts_t = torch.as_tensor(np.asarray(acts) if not isinstance(acts, torch.Tensor) else acts)
     if acts_t.dim() != 3 or acts_t.shape[1] != 2 or acts_t.shape[0] == 0:
         raise CrossdiffError(f"acts must be [tokens, 2, d_model] with at least one token, got {list(acts_t.shape)}")
     if not acts_t.is_floating_point() or not bool(torch.isfinite(acts_t).all()):
         raise CrossdiffError("acts must be finite floating-point values")
-    n = acts_t.shape[0]
+    return acts_t
+
+
+def _columns(n: int, sources: list[str], *, token_ids: Any, doc_ids: Any, positions: Any, source_ids: Any,
+             template: Any) -> dict[str, np.ndarray]:
+    """One checked numpy column per token record, the defaults filled in."""
     index = np.arange(n)
     columns = {
         "token_ids": _column(token_ids, n, "token_ids"),
@@ -70,30 +93,25 @@ def write_cache(
         "source_ids": _column(source_ids, n, "source_ids") if source_ids is not None else np.zeros(n, np.int64),
         "template": _column(template, n, "template").astype(bool) if template is not None else np.zeros(n, bool),
     }
-    sources = list(sources)
     if columns["source_ids"].min() < 0 or columns["source_ids"].max() >= len(sources):
         raise CrossdiffError(f"source_ids must index sources ({len(sources)} names: {sources})")
     if columns["positions"].min() < 0 or columns["doc_ids"].min() < 0:
         raise CrossdiffError("doc_ids and positions must be non-negative")
+    return columns
 
-    writer = CacheWriter(path, models=tuple(models), layer=layer, d_model=acts_t.shape[2], sources=sources,
-                         dtype=dtype, shard_tokens=shard_tokens, config={"written_by": "crossdiff.from_arrays"},
-                         bos_token_id=bos_token_id, special_token_ids=special_token_ids)
-    try:
-        for s in range(len(sources)):
-            rows = np.nonzero(columns["source_ids"] == s)[0]
-            for start in range(0, len(rows), shard_tokens):
-                part = rows[start:start + shard_tokens]
-                if writer.room < len(part):
-                    writer.seal()
-                writer.append(acts_t[torch.from_numpy(part)], token_ids=columns["token_ids"][part],
-                              doc_ids=columns["doc_ids"][part], positions=columns["positions"][part], source_id=s,
-                              template=columns["template"][part])
-            writer.seal()  # a shard holds one source
-        writer.finish()
-    finally:
-        writer.close()
-    return PairedCache(path)
+
+def _write_source(writer: CacheWriter, acts: torch.Tensor, columns: dict[str, np.ndarray], source: int,
+                  shard_tokens: int) -> None:
+    """The tokens of one source, in order, in shards of their own (a shard holds one source)."""
+    rows = np.nonzero(columns["source_ids"] == source)[0]
+    for start in range(0, len(rows), shard_tokens):
+        part = rows[start:start + shard_tokens]
+        if writer.room < len(part):
+            writer.seal()
+        writer.append(acts[torch.from_numpy(part)], token_ids=columns["token_ids"][part],
+                      doc_ids=columns["doc_ids"][part], positions=columns["positions"][part], source_id=source,
+                      template=columns["template"][part])
+    writer.seal()
 
 
 def _column(values: Any, n: int, name: str) -> np.ndarray:

@@ -31,11 +31,12 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
+from crossdiff.cache.batch import CacheBatch, concat_batches  # noqa: F401 (re-exported)
 from crossdiff.cache.filters import DEFAULT_MAX_NORM_RATIO, FIRST_POSITION, ReadFilters, recorded_filter  # noqa: F401 (re-exported)
 from crossdiff.errors import CrossdiffError, first_line
 from crossdiff.files import (
@@ -75,23 +76,6 @@ STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 }
 
 _SHARD_NAME = re.compile(r"^shard-\d{5}$")
-
-
-class CacheBatch(NamedTuple):
-    """A batch of paired activations with the token each one belongs to."""
-
-    acts: torch.Tensor
-    """[B, 2, d] activations, base = 0, chat = 1 (float32 unless asked otherwise)."""
-    token_ids: torch.Tensor
-    """[B] int64 token ids."""
-    doc_ids: torch.Tensor
-    """[B] int64 index of the document within its source."""
-    positions: torch.Tensor
-    """[B] int64 position within the document (0 = first token, the BOS if the tokenizer adds one)."""
-    source_ids: torch.Tensor
-    """[B] int64 index into ``PairedCache.sources``."""
-    template: torch.Tensor
-    """[B] bool, True on chat-template tokens."""
 
 
 _REASON_WORDS = {"first_position": "first positions", "bos": "BOS tokens", "special": "special tokens", "norm": "above {ratio}x the median norm"}
@@ -930,14 +914,8 @@ class PairedCache:
                 pending_n += len(part.acts)
                 while pending_n >= batch_size:
                     batch = concat_batches(pending)
-                    yield CacheBatch(*(t[:batch_size] for t in batch))
-                    rest = CacheBatch(*(t[batch_size:] for t in batch))
+                    yield batch.select(slice(None, batch_size))
+                    rest = batch.select(slice(batch_size, None))
                     pending, pending_n = ([rest], len(rest.acts)) if len(rest.acts) else ([], 0)
         if pending_n:
             yield concat_batches(pending)
-
-
-def concat_batches(parts: Sequence[CacheBatch]) -> CacheBatch:
-    if len(parts) == 1:
-        return parts[0]
-    return CacheBatch(*(torch.cat(fields) for fields in zip(*parts)))

@@ -41,6 +41,7 @@ from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import jsonable, remove_stray_temporaries, write_atomic
 from crossdiff.locks import output_lock
+from crossdiff.models import load_model_pair, pad_batch
 
 SUBSETS = ("all", "first_k", "rest")
 SPARSITY_NAMES = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
@@ -56,33 +57,14 @@ class CausalResult(NamedTuple):
 
 def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -> CausalResult:
     """Run the experiment and write its files; ``pair`` reuses already loaded models."""
-    from crossdiff.models import load_model_pair
-
     crosscoder = CrossCoder.from_pretrained(config.crosscoder)
     table, analysis_summary = read_analysis(config.analysis_dir, crosscoder)
     layer = resolve_layer(crosscoder, config.layer)
     base_name, chat_name = resolve_models(crosscoder, config.base, config.chat)
-    pool = candidate_pool(table, pool_size=config.pool_size, chat_only_threshold=_chat_only_threshold(analysis_summary))
-    sets = paper_sets(table, pool, random_seeds=config.random_seeds)
-    sets += [user_set(table, spec, crosscoder.config.d_sae, name=f"user-{i}" if len(config.latents) > 1 else "user")
-             for i, spec in enumerate(config.latents)]
+    pool, sets = _latent_sets(config, crosscoder, table, analysis_summary)
     out = Path(config.out) if config.out else Path(config.analysis_dir).resolve().parent / "causal"
-    others = {}
-    for folder in config.compare:
-        other = Path(folder)
-        if not (other / "kl.parquet").is_file() or not (other / "summary.json").is_file():
-            raise CrossdiffError(f"--compare {folder}: not a finished causal folder (needs kl.parquet and summary.json)")
-        activation = json.loads((other / "summary.json").read_text())["activation"]
-        others[SPARSITY_NAMES.get(activation, activation)] = pd.read_parquet(other / "kl.parquet")
-    messages = (load_conversations(config.conversations, column=config.column, split=config.split, limit=config.limit)
-                if config.conversations else None)
-    prompts = load_prompts(config.prompts, column=config.prompt_column, limit=config.limit) if config.prompts else None
-    if messages is not None:
-        for i, conversation in enumerate(messages):
-            if not any(m["role"] == "assistant" for m in conversation):
-                raise CrossdiffError(f"conversation {i} has no assistant turn; the KL experiment scores assistant tokens")
-    if not (messages or prompts):
-        raise CrossdiffError("no conversations to evaluate")
+    others = _compared(config)
+    messages, prompts = _inputs(config)
 
     # One run per folder (two would share the progress file), checked before the models load.
     with output_lock(out, "causal"):
@@ -92,10 +74,7 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
         if pair is None:
             _say(quiet, f"loading {base_name} and {chat_name}")
             pair = load_model_pair(base_name, chat_name, dtype=config.model_dtype, device=config.device)
-        if layer >= pair.n_layers:
-            raise CrossdiffError(f"the crosscoder reads block {layer} but the models have {pair.n_layers} blocks")
-        if pair.d_model != crosscoder.config.d_in:
-            raise CrossdiffError(f"the crosscoder reads width {crosscoder.config.d_in} but the models' residual width is {pair.d_model}")
+        _check_pair(pair, layer, crosscoder)
         crosscoder = crosscoder.to(pair.device)
         if messages is None:
             _say(quiet, f"answering {len(prompts)} prompts with the chat model (greedy, up to {config.max_new_tokens} tokens)")
@@ -117,6 +96,49 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
     return CausalResult(kl_table, summary, files)
 
 
+def _latent_sets(config: CausalConfig, crosscoder: CrossCoder, table: pd.DataFrame,
+                 analysis_summary: dict[str, Any]) -> tuple[Any, list[LatentSet]]:
+    """The candidate pool and the latent sets to patch: the paper's, then the user's."""
+    pool = candidate_pool(table, pool_size=config.pool_size, chat_only_threshold=_chat_only_threshold(analysis_summary))
+    sets = paper_sets(table, pool, random_seeds=config.random_seeds)
+    sets += [user_set(table, spec, crosscoder.config.d_sae, name=f"user-{i}" if len(config.latents) > 1 else "user")
+             for i, spec in enumerate(config.latents)]
+    return pool, sets
+
+
+def _compared(config: CausalConfig) -> dict[str, pd.DataFrame]:
+    """The KL tables of the finished causal folders ``--compare`` names, by sparsity."""
+    others = {}
+    for folder in config.compare:
+        other = Path(folder)
+        if not (other / "kl.parquet").is_file() or not (other / "summary.json").is_file():
+            raise CrossdiffError(f"--compare {folder}: not a finished causal folder (needs kl.parquet and summary.json)")
+        activation = json.loads((other / "summary.json").read_text())["activation"]
+        others[SPARSITY_NAMES.get(activation, activation)] = pd.read_parquet(other / "kl.parquet")
+    return others
+
+
+def _inputs(config: CausalConfig) -> tuple[list[Any] | None, list[str] | None]:
+    """(conversations, prompts the chat model answers first); each conversation must have an assistant turn."""
+    messages = (load_conversations(config.conversations, column=config.column, split=config.split, limit=config.limit)
+                if config.conversations else None)
+    prompts = load_prompts(config.prompts, column=config.prompt_column, limit=config.limit) if config.prompts else None
+    if messages is not None:
+        for i, conversation in enumerate(messages):
+            if not any(m["role"] == "assistant" for m in conversation):
+                raise CrossdiffError(f"conversation {i} has no assistant turn; the KL experiment scores assistant tokens")
+    if not (messages or prompts):
+        raise CrossdiffError("no conversations to evaluate")
+    return messages, prompts
+
+
+def _check_pair(pair: Any, layer: int, crosscoder: CrossCoder) -> None:
+    if layer >= pair.n_layers:
+        raise CrossdiffError(f"the crosscoder reads block {layer} but the models have {pair.n_layers} blocks")
+    if pair.d_model != crosscoder.config.d_in:
+        raise CrossdiffError(f"the crosscoder reads width {crosscoder.config.d_in} but the models' residual width is {pair.d_model}")
+
+
 def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Conversation], config: CausalConfig,
           *, quiet: bool = True, progress: ScoringProgress | None = None) -> KLAccumulator:
     """KL of every condition on every scored token, summed per conversation.
@@ -124,11 +146,8 @@ def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Con
     With ``progress``, the batches a previous run of the same job scored are skipped and
     their sums loaded, and the sums so far are saved after batches as they finish.
     """
-    from crossdiff.models import pad_batch
-
-    base_half, chat_half = SplitModel(pair.base, layer), SplitModel(pair.chat, layer)
+    halves = SplitModel(pair.base, layer), SplitModel(pair.chat, layer)
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    keys = conditions.names()
     by_length = sorted(conversations, key=lambda c: len(c.input_ids))  # batches of similar length: little padding
     starts = range(0, len(by_length), config.batch_size)
     resumed = progress.load() if progress is not None else None
@@ -143,55 +162,87 @@ def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Con
         if progress is not None and number > done:  # the batches before this one are complete
             progress.save(number, accumulator)
         batch = by_length[start:start + config.batch_size]
-        input_ids, attention_mask = pad_batch([c.input_ids for c in batch], pad)
-        real = attention_mask.bool()
-        template = _pad_flags([c.template for c in batch], input_ids.shape)
-        masks = {name: torch.from_numpy(mask) & real
-                 for name, mask in prediction_masks(_pad_flags([c.assistant for c in batch], input_ids.shape).numpy(),
-                                                    template.numpy(), config.k_first).items()}
-        scored = masks["all"]
-        if not scored.any():
-            bar.update(len(batch))
-            continue
-        row_of = torch.arange(len(batch))[:, None].expand_as(input_ids)[scored]
-        member = {name: mask[scored] for name, mask in masks.items()}
-        for subset in SUBSETS:
-            for row, n in enumerate(torch.bincount(row_of[member[subset]], minlength=len(batch)).tolist()):
-                if n:
-                    accumulator.add_counts(subset, batch[row].index, n)
-
-        with torch.inference_mode():
-            base = base_half.lower(input_ids, attention_mask)
-            chat = chat_half.lower(input_ids, attention_mask)
-            h_base, h_chat = base[real.to(base.device)].float(), chat[real.to(chat.device)].float()
-            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)[real]  # right-padded: column = position
-            f = conditions.encode(h_base.to(conditions.delta.device), h_chat.to(conditions.delta.device),
-                                  positions, input_ids[real])
-            flat_template = template[real].to(conditions.delta.device)
-            logp_chat = torch.log_softmax(chat_half.upper(chat, input_ids, attention_mask, scored).float(), dim=-1)
-            p_chat = logp_chat.exp()
-            # Several conditions share one upper pass, stacked along the batch: a small model's
-            # forward costs mostly fixed overhead, a large one's is bounded by tokens_per_pass.
-            per_pass = max(1, config.tokens_per_pass // input_ids.numel())
-            for first in range(0, len(keys), per_pass):
-                chunk = [key for key, _, _, _ in keys[first:first + per_pass]]
-                stacked = base.float().repeat(len(chunk), 1, 1)
-                stacked_real = real.repeat(len(chunk), 1).to(stacked.device)
-                stacked[stacked_real] = torch.cat([conditions.residual(key, h_base, h_chat, f, flat_template) for key in chunk]).to(stacked.device)
-                logits = chat_half.upper(stacked, input_ids.repeat(len(chunk), 1), attention_mask.repeat(len(chunk), 1),
-                                         scored.repeat(len(chunk), 1))
-                for key, rows in zip(chunk, logits.split(len(logp_chat))):  # row-major: one block of rows per condition
-                    kl = kl_per_token(logp_chat, rows, p_chat).cpu()
-                    for subset in SUBSETS:
-                        sel = member[subset]
-                        sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of[sel], kl[sel].double())
-                        for row in torch.unique(row_of[sel]).tolist():
-                            accumulator.add(key, subset, batch[row].index, float(sums[row]))
+        tokens = _ScoredTokens.of(batch, pad, config.k_first)
+        if tokens.scored.any():
+            tokens.count(accumulator)
+            _score_batch(halves, conditions, tokens, config.tokens_per_pass, accumulator)
         bar.update(len(batch))
     bar.close()
     if progress is not None:
         progress.save(len(starts), accumulator, force=True)
     return accumulator
+
+
+class _ScoredTokens(NamedTuple):
+    """A padded batch of conversations and which of its positions are scored, by subset."""
+
+    batch: list[Conversation]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    real: torch.Tensor  # not padding
+    template: torch.Tensor  # chat-template tokens
+    scored: torch.Tensor  # positions predicting an assistant token ([B, T] bool)
+    row_of: torch.Tensor  # the batch row of each scored position
+    member: dict[str, torch.Tensor]  # subset -> which scored positions belong to it
+
+    @classmethod
+    def of(cls, batch: list[Conversation], pad: int, k_first: int) -> _ScoredTokens:
+        input_ids, attention_mask = pad_batch([c.input_ids for c in batch], pad)
+        real = attention_mask.bool()
+        template = _pad_flags([c.template for c in batch], input_ids.shape)
+        masks = {name: torch.from_numpy(mask) & real
+                 for name, mask in prediction_masks(_pad_flags([c.assistant for c in batch], input_ids.shape).numpy(),
+                                                    template.numpy(), k_first).items()}
+        scored = masks["all"]
+        row_of = torch.arange(len(batch))[:, None].expand_as(input_ids)[scored]
+        member = {name: mask[scored] for name, mask in masks.items()}
+        return cls(batch, input_ids, attention_mask, real, template, scored, row_of, member)
+
+    def count(self, accumulator: KLAccumulator) -> None:
+        """Add each conversation's number of scored tokens per subset."""
+        for subset in SUBSETS:
+            for row, n in enumerate(torch.bincount(self.row_of[self.member[subset]], minlength=len(self.batch)).tolist()):
+                if n:
+                    accumulator.add_counts(subset, self.batch[row].index, n)
+
+    def add(self, accumulator: KLAccumulator, key: str, kl: torch.Tensor) -> None:
+        """Add one condition's per-token KL, summed per conversation and subset."""
+        for subset in SUBSETS:
+            sel = self.member[subset]
+            sums = torch.zeros(len(self.batch), dtype=torch.float64).index_add_(0, self.row_of[sel], kl[sel].double())
+            for row in torch.unique(self.row_of[sel]).tolist():
+                accumulator.add(key, subset, self.batch[row].index, float(sums[row]))
+
+
+def _score_batch(halves: tuple[SplitModel, SplitModel], conditions: Conditions, tokens: _ScoredTokens,
+                 tokens_per_pass: int, accumulator: KLAccumulator) -> None:
+    """Run one batch: lower halves and the crosscoder once, the chat upper half on its own
+    residual and on every condition's patched residual; add each condition's KL."""
+    base_half, chat_half = halves
+    input_ids, attention_mask, real, scored = tokens.input_ids, tokens.attention_mask, tokens.real, tokens.scored
+    keys = conditions.names()
+    with torch.inference_mode():
+        base = base_half.lower(input_ids, attention_mask)
+        chat = chat_half.lower(input_ids, attention_mask)
+        h_base, h_chat = base[real.to(base.device)].float(), chat[real.to(chat.device)].float()
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)[real]  # right-padded: column = position
+        f = conditions.encode(h_base.to(conditions.delta.device), h_chat.to(conditions.delta.device),
+                              positions, input_ids[real])
+        flat_template = tokens.template[real].to(conditions.delta.device)
+        logp_chat = torch.log_softmax(chat_half.upper(chat, input_ids, attention_mask, scored).float(), dim=-1)
+        p_chat = logp_chat.exp()
+        # Several conditions share one upper pass, stacked along the batch: a small model's
+        # forward costs mostly fixed overhead, a large one's is bounded by tokens_per_pass.
+        per_pass = max(1, tokens_per_pass // input_ids.numel())
+        for first in range(0, len(keys), per_pass):
+            chunk = [key for key, _, _, _ in keys[first:first + per_pass]]
+            stacked = base.float().repeat(len(chunk), 1, 1)
+            stacked_real = real.repeat(len(chunk), 1).to(stacked.device)
+            stacked[stacked_real] = torch.cat([conditions.residual(key, h_base, h_chat, f, flat_template) for key in chunk]).to(stacked.device)
+            logits = chat_half.upper(stacked, input_ids.repeat(len(chunk), 1), attention_mask.repeat(len(chunk), 1),
+                                     scored.repeat(len(chunk), 1))
+            for key, rows in zip(chunk, logits.split(len(logp_chat))):  # row-major: one block of rows per condition
+                tokens.add(accumulator, key, kl_per_token(logp_chat, rows, p_chat).cpu())
 
 
 def results_table(accumulator: KLAccumulator, conditions: Conditions) -> pd.DataFrame:

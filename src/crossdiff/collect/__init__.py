@@ -1,6 +1,7 @@
 """The `collect` stage: run base and chat on the same tokens and write the paired cache.
 
-* ``collector``  :func:`collect` and :class:`CollectConfig`, and ``crossdiff collect``
+* ``paired``     documents -> paired records and the resume rule (shared with ``train --stream``)
+* ``collector``  :func:`collect`: those records into sealed shards
 * ``answers``    prompts the chat model answers first, for ``kind = "answers"`` sources
 """
 

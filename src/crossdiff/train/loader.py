@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.cache.store import CacheBatch, LeftOut, PairedCache, ReadFilters, concat_batches
+from crossdiff.cache.batch import CacheBatch, concat_batches
+from crossdiff.cache.store import LeftOut, PairedCache, ReadFilters
 from crossdiff.devices import resolve_device
 from crossdiff.train.distributed import DataParallel, rank_slice
 from crossdiff.errors import CrossdiffError
@@ -211,25 +212,12 @@ class ShuffledPairLoader:
         return _ShardStream(self.cache, shards, self.window_shards, self.seed, stream_id, self.filters)
 
     def _mixed_streams(self, ratio: dict[str, float]) -> tuple[list[_ShardStream], list[int]]:
-        unknown = sorted(set(ratio) - set(self.cache.sources))
-        if unknown:
-            raise CrossdiffError(f"source_ratio names unknown source {unknown[0]!r}; the cache has {self.cache.sources}")
-        if any(not (r > 0) for r in ratio.values()):
-            raise CrossdiffError(f"source_ratio shares must be positive, got {ratio}")
-        names = [s for s in self.cache.sources if s in ratio]  # cache order: independent of dict order
-        total = sum(ratio.values())
-        exact = [self.batch_size * ratio[s] / total for s in names]
-        counts = [math.floor(x) for x in exact]
-        # Largest remainders get the leftover tokens, so the counts always sum to batch_size.
-        for i in sorted(range(len(names)), key=lambda i: counts[i] - exact[i])[: self.batch_size - sum(counts)]:
-            counts[i] += 1
+        shares = source_shares(self.batch_size, ratio, self.cache.sources, "the cache")
         streams = []
-        for name, count in zip(names, counts):
-            if count == 0:
-                raise CrossdiffError(f"batch_size {self.batch_size} leaves no token for source {name!r}")
+        for name in shares:
             shards = [i for i, sh in enumerate(self.cache.shards) if sh["source"] == name]
             streams.append(self._stream(shards, self.cache.sources.index(name) + 1))
-        return streams, counts
+        return streams, list(shares.values())
 
     @property
     def token_filter(self) -> ReadFilters | None:
@@ -311,6 +299,29 @@ class ShuffledPairLoader:
         self.step = int(state["step"])
         for stream, s in zip(self._streams, state["streams"]):
             stream.set_state(s)
+
+
+def source_shares(batch_size: int, ratio: dict[str, float], sources: list[str], where: str) -> dict[str, int]:
+    """Tokens per batch for each source ``ratio`` names, in ``sources`` order (independent of the
+    dict's): proportional to the shares, largest remainders first, summing to ``batch_size``.
+    The cache loader and the stream both split batches with it; ``where`` names the list of
+    ``sources`` in errors ("the cache", "the recipe")."""
+    unknown = sorted(set(ratio) - set(sources))
+    if unknown:
+        raise CrossdiffError(f"source_ratio names unknown source {unknown[0]!r}; {where} has {sources}")
+    if any(not (r > 0) for r in ratio.values()):
+        raise CrossdiffError(f"source_ratio shares must be positive, got {ratio}")
+    names = [s for s in sources if s in ratio]
+    total = sum(ratio.values())
+    exact = [batch_size * ratio[s] / total for s in names]
+    counts = [math.floor(x) for x in exact]
+    # Largest remainders get the leftover tokens, so the counts always sum to batch_size.
+    for i in sorted(range(len(names)), key=lambda i: counts[i] - exact[i])[: batch_size - sum(counts)]:
+        counts[i] += 1
+    for name, count in zip(names, counts):
+        if count == 0:
+            raise CrossdiffError(f"batch_size {batch_size} leaves no token for source {name!r}")
+    return dict(zip(names, counts))
 
 
 def loader_from_config(cache: PairedCache, config: Any) -> ShuffledPairLoader:

@@ -20,7 +20,7 @@ reconstruction term; Delta adds a weighted term on the chat-minus-base differenc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -194,64 +194,99 @@ def crosscoder_losses(
     Under bf16 autocast the encoder and decoder products run in bf16 with float32 results.
     """
     config = model.config
-    B, D = x.shape[0], config.d_sae
-    dp = data_parallel
+    B, dp = x.shape[0], data_parallel
     # Tokens of the whole (global) batch; asking the ranks is one more all-reduce.
     B_all = B if dp is None else int(global_batch_size or dp.global_batch_size(B))
     code_norm = model.code_norm()
-    if sparse:
-        pre, selection, values = _encode_sparse(model, x, code_norm.detach(), pre_out, dp, B_all)
-        x_hat = sparse_decode(values, selection, model.W_dec.reshape(D, -1)).reshape(x.shape) + model.b_dec
-        scaled = values * code_norm[selection.cols]  # differentiable through code_norm: the L1 term needs it
-        fired = torch.zeros(D, dtype=torch.bool, device=x.device)
-        fired[selection.cols[values.detach() > 0]] = True
-
-        def decode_prefix(m: int) -> Tensor:
-            kept = values * (selection.cols < m)
-            return sparse_decode(kept, selection, model.W_dec.reshape(D, -1)).reshape(x.shape) + model.b_dec
-    else:
-        pre = model.pre_activations(x)
-        f = _encode_dense(torch.relu(pre), code_norm.detach(), config.activation, config.k, dp, B_all)
-        x_hat = model.decode(f)
-        scaled = f * code_norm
-        fired = (f.detach() > 0).any(dim=0)
-
-        def decode_prefix(m: int) -> Tensor:
-            return (f[:, :m] @ model.W_dec[:m].reshape(m, -1)).reshape(x.shape) + model.b_dec
-    active = scaled.detach() > 0
-    if dp is None:
-        l0 = active.sum() / B
-        min_selected = torch.zeros((), dtype=x.dtype, device=x.device)
-        if config.activation != "relu" and bool(active.any()):  # only the top-k threshold needs it
-            min_selected = torch.where(active, scaled.detach(), torch.inf).min()
-        recon = _reconstruction_term(x, x_hat, reconstruction, matryoshka_sizes, decode_prefix)
-    else:
-        dp.any_(fired)
-        l0 = dp.sum_(active.sum().reshape(1))[0] / B_all
-        min_selected = torch.zeros((), dtype=scaled.dtype, device=x.device)
-        if config.activation != "relu":
-            smallest = torch.where(active, scaled.detach(), torch.inf).amin() if active.numel() else torch.tensor(torch.inf)
-            smallest = dp.min_(smallest.reshape(1).to(scaled.dtype))[0]
-            min_selected = torch.where(torch.isinf(smallest), 0.0, smallest).to(min_selected)
-        recon = _reconstruction_term(x, x_hat, reconstruction, matryoshka_sizes, decode_prefix) * (B / B_all)  # this rank's share
-
+    encoded = (_forward_sparse(model, x, code_norm, pre_out, dp, B_all) if sparse
+               else _forward_dense(model, x, code_norm, dp, B_all))
+    l0, min_selected = _selection_stats(encoded, x, config.activation, dp, B_all)
+    recon = _reconstruction_term(x, encoded.x_hat, reconstruction, matryoshka_sizes, encoded.decode_prefix)
+    if dp is not None:
+        recon = recon * (B / B_all)  # this rank's share
     if config.activation == "relu":
-        sparsity = l1_penalty(scaled, B_all)
+        sparsity = l1_penalty(encoded.scaled, B_all)
         loss = recon + l1_coefficient * sparsity
     else:
-        dead = ~fired
-        if tokens_since_fired is not None:
-            dead &= tokens_since_fired + B_all >= dead_after_tokens
-        else:
-            dead[:] = False
-        sparsity = _auxk_term(model, x, x_hat, pre, code_norm.detach(), dead, k_aux or config.d_in // 2, sparse, dp, B_all)
+        dead = _dead(encoded.fired, tokens_since_fired, B_all, dead_after_tokens)
+        sparsity = _auxk_term(model, x, encoded.x_hat, encoded.pre, code_norm.detach(), dead, k_aux or config.d_in // 2,
+                              sparse, dp, B_all)
         loss = recon + auxk_alpha * sparsity
     delta = None
     if delta_weight is not None:
-        delta = delta_loss(x, x_hat, reconstruction) * (B / B_all)  # this rank's share of the mean
+        delta = delta_loss(x, encoded.x_hat, reconstruction) * (B / B_all)  # this rank's share of the mean
         loss = loss + delta_weight * delta
-    return LossTerms(loss, recon.detach(), sparsity.detach(), x_hat.detach(), fired, min_selected, l0,
+    return LossTerms(loss, recon.detach(), sparsity.detach(), encoded.x_hat.detach(), encoded.fired, min_selected, l0,
                      None if delta is None else delta.detach())
+
+
+def _dead(fired: Tensor, tokens_since_fired: Tensor | None, B_all: int, dead_after_tokens: int) -> Tensor:
+    """[D] bool: latents silent in this batch whose count of silent tokens reaches the limit
+    (none without counts)."""
+    dead = ~fired
+    if tokens_since_fired is not None:
+        dead &= tokens_since_fired + B_all >= dead_after_tokens
+    else:
+        dead[:] = False
+    return dead
+
+
+class _Encoded(NamedTuple):
+    """One forward pass of a training batch, dense or sparse."""
+
+    pre: Tensor | None  # encoder pre-activations [B, D] (for the auxiliary loss)
+    x_hat: Tensor  # reconstruction [B, n_models, d_in]
+    scaled: Tensor  # scaled activations f * code_norm, dense [B, D] or of the selected latents
+    fired: Tensor  # [D] bool: latents with a positive activation in this (rank's) batch
+    decode_prefix: Callable[[int], Tensor]  # reconstruction from the first m latents (Matryoshka)
+
+
+def _forward_sparse(model: CrossCoder, x: Tensor, code_norm: Tensor, pre_out: Tensor | None, dp: DataParallel | None,
+                    B_all: int) -> _Encoded:
+    D = model.config.d_sae
+    pre, selection, values = _encode_sparse(model, x, code_norm.detach(), pre_out, dp, B_all)
+    x_hat = sparse_decode(values, selection, model.W_dec.reshape(D, -1)).reshape(x.shape) + model.b_dec
+    scaled = values * code_norm[selection.cols]  # differentiable through code_norm: the L1 term needs it
+    fired = torch.zeros(D, dtype=torch.bool, device=x.device)
+    fired[selection.cols[values.detach() > 0]] = True
+
+    def decode_prefix(m: int) -> Tensor:
+        kept = values * (selection.cols < m)
+        return sparse_decode(kept, selection, model.W_dec.reshape(D, -1)).reshape(x.shape) + model.b_dec
+
+    return _Encoded(pre, x_hat, scaled, fired, decode_prefix)
+
+
+def _forward_dense(model: CrossCoder, x: Tensor, code_norm: Tensor, dp: DataParallel | None, B_all: int) -> _Encoded:
+    config = model.config
+    pre = model.pre_activations(x)
+    f = _encode_dense(torch.relu(pre), code_norm.detach(), config.activation, config.k, dp, B_all)
+
+    def decode_prefix(m: int) -> Tensor:
+        return (f[:, :m] @ model.W_dec[:m].reshape(m, -1)).reshape(x.shape) + model.b_dec
+
+    return _Encoded(pre, model.decode(f), f * code_norm, (f.detach() > 0).any(dim=0), decode_prefix)
+
+
+def _selection_stats(encoded: _Encoded, x: Tensor, activation: str, dp: DataParallel | None, B_all: int) -> tuple[Tensor, Tensor]:
+    """(L0, smallest selected scaled activation) of the (global) batch; under data parallelism
+    ``encoded.fired`` becomes the global batch's too."""
+    scaled = encoded.scaled
+    active = scaled.detach() > 0
+    if dp is None:
+        l0 = active.sum() / x.shape[0]
+        min_selected = torch.zeros((), dtype=x.dtype, device=x.device)
+        if activation != "relu" and bool(active.any()):  # only the top-k threshold needs it
+            min_selected = torch.where(active, scaled.detach(), torch.inf).min()
+        return l0, min_selected
+    dp.any_(encoded.fired)
+    l0 = dp.sum_(active.sum().reshape(1))[0] / B_all
+    min_selected = torch.zeros((), dtype=scaled.dtype, device=x.device)
+    if activation != "relu":
+        smallest = torch.where(active, scaled.detach(), torch.inf).amin() if active.numel() else torch.tensor(torch.inf)
+        smallest = dp.min_(smallest.reshape(1).to(scaled.dtype))[0]
+        min_selected = torch.where(torch.isinf(smallest), 0.0, smallest).to(min_selected)
+    return l0, min_selected
 
 
 def _reconstruction_term(x: Tensor, x_hat: Tensor, kind: Reconstruction, sizes: Sequence[int] | None, decode_prefix) -> Tensor:

@@ -1,13 +1,14 @@
 """Training without a cache: both models run and the crosscoder trains in one process.
 
 ``PairedActivationStream`` is a drop-in for :class:`crossdiff.train.loader.ShuffledPairLoader`:
-an iterable of :class:`crossdiff.cache.store.CacheBatch` with ``normalization``, ``state_dict``
+an iterable of :class:`crossdiff.cache.batch.CacheBatch` with ``normalization``, ``state_dict``
 and ``load_state_dict``, so :class:`crossdiff.train.trainer.Trainer` trains from it unchanged.
 
 Where the batches come from:
 
 * Texts are read exactly as ``crossdiff collect`` reads them (same sources, documents,
-  truncation, token budgets, chat-template masks, rank split), through the same helpers.
+  truncation, token budgets, chat-template masks, rank split), through the same path
+  (crossdiff.collect.paired), which also gives the positions a resumed run starts from.
 * A background thread per stream runs both models on consecutive document batches and
   queues the paired activations, rounded to the recipe's storage dtype like the cache.
   The token filter (crossdiff.cache.store.ReadFilters) is resolved on the first full buffer
@@ -47,15 +48,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.cache.store import STORAGE_DTYPES, CacheBatch, LeftOut, ReadFilters, norm_profile
+from crossdiff.cache.batch import CacheBatch, concat_batches, empty_batch
+from crossdiff.cache.store import STORAGE_DTYPES, LeftOut, ReadFilters, norm_profile
+from crossdiff.collect.answers import answered_sources
+from crossdiff.collect.paired import load_pair, paired_records, validate
 from crossdiff.config import from_dict, to_dict
+from crossdiff.models import ResidualExtractor
 from crossdiff.train.config import StreamConfig  # noqa: F401 (re-exported)
+from crossdiff.train.loader import source_shares
 from crossdiff.train.trainer import STATE_NAME, Trainer, newest_checkpoint
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import load_tensors
 from crossdiff.texts import recorded
 
-RECORDS = ("token_ids", "doc_ids", "positions", "source_ids", "template")
 _END = "end"
 
 
@@ -64,28 +69,29 @@ class _Buffer:
     with rows from the end, so a draw costs O(batch), not O(buffer)."""
 
     def __init__(self, capacity: int, d_model: int, dtype: torch.dtype):
-        self.acts = torch.empty(capacity, 2, d_model, dtype=dtype)
-        self.records = {name: torch.empty(capacity, dtype=torch.bool if name == "template" else torch.long) for name in RECORDS}
+        self.rows = empty_batch(capacity, d_model, dtype)
         self.size = 0
 
-    def append(self, chunk: dict[str, torch.Tensor]) -> None:
-        n = chunk["acts"].shape[0]
-        if self.size + n > self.acts.shape[0]:
+    def view(self) -> CacheBatch:
+        """The filled rows (no copy)."""
+        return self.rows.select(slice(0, self.size))
+
+    def append(self, batch: CacheBatch) -> None:
+        n = batch.acts.shape[0]
+        if self.size + n > self.rows.acts.shape[0]:
             raise RuntimeError("shuffle buffer overflow")  # capacity leaves room for one document batch
-        self.acts[self.size : self.size + n] = chunk["acts"]
-        for name in RECORDS:
-            self.records[name][self.size : self.size + n] = chunk[name]
+        for stored, new in zip(self.rows, batch):
+            stored[self.size : self.size + n] = new
         self.size += n
 
-    def take(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def take(self, rows: np.ndarray) -> CacheBatch:
         n, k = self.size, len(rows)
-        index = torch.from_numpy(rows)
-        out = {"acts": self.acts[index].clone(), **{name: t[index].clone() for name, t in self.records.items()}}
+        out = self.rows.select(torch.from_numpy(rows))  # indexing copies
         taken = np.zeros(n, dtype=bool)
         taken[rows] = True
         holes = torch.from_numpy(np.sort(rows[rows < n - k]))
         movers = torch.from_numpy(np.flatnonzero(~taken[n - k :]) + (n - k))
-        for tensor in (self.acts, *self.records.values()):
+        for tensor in self.rows:
             tensor[holes] = tensor[movers]
         self.size = n - k
         return out
@@ -93,17 +99,16 @@ class _Buffer:
     def keep(self, mask: torch.Tensor) -> None:
         """Keep only the rows where ``mask`` is True (order preserved)."""
         kept = int(mask.sum())
-        self.acts[:kept] = self.acts[: self.size][mask]
-        for tensor in self.records.values():
+        for tensor in self.rows:
             tensor[:kept] = tensor[: self.size][mask]
         self.size = kept
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"acts": self.acts[: self.size].clone(), **{name: t[: self.size].clone() for name, t in self.records.items()}}
+        return {name: tensor.clone() for name, tensor in self.view()._asdict().items()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         self.size = 0
-        self.append(state)
+        self.append(CacheBatch(**state))
 
 
 class PairedActivationStream:
@@ -135,11 +140,7 @@ class PairedActivationStream:
         quiet: bool = True,
         data_parallel: Any = None,
     ):
-        from crossdiff.collect.answers import answered_sources
-        from crossdiff.collect.collector import _load_pair, _validate
-        from crossdiff.models import ResidualExtractor
-
-        _validate(collect)
+        validate(collect)
         if batch_size < 1:
             raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
         if buffer_tokens < batch_size:
@@ -151,30 +152,19 @@ class PairedActivationStream:
             filters, first_position="keep" if filters.first_position == "auto" else filters.first_position,
             max_norm_ratio=None, max_norm=None)
         self.source_ratio = dict(source_ratio) if source_ratio else None
+        self.stream_sources, self.per_batch = self._split_sources()  # before the models load: a typo fails fast
         self.data_parallel = data_parallel  # ranks agree on one normalisation
-        self.pair = pair if pair is not None else _load_pair(collect, quiet)
+        self.pair = pair if pair is not None else load_pair(collect, quiet)
         self.text_sources = answered_sources(collect, self.pair, quiet=quiet)  # answers sources: answered first, then read as chat
         self.extractor = ResidualExtractor(self.pair, collect.layer)
         self.d_model = self.pair.d_model
         self.model_names = [self.pair.base_name, self.pair.chat_name]
         self.storage_dtype = STORAGE_DTYPES[collect.dtype][1]
+        self.empty = empty_batch(0, self.d_model, self.storage_dtype)  # what a feed queues at the end of a source
         tokenizer = self.pair.tokenizer
         self.bos_token_id = tokenizer.bos_token_id
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
 
-        names = [s.name for s in collect.sources]
-        if self.source_ratio is None:  # one stream: every source, in recipe order, like the cache
-            self.stream_sources, self.per_batch = [list(range(len(names)))], [batch_size]
-        else:
-            unknown = sorted(set(self.source_ratio) - set(names))
-            if unknown:
-                raise CrossdiffError(f"source_ratio names unknown source {unknown[0]!r}; the recipe has {names}")
-            listed = [i for i, name in enumerate(names) if name in self.source_ratio]
-            self.stream_sources = [[i] for i in listed]
-            self.per_batch = _shares(batch_size, [self.source_ratio[names[i]] for i in listed])
-            for i, count in zip(listed, self.per_batch):
-                if count == 0:
-                    raise CrossdiffError(f"batch_size {batch_size} leaves no token for source {names[i]!r}")
         chunk = collect.batch_size * collect.max_len  # most tokens one document batch can add
         self.capacity = [max(count, round(buffer_tokens * count / batch_size)) for count in self.per_batch]
         self._buffers = [_Buffer(cap + chunk, self.d_model, self.storage_dtype) for cap in self.capacity]
@@ -188,6 +178,14 @@ class PairedActivationStream:
         self._count_lock = threading.Lock()  # the feeds count what they leave out too
         self._feeds: list[_Feed] = []
         self._lock = threading.Lock()  # one forward at a time: the capture hooks sit on shared blocks
+
+    def _split_sources(self) -> tuple[list[list[int]], list[int]]:
+        """Each stream's sources (indices into the recipe's) and its tokens per batch."""
+        names = [s.name for s in self.collect.sources]
+        if self.source_ratio is None:  # one stream: every source, in recipe order, like the cache
+            return [list(range(len(names)))], [self.batch_size]
+        shares = source_shares(self.batch_size, self.source_ratio, names, "the recipe")
+        return [[names.index(name)] for name in shares], list(shares.values())
 
     # ------------------------------------------------------------------ iteration
     def prime(self) -> list[float]:
@@ -210,11 +208,12 @@ class PairedActivationStream:
     def _draw(self, stream: int, size: int, count: int) -> np.ndarray:
         return np.random.default_rng([self.seed, stream, self.step]).choice(size, count, replace=False)
 
-    def _batch(self, parts: list[dict[str, torch.Tensor]]) -> CacheBatch:
-        acts = torch.cat([p["acts"] for p in parts]).float()
+    def _batch(self, parts: list[CacheBatch]) -> CacheBatch:
+        batch = concat_batches(parts)
+        acts = batch.acts.float()
         if self.normalization != [1.0, 1.0]:
             acts = acts * torch.tensor(self.normalization).view(1, 2, 1)
-        return CacheBatch(acts, *(torch.cat([p[name] for p in parts]) for name in RECORDS))
+        return batch._replace(acts=acts)
 
     def _fill(self) -> None:
         """Move queued document batches into each buffer until it holds its share of buffer_tokens."""
@@ -233,7 +232,7 @@ class PairedActivationStream:
                     self.ended[i] = True
                     continue
                 if self.token_filter is not None:
-                    chunk = _select(chunk, self._keep(self.token_filter, chunk))
+                    chunk = _select(chunk, torch.from_numpy(self._keep(self.token_filter, chunk)))
                 buf.append(chunk)
                 self.positions[i] = position
         if self.normalization is None:
@@ -244,13 +243,12 @@ class PairedActivationStream:
         if sum(buf.size for buf in self._buffers) == 0:
             raise CrossdiffError("the texts gave no token to train on")
         if self.filters is not None:
-            profile = norm_profile([{"norm": _norms(buf.acts[: buf.size]), "position": buf.records["positions"][: buf.size].numpy()}
-                                    for buf in self._buffers])
+            profile = norm_profile([{"norm": _norms(rows.acts), "position": rows.positions.numpy()}
+                                    for rows in (buf.view() for buf in self._buffers)])
             self.token_filter = self.filters.resolve(profile)
             for buf in self._buffers:
-                rows = {"acts": buf.acts[: buf.size], **{name: t[: buf.size] for name, t in buf.records.items()}}
-                buf.keep(torch.from_numpy(self._keep(self.token_filter, rows)))
-        norms = torch.cat([torch.linalg.vector_norm(b.acts[: b.size], dim=-1, dtype=torch.float64) for b in self._buffers])
+                buf.keep(torch.from_numpy(self._keep(self.token_filter, buf.view())))
+        norms = torch.cat([torch.linalg.vector_norm(b.view().acts, dim=-1, dtype=torch.float64) for b in self._buffers])
         if norms.shape[0] == 0:
             raise CrossdiffError("the token filter left no token of the first buffer to train on")
         sums = torch.cat([(norms * norms).sum(dim=0), torch.tensor([float(norms.shape[0])], dtype=torch.float64)])
@@ -259,12 +257,12 @@ class PairedActivationStream:
         mean_sq = (sums[:2] / sums[2]).tolist()
         self.normalization = [math.sqrt(self.d_model / m) for m in mean_sq] if self.normalize else [1.0, 1.0]
 
-    def _keep(self, token_filter: ReadFilters, chunk: dict[str, torch.Tensor], *, arriving: bool = False) -> np.ndarray:
+    def _keep(self, token_filter: ReadFilters, chunk: CacheBatch, *, arriving: bool = False) -> np.ndarray:
         """Which of a chunk's tokens ``token_filter`` keeps; counts the others in :attr:`left_out`
         (and, for tokens ``arriving`` from a feed, the tokens seen)."""
-        positions = chunk["positions"].numpy()
-        norms = _norms(chunk["acts"]) if token_filter.max_norm is not None else None
-        reasons = token_filter.reasons(positions, chunk["token_ids"].numpy(), norms, self.bos_token_id, self.special_ids.tolist())
+        positions = chunk.positions.numpy()
+        norms = _norms(chunk.acts) if token_filter.max_norm is not None else None
+        reasons = token_filter.reasons(positions, chunk.token_ids.numpy(), norms, self.bos_token_id, self.special_ids.tolist())
         with self._count_lock:
             seen = self.left_out.seen
             self.left_out.add(reasons, positions)
@@ -360,64 +358,23 @@ class _Feed(threading.Thread):
         return False
 
     def _produce(self) -> None:
-        from crossdiff.collect.collector import _batches, _fit_max_len, _rank_budget, _rank_documents
-        from crossdiff.models import check_same_tokenization
-
-        stream, config = self.stream, self.stream.collect
-        max_len = _fit_max_len(config.max_len, stream.pair)  # as collect: capped at the models' positions
-        first, next_doc, tokens = _start(self.sources, self.position)
-        for source_index in self.sources[first:]:
-            source = stream.text_sources[source_index]
-            start_doc = next_doc if source_index == self.sources[first] else 0
-            tokens = tokens if source_index == self.sources[first] else 0
-            docs = _rank_documents(config, source, stream.pair.tokenizer, start_doc, max_len)
-            last_doc = start_doc - 1
-            for batch_index, batch in enumerate(_batches(docs, config.batch_size, _rank_budget(config, source.name), tokens)):
-                if batch_index == 0:
-                    check_same_tokenization(stream.pair, batch)
-                chunk = self._forward(batch, source_index)
-                tokens += sum(len(doc.input_ids) for doc in batch)
-                last_doc = batch[-1].doc_id
-                position = {"source": source_index, "next_doc": last_doc + 1, "source_tokens": tokens}
-                if not self._put(("chunk", chunk, position)):
-                    return
-            done = {"source": source_index, "next_doc": last_doc + 1, "source_tokens": tokens, "done": True}
-            if not self._put(("chunk", _empty(stream), done)):
+        stream = self.stream
+        steps = paired_records(stream.pair, stream.extractor, stream.collect, stream.text_sources, order=self.sources,
+                               position=self.position, lock=stream._lock)
+        for step in steps:
+            chunk = self._arrived(step.records) if step.records is not None else stream.empty
+            if not self._put(("chunk", chunk, step.after)):
                 return
         self._put((_END, None, None))
 
-    def _forward(self, batch: list, source_index: int) -> dict[str, torch.Tensor]:
-        from crossdiff.models import pad_batch
-
+    def _arrived(self, records: CacheBatch) -> CacheBatch:
+        """A document batch as the buffer stores it: in the storage dtype (rounded like the cache),
+        on the CPU, without the tokens the norm-free parts of the filter leave out."""
         stream = self.stream
-        tokenizer = stream.pair.tokenizer
-        pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-        input_ids, attention_mask = pad_batch([doc.input_ids for doc in batch], pad_id)
-        with stream._lock:
-            base, chat = stream.extractor(input_ids, attention_mask)
-        keep = attention_mask.bool()
-        on_device = keep.to(base.device)
-        chunk = {
-            "acts": torch.stack([base[on_device], chat[on_device]], dim=1).to(stream.storage_dtype).cpu(),
-            "token_ids": input_ids[keep].long(),
-            "doc_ids": torch.tensor([doc.doc_id for doc in batch for _ in doc.input_ids], dtype=torch.long),
-            "positions": torch.tensor([p for doc in batch for p in range(len(doc.input_ids))], dtype=torch.long),
-            "source_ids": torch.full((int(keep.sum()),), source_index, dtype=torch.long),
-            "template": torch.tensor([flag for doc in batch for flag in doc.template_mask], dtype=torch.bool),
-        }
+        chunk = records._replace(acts=records.acts.to(stream.storage_dtype).cpu())
         if stream._static_filter is None:
             return chunk
         return _select(chunk, torch.from_numpy(stream._keep(stream._static_filter, chunk, arriving=True)))
-
-
-def _start(sources: list[int], position: dict[str, Any] | None) -> tuple[int, int, int]:
-    """(index into ``sources``, first document, tokens already used) from a saved position."""
-    if position is None:
-        return 0, 0, 0
-    index = sources.index(position["source"])
-    if position.get("done"):
-        return index + 1, 0, 0
-    return index, position["next_doc"], position["source_tokens"]
 
 
 def _norms(acts: torch.Tensor) -> np.ndarray:
@@ -425,29 +382,8 @@ def _norms(acts: torch.Tensor) -> np.ndarray:
     return torch.linalg.vector_norm(acts, dim=-1, dtype=torch.float64).float().numpy()
 
 
-def _select(chunk: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    if bool(keep.all()):
-        return chunk
-    return {name: tensor[keep] for name, tensor in chunk.items()}
-
-
-def _empty(stream: PairedActivationStream) -> dict[str, torch.Tensor]:
-    chunk = {"acts": torch.empty(0, 2, stream.d_model, dtype=stream.storage_dtype)}
-    chunk.update({name: torch.empty(0, dtype=torch.bool if name == "template" else torch.long) for name in RECORDS})
-    return chunk
-
-
-def _shares(batch_size: int, ratio: list[float]) -> list[int]:
-    """Tokens per source in each batch: proportional to ``ratio``, largest remainders first,
-    summing to ``batch_size`` (the cache loader's split)."""
-    total = sum(ratio)
-    if any(not (r > 0) for r in ratio):
-        raise CrossdiffError(f"source_ratio shares must be positive, got {ratio}")
-    exact = [batch_size * r / total for r in ratio]
-    counts = [math.floor(x) for x in exact]
-    for i in sorted(range(len(ratio)), key=lambda i: counts[i] - exact[i])[: batch_size - sum(counts)]:
-        counts[i] += 1
-    return counts
+def _select(chunk: CacheBatch, keep: torch.Tensor) -> CacheBatch:
+    return chunk if bool(keep.all()) else chunk.select(keep)
 
 
 # ---------------------------------------------------------------------- training

@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,37 @@ class Trainer:
 
     def _fit(self, batches: Iterable[Any], *, resume: bool | Literal["auto"]) -> CrossCoder:
         checkpoint = self._latest_checkpoint()
+        iterator = self._open_data(batches, checkpoint, resume)
+        progress = _progress_bar(self.config.steps, self.step, self.quiet)
+        last_saved = self.step if checkpoint is not None else -1
+        last_logged, last = self.step, None
+        start = (time.perf_counter(), self.tokens)
+        while self.config.steps is None or self.step < self.config.steps:
+            batch, global_batch_size = self._next_batch(iterator)
+            if batch is None:
+                break
+            x = self._prepare(batch)
+            terms = self._train_step(x) if global_batch_size is None else self._train_step(x, global_batch_size)
+            progress.update(1)
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                record = self._log(x, terms, self._speed(start))
+                last_logged = self.step
+                progress.set_postfix(loss=f"{record['loss']:.4g}", fve=f"{record['fve_joint']:.3f}", l0=f"{record['l0']:.1f}")
+            last = (x, terms)
+            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                self.save_checkpoint(batches)
+                last_saved = self.step
+        progress.close()
+        if self.step == 0:
+            raise CrossdiffError("no training batch: the data is empty")
+        if last is not None and last_logged != self.step:  # the data ran out between two log steps
+            self._log(*last, self._speed(start))
+        if last_saved != self.step:
+            self.save_checkpoint(batches)
+        return self._save_final()
+
+    def _open_data(self, batches: Iterable[Any], checkpoint: Path | None, resume: bool | Literal["auto"]) -> Iterator[Any]:
+        """The batches from where ``checkpoint`` (if any) left off; the run's files started."""
         if resume is True and checkpoint is None:
             raise CrossdiffError(f"nothing to resume: {self.out / 'checkpoints'} has no checkpoint")
         if resume is False and checkpoint is not None:
@@ -188,45 +219,27 @@ class Trainer:
         if data_state is not None and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(data_state)
         elif checkpoint is not None:
-            skip = self.step
+            skip = self.step  # data without a state: replay it up to the checkpoint
         iterator = iter(batches)
         for _ in range(skip):
             if next(iterator, None) is None:
                 raise CrossdiffError(f"cannot resume: the data ends before the {skip} batches already trained on")
+        return iterator
 
-        progress = _progress_bar(self.config.steps, self.step, self.quiet)
-        last_saved = self.step if checkpoint is not None else -1
-        last_logged, last = self.step, None
-        start_time, start_tokens = time.perf_counter(), self.tokens
-        while self.config.steps is None or self.step < self.config.steps:
-            batch = next(iterator, None)
-            global_batch_size = None
-            if self.data_parallel is not None:  # all ranks stop together when any runs out
-                global_batch_size = self.data_parallel.global_batch_size(None if batch is None else _batch_rows(batch))
-                if global_batch_size is None:
-                    break
-            if batch is None:
-                break
-            x = self._prepare(batch)
-            terms = self._train_step(x) if global_batch_size is None else self._train_step(x, global_batch_size)
-            progress.update(1)
-            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                speed = (self.tokens - start_tokens) / max(time.perf_counter() - start_time, 1e-9)
-                record = self._log(x, terms, speed)
-                last_logged = self.step
-                progress.set_postfix(loss=f"{record['loss']:.4g}", fve=f"{record['fve_joint']:.3f}", l0=f"{record['l0']:.1f}")
-            last = (x, terms)
-            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-                self.save_checkpoint(batches)
-                last_saved = self.step
-        progress.close()
-        if self.step == 0:
-            raise CrossdiffError("no training batch: the data is empty")
-        if last is not None and last_logged != self.step:  # the data ran out between two log steps
-            speed = (self.tokens - start_tokens) / max(time.perf_counter() - start_time, 1e-9)
-            self._log(*last, speed)
-        if last_saved != self.step:
-            self.save_checkpoint(batches)
+    def _next_batch(self, iterator: Iterator[Any]) -> tuple[Any, int | None]:
+        """The next batch (None: the data ended) and, under data parallelism, the global batch's size."""
+        batch = next(iterator, None)
+        if self.data_parallel is None:
+            return batch, None
+        # All ranks stop together when any runs out.
+        global_batch_size = self.data_parallel.global_batch_size(None if batch is None else _batch_rows(batch))
+        return (None, None) if global_batch_size is None else (batch, global_batch_size)
+
+    def _speed(self, start: tuple[float, int]) -> float:
+        """Tokens per second since ``start`` = (time, tokens)."""
+        return (self.tokens - start[1]) / max(time.perf_counter() - start[0], 1e-9)
+
+    def _save_final(self) -> CrossCoder:
         self._stamp_metadata()
         if self.is_main:
             self.model.save_pretrained(self.out / "crosscoder")
