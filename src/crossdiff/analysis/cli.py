@@ -38,7 +38,8 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossdiff.analysis.pipeline import analyze, load_tokenizer
-    from crossdiff.analysis.table import format_summary
+    from crossdiff.analysis.read import AnalysisOutput
+    from crossdiff.analysis.screen import end_screen
     from crossdiff.crosscoder import CrossCoder
 
     config = from_dict(AnalysisConfig, config_data(AnalysisConfig, args, "analyze"), source=args.config)
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         model_names = getattr(cache, "model_names", None) or crosscoder.config.model_names or [None, None]
         tokenizer = load_tokenizer(args.tokenizer or model_names[-1])
     result = analyze(crosscoder, cache, args.out, config, tokenizer=tokenizer, progress=not args.quiet)
-    print(format_summary(result.summary))
+    with AnalysisOutput(args.out) as output:
+        print(end_screen([output]))
     print(f"wrote {', '.join(str(path) for path in result.files.values())}")
     return 0
 

@@ -35,7 +35,6 @@ activity falls in, when that share is at least twice an even split.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,11 +43,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crossdiff.errors import CrossdiffError
+from crossdiff.analysis.read import FINDINGS, read_findings  # noqa: F401 (read_findings: re-exported for the report)
 from crossdiff.files import write_json_atomic
 from crossdiff.terminal import printable
 
-FINDINGS = "findings.json"
 REJECTED = ("complete shrinkage", "latent decoupling", "shrinkage+decoupling")
 
 
@@ -218,11 +216,6 @@ def write_findings(findings: dict[str, Any], folder: Path) -> Path:
     path = Path(folder) / FINDINGS
     write_json_atomic(path, findings)
     return path
-
-
-def read_findings(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / FINDINGS
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def format_findings(findings: dict[str, Any], name: str = "", *, concepts: int = 8) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from crossdiff.analysis.table import join_explanations
+from crossdiff.analysis.read import EXAMPLES, AnalysisOutput
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import printable, quoted
 
@@ -37,12 +37,10 @@ class Analysis:
     """An analysis folder: ``latents.parquet`` (+ ``examples.sqlite`` when examples were kept)."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        table_path = self.folder / "latents.parquet"
-        if not table_path.is_file():
-            raise CrossdiffError(f"{self.folder} is not an analysis folder (no latents.parquet); run crossdiff analyze first")
-        self.table = join_explanations(pd.read_parquet(table_path), self.folder)  # autointerp's columns, when present
-        self.examples_path = self.folder / "examples.sqlite"
+        self.output = AnalysisOutput(folder)  # RUN/NAME/analysis, RUN/NAME or a bare analysis folder
+        self.folder = self.output.folder
+        self.table = self.output.table()  # autointerp's columns joined, when present
+        self.examples_path = self.folder / EXAMPLES
 
     # ------------------------------------------------------------------ latents
     def latents(self, where: str | None = None, *, sort: str | None = "dnorm", descending: bool = True,
@@ -80,11 +78,13 @@ class Analysis:
 
     # ------------------------------------------------------------------ examples
     def examples(self, latent: int, kind: str | None = None) -> list:
-        from crossdiff.analysis.examples import ExampleStore
-
         self.row(latent)
-        with ExampleStore(self._examples_file()) as store:
+        with self.output.example_store() as store:
             return store.examples(latent, kind)
+
+    def context(self, latent: int) -> str | None:
+        """The latent's top context: its max-activating example's window, quoted and escaped."""
+        return self.output.top_context(latent)
 
     def show(self, latent: int, *, n: int = 5, kind: str | None = "top", color: bool = False,
              before: int | None = None, after: int | None = None) -> str:
@@ -154,16 +154,11 @@ class Analysis:
         return frame.head(limit) if limit else frame
 
     # ------------------------------------------------------------------ internals
-    def _examples_file(self) -> Path:
-        if not self.examples_path.is_file():
-            raise CrossdiffError(f"{self.folder} has no examples.sqlite (analyze ran with --no-examples)")
-        return self.examples_path
-
     def _db(self):
         import sqlite3
         from contextlib import closing
 
-        return closing(sqlite3.connect(self._examples_file()))
+        return closing(sqlite3.connect(self.output.require_examples()))
 
     @staticmethod
     def _need_text(vocab: dict[int, str]) -> None:
