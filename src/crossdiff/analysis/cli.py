@@ -101,10 +101,10 @@ def run_adl_cli(args: argparse.Namespace) -> int:
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
-        description="Browse the output of crossdiff analyze. Without --latent/--search/--token it lists latents "
-        "(--where, --tag, --verdict, --range, --sort).",
+        description="Browse the output of crossdiff analyze. Without --latent/--search/--token/--summary it lists latents "
+        "(--where, --tag, --verdict, --range, --sort) with each one's top context.",
     )
-    p.add_argument("analysis", help="analysis folder (crossdiff analyze --out)")
+    p.add_argument("analysis", help="analysis folder (crossdiff analyze --out), or a run's crosscoder folder RUN/NAME")
     p.add_argument("--where", help="pandas query on any column, e.g. \"tag == 'chat-only' and nu_error < 0.2\"")
     p.add_argument("--tag", help="only latents with this tag")
     p.add_argument("--verdict", help="only latents with this verdict, e.g. chat-specific")
@@ -123,6 +123,8 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
                    help="highlight active tokens with colours (auto: on a terminal) or [brackets]")
     p.add_argument("--findings", action="store_true",
                    help="reprint the findings screen (concepts, ranked latents) from findings.json beside the analysis")
+    p.add_argument("--summary", action="store_true",
+                   help="reprint the end screen of analyze/run/demo; ANALYSIS may be a run folder (every crosscoder in it)")
     p.set_defaults(func=run_inspect_cli)
 
 

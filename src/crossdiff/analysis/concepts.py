@@ -224,7 +224,8 @@ def format_findings(findings: dict[str, Any], name: str = "", *, concepts: int =
              f"{len(findings['latents'])} of {findings['pool']} chat-leaning latents ({findings['ranking']})"]
     behaviour = findings.get("behaviour")
     if behaviour:
-        groups = ", ".join(f"{printable(g)} {v:.2f}" for g, v in list(behaviour["groups"].items())[:5])
+        ranked = sorted(behaviour["groups"].items(), key=lambda item: -item[1])  # highest first (JSON keeps them sorted by name)
+        groups = ", ".join(f"{printable(g)} {v:.2f}" for g, v in ranked[:5])
         lines.append(f"  behaviour: KL(chat || base) {behaviour['kl_mean']:.3f} nats/token over {behaviour['prompts']} prompts"
                      f"{f'; by group {groups}' if groups else ''}")
     for concept in findings["concepts"][:concepts]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from crossdiff.analysis.read import SUMMARY, AnalysisOutput, read_behaviour, run_outputs
+from crossdiff.analysis.read import CAUSAL_FILES, SUMMARY, AnalysisOutput, read_behaviour, run_outputs
 from crossdiff.terminal import printable
 
 SPARSITY = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
@@ -224,6 +224,14 @@ def causal_headline(kl: pd.DataFrame, summary: dict[str, Any]) -> list[str]:
                      f"{share('ls-best', 'replace')} (worst {share('ls-worst', 'replace')}), {half}top by dnorm {share('dnorm-top', 'replace')} "
                      f"(bottom {share('dnorm-bottom', 'replace')}), {half}random {share('random', 'replace')}")
     return lines
+
+
+def causal_screen(kl: pd.DataFrame, summary: dict[str, Any], folder: Path) -> str:
+    """What `crossdiff causal` ends with: the KL table, its headline in words, where it is saved."""
+    analysis = summary.get("analysis_dir")
+    return "\n".join([summary["text"], "", *none_line(kl, summary), *causal_headline(kl, summary),
+                      f"saved in {folder}: {', '.join(CAUSAL_FILES.values())}",
+                      f"next: crossdiff inspect {analysis} --summary (with the analysis); crossdiff report on the run folder"])
 
 
 def planted_lines(planted: dict[str, Any]) -> list[str]:

@@ -56,7 +56,8 @@ class CausalResult(NamedTuple):
 
 
 def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -> CausalResult:
-    """Run the experiment and write its files; ``pair`` reuses already loaded models."""
+    """Run the experiment and write its files; ``pair`` reuses already loaded models. ``quiet``
+    hides progress; the result is returned, not printed (``crossdiff causal`` prints it)."""
     from crossdiff.models import load_model_pair
 
     crosscoder = CrossCoder.from_pretrained(config.crosscoder)
@@ -114,8 +115,7 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
         summary = build_summary(config, crosscoder, layer, (base_name, chat_name), pool, sets, kl_table, accumulator, len(conversations))
         files = write_outputs(out, kl_table, summary, others)
         progress.remove()
-    _say(quiet, summary["text"])
-    return CausalResult(kl_table, summary, files)
+    return CausalResult(kl_table, summary, files)  # the caller shows it: summary["text"], crossdiff.analysis.screen
 
 
 def score(pair: Any, layer: int, conditions: Conditions, conversations: list[Conversation], config: CausalConfig,

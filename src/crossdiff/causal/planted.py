@@ -130,7 +130,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
             crosscoder=str(crosscoder_dir), analysis_dir=str(analysis_dir), latents=[",".join(map(str, chosen))],
             prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base", positions=config.positions,
             max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour.name}.jsonl"),
-            expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair, quiet=True)
+            expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair)
         ceiling = None
         if config.ceiling:
             answers = ceiling_answers(pair, crosscoder.config.layer, behaviour.prompts[: config.prompts], config.max_new_tokens)

@@ -290,7 +290,8 @@ def _collect(collect, quiet: bool) -> None:
     from crossdiff.collect.collector import collect as run_collect
     from crossdiff.train.stream import with_rank_from_environment
 
-    run_collect(with_rank_from_environment(collect), quiet=quiet)  # under torchrun: this rank's part
+    summary = run_collect(with_rank_from_environment(collect), quiet=quiet)  # under torchrun: this rank's part
+    _say(quiet, str(summary))
 
 
 def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
