@@ -122,7 +122,8 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="highlight active tokens with colours (auto: on a terminal) or [brackets]")
     p.add_argument("--findings", action="store_true",
-                   help="reprint the findings screen (concepts, ranked latents) from findings.json beside the analysis")
+                   help="the findings in full: concepts from findings.json beside the analysis, or without it the analysis "
+                   "summary (dnorm histogram, verdict counts, top latents by dnorm and by rank-sum)")
     p.add_argument("--summary", action="store_true",
                    help="reprint the end screen of analyze/run/demo; ANALYSIS may be a run folder (every crosscoder in it)")
     p.set_defaults(func=run_inspect_cli)

@@ -228,11 +228,11 @@ def run(args: argparse.Namespace) -> int:
     if args.findings:
         from crossdiff.analysis.concepts import format_findings
 
+        from crossdiff.analysis.table import format_summary
+
         output = AnalysisOutput(args.analysis)
-        found = output.findings()
-        if found is None:
-            raise CrossdiffError(f"no findings.json in {output.crosscoder_dir}; the run's findings stage (a [behaviour] table) writes it")
-        print(format_findings(found, output.name))
+        found = output.findings()  # the run's findings stage (a [behaviour] table) writes it
+        print(format_findings(found, output.name) if found is not None else format_summary(output.summary()))
         return 0
     analysis = Analysis(args.analysis)
     limit = args.limit if args.limit > 0 else None

@@ -102,17 +102,18 @@ def behaviour_lines(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list
 
 def headline_lines(outputs: list[AnalysisOutput], tables: dict[str, pd.DataFrame]) -> list[str]:
     """One row per crosscoder: quality, and the chat-only latents' guarded verdicts (the paper's comparison)."""
+    width = max(4, *(len(output.name) for output in outputs))
     threshold = ((outputs[0].summary().get("config") or {}).get("tags") or {}).get("chat_only", 0.9)
     lines = [f"crosscoders: of the chat-only latents (dnorm > {threshold:g}), Latent Scaling confirms (chat-specific), "
              "rejects (shrinkage, decoupling) or leaves undecided (a guard)",
-             f"  {'name':12s} {'kind':9s} {'FVE':>6s} {'L0':>6s} {'live':>11s} {'chat-only':>9s} {'confirmed':>9s} "
+             f"  {'name':{width}s} {'kind':9s} {'FVE':>6s} {'L0':>6s} {'live':>11s} {'chat-only':>9s} {'confirmed':>9s} "
              f"{'rejected':>8s} {'undecided':>9s}  chat-specific at any dnorm"]
     notes = []
     for output in outputs:
         summary, table = output.summary(), tables[output.name]
         quality, counts = summary.get("quality") or {}, verdict_counts(table)
         kind = SPARSITY.get((summary.get("crosscoder") or {}).get("activation"), "?")
-        lines.append(f"  {output.name[:12]:12s} {kind:9s} {_num(quality.get('fve'), '6.3f')} {_num(quality.get('l0'), '6.1f')} "
+        lines.append(f"  {output.name:{width}s} {kind:9s} {_num(quality.get('fve'), '6.3f')} {_num(quality.get('l0'), '6.1f')} "
                      f"{len(table) - summary['dead']:>5d}/{len(table):<5d} {counts['chat_only']:9d} {counts['confirmed']:9d} "
                      f"{counts['rejected']:8d} {counts['undecided']:9d}  {counts['specific_any']}")
         note = unguarded_note(output.name, summary, table)
@@ -180,19 +181,22 @@ def concept_lines(output: AnalysisOutput, findings: dict[str, Any], shown: int) 
 
 
 def top_latent_lines(output: AnalysisOutput, shown: int) -> list[str]:
-    """Without findings.json: the dnorm distribution in one line and the top latents by rank-sum."""
+    """Without findings.json: the dnorm distribution in one line, then the top chat-leaning latents
+    by the Latent Scaling rank-sum, or by dnorm when no chat-leaning latent has a decided verdict."""
     found = output.summary().get("findings") or {}
     quantiles = (found.get("dnorm") or {}).get("quantiles") or {}
+    rows, order = found.get("top_by_rank_sum") or [], "Latent Scaling rank-sum (low = most chat-specific)"
+    if not rows:
+        rows, order = found.get("top_by_dnorm") or [], "dnorm (no chat-leaning latent has a decided verdict)"
     lines = [f"  dnorm of live latents (1 = chat-only): median {_num(quantiles.get('0.5'), '.2f')}, "
              f"95% {_num(quantiles.get('0.95'), '.2f')}, 99% {_num(quantiles.get('0.99'), '.2f')}, max {_num(quantiles.get('1'), '.2f')}; "
-             f"top chat-leaning latents by Latent Scaling rank-sum (low = most chat-specific):"]
-    rows = found.get("top_by_rank_sum") or []
+             f"top chat-leaning latents by {order}:"]
     for row in rows[:shown]:
         context = row.get("context") or output.top_context(int(row["latent"])) or "(no example)"
         lines.append(f"  latent {row['latent']:6d}  dnorm {row['dnorm']:.2f}  {row.get('verdict', '-'):15s} "
                      f"nu_error {_num(row.get('nu_error'), '+.2f')}  nu_recon {_num(row.get('nu_recon'), '+.2f')}  {_cut(context, WIDTH - 40)}")
     if not rows:
-        lines.append("  (none: no chat-leaning latent with a decided verdict)")
+        lines.append("  (none: no live latent leans to the chat model)")
     return lines
 
 
@@ -272,7 +276,8 @@ def _lead_latent(output: AnalysisOutput) -> int:
     findings = output.findings()
     if findings and findings.get("concepts"):
         return int(findings["concepts"][0]["lead"])
-    rows = (output.summary().get("findings") or {}).get("top_by_rank_sum") or []
+    found = output.summary().get("findings") or {}
+    rows = found.get("top_by_rank_sum") or found.get("top_by_dnorm") or []  # as top_latent_lines shows them
     return int(rows[0]["latent"]) if rows else 0
 
 
