@@ -267,7 +267,7 @@ def _render(frame: pd.DataFrame) -> str:
     # Windows and contexts read from the left, as text does (pandas right-aligns every column):
     # values and the header padded to the column's width.
     widths = {c: max(len(c), int(frame[c].map(lambda v: len(str(v))).max())) for c in ("text", CONTEXT) if c in frame}
-    frame = frame.rename(columns={c: c.ljust(w) for c, w in widths.items()})
+    frame = frame.set_axis([c.ljust(widths[c]) if c in widths else c for c in frame.columns], axis=1)
     left = {c.ljust(w): (lambda w: lambda value: f"{str(value):<{w}}")(w) for c, w in widths.items()}
     return frame.to_string(index=False, formatters=left)
 
