@@ -172,7 +172,7 @@ def concept_lines(output: AnalysisOutput, findings: dict[str, Any], shown: int) 
         verdicts = ", ".join(f"{v} {n}" for v, n in concept["verdicts"].items())
         promotes = " ".join(repr(t) for t in concept.get("promotes_chat", [])[:3])
         lines.append(f"  {concept['concept']:2d} {what}: latents {_ids(concept['latents'])} (lead {lead['latent']}, "
-                     f"dnorm {lead['dnorm']:.2f}; {verdicts})")
+                     f"dnorm {lead['dnorm']:.2f}; verdicts: {verdicts})")
         lines.append(f"       {_cut(concept.get('context') or '(no example)', WIDTH)}"
                      + (f"  promotes {_cut(promotes, 40)}" if promotes else ""))
     if len(findings["concepts"]) > shown:
