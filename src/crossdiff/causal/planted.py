@@ -187,12 +187,12 @@ def anticipating_latents(analysis_dir: Path, table: Any, behaviour: Behaviour, *
     are followed by the behaviour's words; a table of latent, share (of examples) and dnorm."""
     import pandas as pd
 
-    from crossdiff.analysis import ExampleStore
+    from crossdiff.analysis.read import AnalysisOutput
 
     live = table[~table["dead"] & table["dnorm"].notna() & (table["max_act"] > 0)]
     live = live.sort_values(["dnorm", "latent"], ascending=[False, True]).head(search)
     rows = []
-    with ExampleStore(analysis_dir / "examples.sqlite") as store:
+    with AnalysisOutput(analysis_dir).example_store() as store:
         for latent, dnorm in zip(live["latent"], live["dnorm"]):
             share = anticipation_share(store.examples(int(latent), "top"), behaviour)
             if share >= min_share:
