@@ -224,7 +224,10 @@ def causal_headline(kl: pd.DataFrame, summary: dict[str, Any]) -> list[str]:
     lines = [f"  causal: every latent's chat-minus-base decoder part added to the base closes {share('All')} of None's KL; "
              f"the chat error alone {share('eps_chat')}, the chat-template positions {share('template')}"]
     if ("ls-best", "replace") in closed:
-        lines.append(f"     of {summary['pool']['size']} pool latents ({summary['pool']['rule']}): {half}best by Latent Scaling "
+        pool = summary["pool"]
+        # The pool is not the chat-only count above: it keeps those whose ratios the paper's halves can rank.
+        why = "chat-only, both nu in [-0.1, 2]" if pool["rule"] == "chat-only" else "the most chat-leaning; too few are chat-only"
+        lines.append(f"     of {pool['size']} pool latents ({why}): {half}best by Latent Scaling "
                      f"{share('ls-best', 'replace')} (worst {share('ls-worst', 'replace')}), {half}top by dnorm {share('dnorm-top', 'replace')} "
                      f"(bottom {share('dnorm-bottom', 'replace')}), {half}random {share('random', 'replace')}")
     return lines
