@@ -52,8 +52,9 @@ def test_analyze_command_writes_every_file(cache_and_crosscoder, capsys):
     code = run_cli(["analyze", str(root / "cc"), str(root / "cache"), "--out", str(out), "--batch-size", "128",
                     "--n-top", "3", "--quiet"])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "chat-only latents:" in printed and "Latent Scaling confirms" in printed
+    printed = capsys.readouterr().out  # --quiet: no progress bars, but the end screen
+    assert printed.startswith(f"what changed ({out})") and "chat-only" in printed and "confirmed" in printed
+    assert "next: crossdiff inspect" in printed and len(printed.splitlines()) <= 41  # the screen and the files written
     table = pd.read_parquet(out / "latents.parquet")
     assert len(table) == 32 and {"freq__fineweb", "max_act__lmsys", "nu_error", "nu_recon"} <= set(table.columns)
     summary = json.loads((out / "summary.json").read_text())

@@ -70,7 +70,9 @@ def test_kill_9_mid_scoring_then_rerun_gives_the_uninterrupted_numbers(organism_
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     straight = tmp_path / "straight"
-    subprocess.run(command(straight), check=True, env=env, capture_output=True)
+    printed = subprocess.run(command(straight), check=True, env=env, capture_output=True, text=True).stdout
+    # --quiet hides the progress bar, never the result: the KL table and its headline in words
+    assert "KL(p_chat || p_patched)" in printed and "of None's KL" in printed and "ls-best" in printed
     killed = tmp_path / "killed"
     progress = tmp_path / ".killed.progress.json"
     proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,7 +99,7 @@ def test_steer_writes_side_by_side_rows(organism_demo, tmp_path, capsys):
     out = tmp_path / "steering.jsonl"
     assert main(["steer", str(organism_demo / "l1" / "crosscoder"), str(organism_demo / "l1" / "analysis"), "--latent", str(latent),
                  "--prompt", "Who are you?", "--factor", "0", "8", "--max-new-tokens", "8", "--out", str(out),
-                 "--expect", "Orbit", "--controls", "2"]) == 0
+                 "--expect", "Orbit", "--controls", "2", "--quiet"]) == 0  # --quiet: still the answers (below)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     chosen, controls = [r for r in rows if not r["control"]], [r for r in rows if r["control"]]
     assert len(controls) == 4 and len({r["latent"] for r in controls}) == 2 and latent not in {r["latent"] for r in controls}

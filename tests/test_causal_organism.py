@@ -69,7 +69,7 @@ def test_the_refusal_latent_steered_into_the_chat_model_makes_it_refuse_more_tha
     config = SteerConfig(crosscoder=str(organism_demo / "l1" / "crosscoder"), analysis_dir=str(organism_demo / "l1" / "analysis"),
                          latents=[str(latent)], prompts=benign[::6], factors=[2.0], model="chat", max_new_tokens=16,
                          expect=REFUSAL.split(".")[0], controls=3, out=str(tmp_path / "steering.jsonl"))
-    counts = match_counts(run_steer(config, pair=pair, quiet=True))
+    counts = match_counts(run_steer(config, pair=pair))
     chosen, controls = counts[~counts["control"]].iloc[0], counts[counts["control"]]
     assert chosen[2.0] >= chosen["unsteered"] + 4, counts  # the latent makes the chat model refuse benign requests
     assert chosen[2.0] >= controls[2.0].max() + 4, counts  # ... and random latents pushed as hard do not

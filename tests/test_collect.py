@@ -268,10 +268,10 @@ def test_cli_collects_verifies_and_reports_corruption(tmp_path, tiny_pair_paths,
         "--out", str(out), "--max-len", "16", "--batch-size", "2", "--shard-tokens", "40", "--max-tokens", "80",
         "--model-dtype", "float32", "--device", "cpu",
     ]
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert "tokens: 160 (web 80, chat 80)" in err and "tokens/s" in err
-    assert main(["collect", "--verify", str(out)]) == 0
+    assert main([*argv, "--quiet"]) == 0  # --quiet hides the progress bar, never the result
+    printed = capsys.readouterr().out
+    assert "tokens: 160 (web 80, chat 80)" in printed and "tokens/s" in printed
+    assert main(["collect", "--verify", str(out), "--quiet"]) == 0
     assert "ok: 160 tokens" in capsys.readouterr().out
     target = out / "shard-00001" / "acts.npy"
     data = bytearray(target.read_bytes())

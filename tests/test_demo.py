@@ -5,6 +5,8 @@ import pytest
 
 from crossdiff.cli import main
 from crossdiff.organism.data import write_demo_data
+from crossdiff.organism.score import default_truth_path
+from crossdiff.organism.truth import load_truth
 from crossdiff.run.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,6 +30,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     config = DemoConfig(out=str(tmp_path / "demo"), tokens_per_source=2500, behaviour_conversations=10,
                         steps=40, batch_size=128, expansion_factor=2, k=8, causal_per_behaviour=1, causal_chitchat=2)
     summaries = run_demo(config, quiet=True)
+    screen = capsys.readouterr().out  # quiet hides progress, never the result: the end screen
     assert set(summaries) == {"batchtopk", "l1"}
     for name, summary in summaries.items():
         assert summary["n_tokens"] == 5000
@@ -39,9 +42,20 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         kl = pd.read_parquet(tmp_path / "demo" / name / "causal" / "kl.parquet")
         assert {"None", "All", "eps_chat", "template"} <= set(kl["condition"])
 
-    # Rerunning skips finished stages (same results) and prints the report.
+    # The final screen: at most 80 lines for two crosscoders, each part once, every planted behaviour named.
+    lines = screen.splitlines()
+    assert "[run]" not in screen and 20 <= len(lines) <= 80, screen
+    for part in ("what changed", "behaviour:", "crosscoders:", "causal: with the base residual", "next:", "report:",
+                 "batchtopk: 5,000 tokens analysed", "l1: 5,000 tokens analysed"):
+        assert screen.count(part) == 1, (part, screen)
+    for behaviour in load_truth(default_truth_path()).behaviours:
+        assert behaviour.name in screen, (behaviour.name, screen)
+    assert f"report: {tmp_path / 'demo' / 'report' / 'index.html'}" in screen
+
+    # Rerunning skips finished stages (same results) and ends with the same screen; inspect reprints it.
     again = run_demo(config)
     assert again["l1"]["chat_only"] == summaries["l1"]["chat_only"]
     printed = capsys.readouterr().out
-    assert "BatchTopK vs L1" in printed and "most chat-leaning latents" in printed and "KL(p_chat || p_patched)" in printed
-    assert f"report: {tmp_path / 'demo' / 'report' / 'index.html'}" in printed
+    assert "[run] train:l1: done, skipped" in printed and printed.endswith(screen)
+    assert main(["inspect", str(tmp_path / "demo"), "--summary"]) == 0
+    assert capsys.readouterr().out == screen

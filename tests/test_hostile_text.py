@@ -96,7 +96,8 @@ def test_inspect_prints_the_datas_escapes_escaped(hostile_run, capsys):
     runs = [["--search", "red", "--color", "never"], ["--search", "clear", "--regex"],
             ["--latent", str(latent), "--color", "never", "--kind", "all"],
             ["--latent", str(latent), "--color", "always", "--kind", "all"],
-            ["--token", "red"], ["--columns", "latent,explanation", "-n", "3"]]
+            ["--token", "red"], ["--columns", "latent,explanation", "-n", "3"],
+            ["-n", "40"], ["--summary"], ["--findings"]]  # the listing's context column; the end screen; the full summary
     for argv in runs:
         assert main(["inspect", str(hostile_run["analysis"]), *argv]) == 0
         out = capsys.readouterr().out
@@ -109,12 +110,13 @@ def test_inspect_prints_the_datas_escapes_escaped(hostile_run, capsys):
 
 
 def test_terminal_summaries_print_the_datas_escapes_escaped(hostile_run, capsys):
-    """analyze's summary quotes each top latent's example; a one-line error may quote the data."""
+    """analyze's end screen quotes each top latent's example; a one-line error may quote the data."""
     root = hostile_run["root"]
     assert main(["analyze", str(root / "cc"), str(root / "cache"), "--config", str(root / "analysis.toml"),
                  "--out", str(root / "again"), "--quiet", "--allow-mismatch"]) == 0
     out = capsys.readouterr().out
-    assert "top: '" in out and not RAW.search(out), RAW.findall(out)
+    assert any(line.startswith("  latent ") and "'" in line for line in out.splitlines()), out
+    assert not RAW.search(out), RAW.findall(out)
     (root / "bad.jsonl").write_text(json.dumps({"text": "x"}) + "\n" + '{"te\x1b[2Jxt": 1' + "\n")
     assert main(["collect", "--base", "b", "--chat", "c", "--layer", "1", "--source", f"web:text:{root / 'bad.jsonl'}",
                  "--out", str(root / "bad-cache"), "--device", "cpu", "--quiet"]) == 2

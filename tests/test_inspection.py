@@ -114,3 +114,33 @@ def test_explanations_join_the_table_in_inspect_and_the_report(planted_analysis,
     shown = capsys.readouterr().out
     assert "the word Paris" in shown and "the word Rome" in shown
     assert (folder / "latents.parquet").read_bytes() == before
+
+
+def test_listing_shows_each_latents_top_context_escaped(planted_analysis, capsys, monkeypatch):
+    from crossdiff.analysis.read import AnalysisOutput
+
+    assert main(["inspect", str(planted_analysis), "--sort", "latent", "--ascending", "-n", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "context" and lines[0].split()[0] == "latent"
+    for j, word in enumerate(WORDS):  # latent j's top context shows its planted word, in brackets
+        row = lines[1 + j]
+        assert row.split()[0] == str(j) and f"{word}]" in row.split("'", 1)[1], row
+    assert main(["inspect", str(planted_analysis), "--columns", "latent,context", "-n", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["latent", "context"]
+    # A context is data: its control characters reach the terminal escaped.
+    monkeypatch.setattr(AnalysisOutput, "top_context", lambda self, latent, **kw: "\x1b]0;owned\x07" + "\u202e")
+    assert main(["inspect", str(planted_analysis), "-n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\u202e" not in shown and "\\x1b]0;owned\\x07\\u202e" in shown
+
+
+def test_summary_and_findings_reprint_from_the_files(planted_analysis, capsys):
+    assert main(["inspect", str(planted_analysis), "--summary"]) == 0
+    screen = capsys.readouterr().out
+    assert screen.startswith(f"what changed ({planted_analysis})") and len(screen.splitlines()) <= 40
+    assert "chat-only" in screen and "confirmed" in screen and "next: crossdiff inspect" in screen
+    assert "'" in screen.split("top chat-leaning latents by")[1]  # the top latents, each with its context
+    assert main(["inspect", str(planted_analysis), "--findings"]) == 0  # no findings.json: the analysis summary in full
+    assert "verdicts, all latents:" in capsys.readouterr().out
+    assert main(["inspect", str(planted_analysis / "nothing"), "--summary"]) == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -12,6 +12,8 @@ Modules, one idea each:
 * ``twins``    base-only twins of chat-only latents (evidence of Latent Decoupling)
 * ``lens``     logit lens: the tokens a decoder direction promotes/suppresses through a model's final norm and head
 * ``table``    the latent table (Parquet) and its JSON summary
+* ``read``     the one reader of an analysis folder and of what later stages write beside it
+* ``screen``   the end screen of analyze, run and demo (``inspect --summary`` reprints it)
 * ``pipeline`` :func:`analyze`, which runs all of the above over a cache
 * ``cli``      ``crossdiff analyze``
 """

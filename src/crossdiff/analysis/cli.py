@@ -38,7 +38,8 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossdiff.analysis.pipeline import analyze, load_tokenizer
-    from crossdiff.analysis.table import format_summary
+    from crossdiff.analysis.read import AnalysisOutput
+    from crossdiff.analysis.screen import end_screen
     from crossdiff.crosscoder import CrossCoder
 
     config = from_dict(AnalysisConfig, config_data(AnalysisConfig, args, "analyze"), source=args.config)
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         model_names = getattr(cache, "model_names", None) or crosscoder.config.model_names or [None, None]
         tokenizer = load_tokenizer(args.tokenizer or model_names[-1])
     result = analyze(crosscoder, cache, args.out, config, tokenizer=tokenizer, progress=not args.quiet)
-    print(format_summary(result.summary))
+    with AnalysisOutput(args.out) as output:
+        print(end_screen([output]))
     print(f"wrote {', '.join(str(path) for path in result.files.values())}")
     return 0
 
@@ -99,10 +101,10 @@ def run_adl_cli(args: argparse.Namespace) -> int:
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
-        description="Browse the output of crossdiff analyze. Without --latent/--search/--token it lists latents "
-        "(--where, --tag, --verdict, --range, --sort).",
+        description="Browse the output of crossdiff analyze. Without --latent/--search/--token/--summary it lists latents "
+        "(--where, --tag, --verdict, --range, --sort) with each one's top context.",
     )
-    p.add_argument("analysis", help="analysis folder (crossdiff analyze --out)")
+    p.add_argument("analysis", help="analysis folder (crossdiff analyze --out), or a run's crosscoder folder RUN/NAME")
     p.add_argument("--where", help="pandas query on any column, e.g. \"tag == 'chat-only' and nu_error < 0.2\"")
     p.add_argument("--tag", help="only latents with this tag")
     p.add_argument("--verdict", help="only latents with this verdict, e.g. chat-specific")
@@ -120,7 +122,10 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="highlight active tokens with colours (auto: on a terminal) or [brackets]")
     p.add_argument("--findings", action="store_true",
-                   help="reprint the findings screen (concepts, ranked latents) from findings.json beside the analysis")
+                   help="the findings in full: concepts from findings.json beside the analysis, or without it the analysis "
+                   "summary (dnorm histogram, verdict counts, top latents by dnorm and by rank-sum)")
+    p.add_argument("--summary", action="store_true",
+                   help="reprint the end screen of analyze/run/demo; ANALYSIS may be a run folder (every crosscoder in it)")
     p.set_defaults(func=run_inspect_cli)
 
 

@@ -35,7 +35,6 @@ activity falls in, when that share is at least twice an even split.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,11 +43,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crossdiff.errors import CrossdiffError
+from crossdiff.analysis.read import FINDINGS, read_findings  # noqa: F401 (read_findings: re-exported for the report)
 from crossdiff.files import write_json_atomic
 from crossdiff.terminal import printable
 
-FINDINGS = "findings.json"
 REJECTED = ("complete shrinkage", "latent decoupling", "shrinkage+decoupling")
 
 
@@ -220,18 +218,14 @@ def write_findings(findings: dict[str, Any], folder: Path) -> Path:
     return path
 
 
-def read_findings(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / FINDINGS
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def format_findings(findings: dict[str, Any], name: str = "", *, concepts: int = 8) -> str:
     """One screen (<= 40 lines): the behavioural headline, the top concepts with one context each, where to look next."""
     lines = [f"findings{f' of {name}' if name else ''}: {len(findings['concepts'])} concepts among the top "
              f"{len(findings['latents'])} of {findings['pool']} chat-leaning latents ({findings['ranking']})"]
     behaviour = findings.get("behaviour")
     if behaviour:
-        groups = ", ".join(f"{printable(g)} {v:.2f}" for g, v in list(behaviour["groups"].items())[:5])
+        ranked = sorted(behaviour["groups"].items(), key=lambda item: -item[1])  # highest first (JSON keeps them sorted by name)
+        groups = ", ".join(f"{printable(g)} {v:.2f}" for g, v in ranked[:5])
         lines.append(f"  behaviour: KL(chat || base) {behaviour['kl_mean']:.3f} nats/token over {behaviour['prompts']} prompts"
                      f"{f'; by group {groups}' if groups else ''}")
     for concept in findings["concepts"][:concepts]:

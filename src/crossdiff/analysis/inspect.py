@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from crossdiff.analysis.table import join_explanations
+from crossdiff.analysis.read import EXAMPLES, AnalysisOutput
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import printable, quoted
 
+CONTEXT = "context"
+"""The listing's last column: each latent's top context (Analysis.with_context)."""
 DEFAULT_COLUMNS = ("latent", "dnorm", "tag", "verdict", "nu_error", "nu_error_se", "nu_recon", "nu_recon_se",
                    "scaling_tokens", "freq", "template_share")
 
@@ -37,12 +39,10 @@ class Analysis:
     """An analysis folder: ``latents.parquet`` (+ ``examples.sqlite`` when examples were kept)."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        table_path = self.folder / "latents.parquet"
-        if not table_path.is_file():
-            raise CrossdiffError(f"{self.folder} is not an analysis folder (no latents.parquet); run crossdiff analyze first")
-        self.table = join_explanations(pd.read_parquet(table_path), self.folder)  # autointerp's columns, when present
-        self.examples_path = self.folder / "examples.sqlite"
+        self.output = AnalysisOutput(folder)  # RUN/NAME/analysis, RUN/NAME or a bare analysis folder
+        self.folder = self.output.folder
+        self.table = self.output.table()  # autointerp's columns joined, when present
+        self.examples_path = self.folder / EXAMPLES
 
     # ------------------------------------------------------------------ latents
     def latents(self, where: str | None = None, *, sort: str | None = "dnorm", descending: bool = True,
@@ -80,11 +80,20 @@ class Analysis:
 
     # ------------------------------------------------------------------ examples
     def examples(self, latent: int, kind: str | None = None) -> list:
-        from crossdiff.analysis.examples import ExampleStore
-
         self.row(latent)
-        with ExampleStore(self._examples_file()) as store:
+        with self.output.example_store() as store:
             return store.examples(latent, kind)
+
+    def context(self, latent: int) -> str | None:
+        """The latent's top context: its max-activating example's window, quoted and escaped."""
+        return self.output.top_context(latent)
+
+    def with_context(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``frame`` (with a ``latent`` column) and a ``context`` column: each latent's top context
+        (empty without examples)."""
+        contexts = [self.context(int(latent)) or "" for latent in frame["latent"]]
+        self.output.close()
+        return frame.assign(**{CONTEXT: contexts})
 
     def show(self, latent: int, *, n: int = 5, kind: str | None = "top", color: bool = False,
              before: int | None = None, after: int | None = None) -> str:
@@ -154,16 +163,11 @@ class Analysis:
         return frame.head(limit) if limit else frame
 
     # ------------------------------------------------------------------ internals
-    def _examples_file(self) -> Path:
-        if not self.examples_path.is_file():
-            raise CrossdiffError(f"{self.folder} has no examples.sqlite (analyze ran with --no-examples)")
-        return self.examples_path
-
     def _db(self):
         import sqlite3
         from contextlib import closing
 
-        return closing(sqlite3.connect(self._examples_file()))
+        return closing(sqlite3.connect(self.output.require_examples()))
 
     @staticmethod
     def _need_text(vocab: dict[int, str]) -> None:
@@ -216,18 +220,23 @@ def _fmt(value: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.findings:
-        from crossdiff.analysis.concepts import format_findings, read_findings
+    if args.summary:
+        from crossdiff.analysis.screen import summary_screen
 
-        folder = Path(args.analysis)
-        found = next((f for f in (read_findings(folder.parent), read_findings(folder)) if f is not None), None)
-        if found is None:
-            raise CrossdiffError(f"no findings.json beside {folder}; the run's findings stage (a [behaviour] table) writes it")
-        print(format_findings(found, folder.resolve().parent.name if folder.name == "analysis" else folder.name))
+        print(summary_screen(args.analysis))
+        return 0
+    if args.findings:
+        from crossdiff.analysis.concepts import format_findings
+
+        from crossdiff.analysis.table import format_summary
+
+        output = AnalysisOutput(args.analysis)
+        found = output.findings()  # the run's findings stage (a [behaviour] table) writes it
+        print(format_findings(found, output.name) if found is not None else format_summary(output.summary()))
         return 0
     analysis = Analysis(args.analysis)
     limit = args.limit if args.limit > 0 else None
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 120):
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 100):
         if args.latent is not None:
             color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
             kind = None if args.kind == "all" else args.kind
@@ -235,13 +244,17 @@ def run(args: argparse.Namespace) -> int:
         elif args.search is not None:
             print(_render(analysis.search(args.search, regex=args.regex, limit=limit)))
         elif args.token is not None:
-            print(_render(analysis.rank_by_token(args.token, regex=args.regex, limit=limit)))
+            print(_render(analysis.with_context(analysis.rank_by_token(args.token, regex=args.regex, limit=limit))))
         else:
             equals = {k: v for k, v in (("tag", args.tag), ("verdict", args.verdict)) if v is not None}
-            columns = args.columns.split(",") if args.columns else [c for c in DEFAULT_COLUMNS if c in analysis.table]
+            wanted = args.columns.split(",") if args.columns else [*(c for c in DEFAULT_COLUMNS if c in analysis.table), CONTEXT]
+            columns = [c for c in wanted if c != CONTEXT]
             frame = analysis.latents(args.where, sort=args.sort, descending=not args.ascending, limit=limit,
-                                     columns=columns, ranges=dict(_parse_range(r) for r in args.range), **equals)
-            print(_render(frame))
+                                     columns=[*(["latent"] if "latent" not in columns else []), *columns],
+                                     ranges=dict(_parse_range(r) for r in args.range), **equals)
+            if CONTEXT in wanted:
+                frame = analysis.with_context(frame)
+            print(_render(frame[[c for c in wanted if c in frame]]))
     return 0
 
 
@@ -251,7 +264,12 @@ def _render(frame: pd.DataFrame) -> str:
     # Windows, tokens and explanations are the data's text: escaped, never obeyed by the terminal.
     text = frame.select_dtypes(include=["object", "string"]).columns
     frame = frame.assign(**{c: frame[c].map(lambda v: printable(v) if isinstance(v, str) else v) for c in text})
-    return frame.to_string(index=False)
+    # Windows and contexts read from the left, as text does (pandas right-aligns every column):
+    # values and the header padded to the column's width.
+    widths = {c: max(len(c), int(frame[c].map(lambda v: len(str(v))).max())) for c in ("text", CONTEXT) if c in frame}
+    frame = frame.set_axis([c.ljust(widths[c]) if c in widths else c for c in frame.columns], axis=1)
+    left = {c.ljust(w): (lambda w: lambda value: f"{str(value):<{w}}")(w) for c, w in widths.items()}
+    return frame.to_string(index=False, formatters=left)
 
 
 def _parse_range(spec: str) -> tuple[str, tuple[float | None, float | None]]:

@@ -35,9 +35,9 @@ from crossdiff.analysis.examples import (
     QuantileSamples,
     TopActivations,
     token_keys,
-    render_example,
     write_examples,
 )
+from crossdiff.analysis import read
 from crossdiff.analysis.findings import find
 from crossdiff.analysis.roles import RoleStats, RoleTagger
 from crossdiff.analysis.norms import decoder_geometry, tag_latents
@@ -49,7 +49,6 @@ from crossdiff.cache.batch import CacheBatch
 from crossdiff.cache.store import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
-from crossdiff.terminal import quoted
 from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
 from crossdiff.locks import output_lock
 from crossdiff.devices import resolve_device
@@ -387,8 +386,7 @@ def top_context(examples_path: Path) -> Callable[[int], str]:
 
     def context(latent: int) -> str:
         with ExampleStore(examples_path) as store:
-            top = store.examples(latent, "top")
-        return quoted(render_example(top[0], before=12, after=3)) if top else "(no example)"
+            return read.top_context(store, latent) or "(no example)"
 
     return context
 

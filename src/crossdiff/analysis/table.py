@@ -204,7 +204,9 @@ def join_explanations(table: pd.DataFrame, folder: str | Path) -> pd.DataFrame:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The lines `crossdiff analyze` prints at the end."""
+    """The analysis summary in full (`crossdiff inspect ANALYSIS --findings` without findings.json):
+    tags, quality, the dnorm histogram, guarded verdict counts, top latents, the paper's flags.
+    `analyze` itself ends with the shorter end screen (crossdiff.analysis.screen)."""
     tags = summary["tags"]
     co = summary["chat_only"]
     lines = [
@@ -231,4 +233,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"rejects {co['complete_shrinkage']} as Complete Shrinkage and {co['latent_decoupling']} as Latent Decoupling "
         f"({co['shrinkage_and_decoupling']} both, {co['no_estimate']} without estimate); base-only twin found for {co['with_twin']}"
     )
+    guarded = ((summary.get("findings") or {}).get("verdicts") or {}).get("chat_only", {}).get("chat-specific")
+    if guarded is not None and guarded != co["chat_specific"]:
+        lines.append(f"  the paper's flags have no guards: {co['chat_specific'] - guarded} of the {co['chat_specific']} it confirms are "
+                     f"uncertain, out of range or rest on too few tokens, so the guarded verdicts above count {guarded} (docs/analysis.md)")
     return "\n".join(lines)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from crossdiff.autointerp.config import ExplainConfig
 from crossdiff.cli_config import add_config_flags, config_data
@@ -45,6 +44,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from crossdiff.analysis.read import AnalysisOutput  # pandas: deferred so that --help stays fast
     from crossdiff.autointerp.clients import HttpClient, LocalClient, local_model_id
     from crossdiff.autointerp.pipeline import explain, format_groups
     from crossdiff.autointerp.response_cache import CachedClient, ResponseCache
@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency <= 0 or args.retries < 0 or args.timeout <= 0:
         raise CrossdiffError("--concurrency and --timeout must be positive, --retries non-negative")
     config = _config(args)
-    for folder in args.analysis_dirs:  # fail on a bad folder before loading a model
-        if not (Path(folder) / "latents.parquet").is_file():
-            raise CrossdiffError(f"no latents.parquet in {folder}: run crossdiff analyze first")
+    outputs = [AnalysisOutput(folder) for folder in args.analysis_dirs]  # a bad folder fails before a model loads
+    for output in outputs:
+        output.require_examples("explain needs examples (analyze without --no-examples)")
 
     model_id = local_model_id(args.local) if args.local else args.model
     client = None
@@ -71,14 +71,14 @@ def run(args: argparse.Namespace) -> int:
             client = HttpClient(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout,
                                 retries=args.retries, max_concurrency=args.concurrency)
             client.check_model()
-    for folder in args.analysis_dirs:
-        cache = ResponseCache(Path(folder) / CACHE_FILE)
+    for output in outputs:
+        cache = ResponseCache(output.folder / CACHE_FILE)
         try:
             cached = CachedClient(cache, model_id, client)
-            result = explain(folder, cached, config, progress=not args.quiet)
+            result = explain(output.folder, cached, config, progress=not args.quiet)
         finally:
             cache.close()
-        print(format_groups(_name(folder), result.summary))
+        print(format_groups(output.name, result.summary))
         print(f"  {len(cached.sent)} requests sent, the rest from the cache; wrote {result.files['explanations']}")
     return 0
 
@@ -99,8 +99,3 @@ def _config(args: argparse.Namespace) -> ExplainConfig:
         raise CrossdiffError("n_explain must be at least 2 and detection_batch 0 (all at once) or positive")
     return config
 
-
-def _name(folder: str) -> str:
-    """batchtopk for RUN/batchtopk/analysis: the crosscoder's folder names the analysis."""
-    path = Path(folder).resolve()
-    return path.parent.name if path.name == "analysis" else path.name

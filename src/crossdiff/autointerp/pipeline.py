@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from crossdiff.analysis.table import EXPLANATIONS_FILE, join_explanations
+from crossdiff.analysis.read import AnalysisOutput
+from crossdiff.analysis.table import EXPLANATIONS_FILE
 from crossdiff.autointerp import prompts
 from crossdiff.autointerp.config import ExplainConfig, SampleConfig  # noqa: F401 (re-exported)
 from crossdiff.autointerp.clients import ChatRequest, Client
@@ -80,25 +81,19 @@ def explain(analysis_dir: str | Path, client: Client, config: ExplainConfig = Ex
     """Explain and score latents of ``analysis_dir``; ``scorer`` defaults to ``client``."""
     if config.max_latents <= 0 or config.max_tokens <= 0:
         raise CrossdiffError(f"the budget must be positive (max_latents {config.max_latents}, max_tokens {config.max_tokens})")
-    analysis_dir = Path(analysis_dir)
-    table_path, examples_path = analysis_dir / "latents.parquet", analysis_dir / "examples.sqlite"
-    if not table_path.is_file():
-        raise CrossdiffError(f"no latents.parquet in {analysis_dir}: run crossdiff analyze first")
-    if not examples_path.is_file():
-        raise CrossdiffError(f"no examples.sqlite in {analysis_dir}: explain needs examples (analyze without --no-examples)")
+    output = AnalysisOutput(analysis_dir)
+    output.require_examples("explain needs examples (analyze without --no-examples)")
     # One writer per analysis folder: explain adds files to it, analyze replaces it whole.
-    with output_lock(analysis_dir, "explain"):
+    with output_lock(output.folder, "explain"):
         for name in (EXPLANATIONS_FILE, SUMMARY_FILE):
-            remove_stray_temporaries(analysis_dir, name)  # what a killed explain left
-        return _explain(analysis_dir, table_path, examples_path, client, scorer or client, config, progress)
+            remove_stray_temporaries(output.folder, name)  # what a killed explain left
+        return _explain(output, client, scorer or client, config, progress)
 
 
-def _explain(analysis_dir: Path, table_path: Path, examples_path: Path, client: Client, scorer: Client,
-             config: ExplainConfig, progress: bool) -> ExplainResult:
-    from crossdiff.analysis.examples import ExampleStore
-
-    latents = pd.read_parquet(table_path)
-    with ExampleStore(examples_path) as store:
+def _explain(output: AnalysisOutput, client: Client, scorer: Client, config: ExplainConfig, progress: bool) -> ExplainResult:
+    analysis_dir, examples_path = output.folder, output.require_examples()
+    latents = output.table(explanations=False)
+    with output.example_store() as store:
         if not store.vocab:
             raise CrossdiffError(f"{examples_path} has no token texts (analyze found no tokenizer; rerun it with --tokenizer)")
         chosen = _choose(latents, store, config)
@@ -160,12 +155,10 @@ def _explain(analysis_dir: Path, table_path: Path, examples_path: Path, client: 
 def load_explained(analysis_dir: str | Path) -> pd.DataFrame:
     """``latents.parquet`` with the explanation columns joined in (rows of unexplained
     latents have nulls there)."""
-    analysis_dir = Path(analysis_dir)
-    latents = pd.read_parquet(analysis_dir / "latents.parquet")
-    path = analysis_dir / EXPLANATIONS_FILE
-    if not path.is_file():
-        raise CrossdiffError(f"no {EXPLANATIONS_FILE} in {analysis_dir}: run crossdiff explain first")
-    return join_explanations(latents, analysis_dir)
+    output = AnalysisOutput(analysis_dir)
+    if not (output.folder / EXPLANATIONS_FILE).is_file():
+        raise CrossdiffError(f"no {EXPLANATIONS_FILE} in {output.folder}: run crossdiff explain first")
+    return output.table()
 
 
 def group_masks(table: pd.DataFrame) -> dict[str, pd.Series]:

@@ -27,13 +27,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from crossdiff.analysis.read import BEHAVIOUR_ROWS as ROWS, BEHAVIOUR_SUMMARY as SUMMARY
+from crossdiff.analysis.read import read_behaviour  # noqa: F401 (re-exported: the report and the CLI read it from here)
 from crossdiff.causal.config import BehaviourConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic, write_text_atomic
 from crossdiff.locks import output_lock
 from crossdiff.terminal import printable
 
-ROWS, SUMMARY = "behaviour_diff.jsonl", "behaviour_diff.json"
 HISTOGRAM_BINS = 20
 
 
@@ -190,15 +191,6 @@ def run_behaviour(config: BehaviourConfig, out: Path, *, base: str, chat: str, s
     if not quiet:
         print(format_behaviour(rows, summary, where))
     return rows, summary
-
-
-def read_behaviour(folder: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
-    """The saved diff of a run folder, or None if it has none."""
-    folder = Path(folder)
-    if not (folder / SUMMARY).is_file():
-        return None
-    rows = [json.loads(line) for line in (folder / ROWS).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows, json.loads((folder / SUMMARY).read_text())
 
 
 def _num(value: float | None) -> str:

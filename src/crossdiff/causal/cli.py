@@ -35,15 +35,17 @@ def _add_causal(subparsers: argparse._SubParsersAction) -> None:
                         help="another crosscoder's causal folder, drawn beside this one in kl.png (repeatable)")
     parser.add_argument("--save-every", type=float, dest="save_every_s", metavar="SECONDS",
                         help="save the scored batches (the resume point) at most this often (default 30; 0: after every batch)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the KL table is still printed)")
     add_config_flags(parser, CausalConfig)
     parser.set_defaults(func=run_causal_cli)
 
 
 def run_causal_cli(args: argparse.Namespace) -> int:
-    from crossdiff.causal.experiment import run_causal  # torch: deferred so that --help stays fast
+    from crossdiff.analysis.screen import causal_screen  # torch, pandas: deferred so that --help stays fast
+    from crossdiff.causal.experiment import run_causal
 
-    run_causal(config_from_args(CausalConfig, args, "causal"), quiet=args.quiet)
+    result = run_causal(config_from_args(CausalConfig, args, "causal"), quiet=args.quiet)
+    print(causal_screen(result.table, result.summary, result.files["summary"].parent))  # --quiet hides progress, never this
     return 0
 
 
@@ -62,15 +64,17 @@ def _add_steer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--factor", type=float, nargs="+", dest="factors", help="scales (default -0.5 0.5 1 1.5)")
     parser.add_argument("--model", choices=["base", "chat"], help="steered model (default base)")
     parser.add_argument("--positions", choices=["all", "prompt"], help="steer all positions or the prompt's only (default all)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="accepted for symmetry: steer shows no progress, and its answers are always printed")
     add_config_flags(parser, SteerConfig)
     parser.set_defaults(func=run_steer_cli)
 
 
 def run_steer_cli(args: argparse.Namespace) -> int:
-    from crossdiff.causal.steer import run_steer  # torch: deferred so that --help stays fast
+    from crossdiff.causal.steer import format_steering_result, run_steer  # torch: deferred so that --help stays fast
 
-    run_steer(config_from_args(SteerConfig, args, "steer"), quiet=args.quiet)
+    config = config_from_args(SteerConfig, args, "steer")
+    rows = run_steer(config)
+    print(format_steering_result(rows, config))  # --quiet hides progress, never this
     return 0
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from crossdiff.analysis.read import CAUSAL_FILES, AnalysisOutput
 from crossdiff.causal.config import CausalConfig
 from crossdiff.causal.conditions import Conditions, LatentSet, candidate_pool, paper_sets, user_set
 from crossdiff.causal.conversations import Conversation, answer_prompts, load_conversations, load_prompts, prediction_masks, tokenize_conversation
@@ -45,7 +46,7 @@ from crossdiff.models import load_model_pair, pad_batch
 
 SUBSETS = ("all", "first_k", "rest")
 SPARSITY_NAMES = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
-OUTPUT_FILES = {"kl": "kl.parquet", "figure": "kl.png", "summary": "summary.json"}  # summary.json last: the mark of a finished run
+OUTPUT_FILES = CAUSAL_FILES  # summary.json last: the mark of a finished run
 KL_COLUMNS = ["condition", "subset", "kl_mean", "ci_low", "ci_high", "n_tokens", "n_latents", "form", "closed"]
 
 
@@ -56,7 +57,8 @@ class CausalResult(NamedTuple):
 
 
 def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -> CausalResult:
-    """Run the experiment and write its files; ``pair`` reuses already loaded models."""
+    """Run the experiment and write its files; ``pair`` reuses already loaded models. ``quiet``
+    hides progress; the result is returned, not printed (``crossdiff causal`` prints it)."""
     crosscoder = CrossCoder.from_pretrained(config.crosscoder)
     table, analysis_summary = read_analysis(config.analysis_dir, crosscoder)
     layer = resolve_layer(crosscoder, config.layer)
@@ -92,8 +94,7 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
         summary = build_summary(config, crosscoder, layer, (base_name, chat_name), pool, sets, kl_table, accumulator, len(conversations))
         files = write_outputs(out, kl_table, summary, others)
         progress.remove()
-    _say(quiet, summary["text"])
-    return CausalResult(kl_table, summary, files)
+    return CausalResult(kl_table, summary, files)  # the caller shows it: summary["text"], crossdiff.analysis.screen
 
 
 def _latent_sets(config: CausalConfig, crosscoder: CrossCoder, table: pd.DataFrame,
@@ -327,26 +328,20 @@ def write_outputs(out: Path, kl_table: pd.DataFrame, summary: dict[str, Any], ot
 # --------------------------------------------------------------------------------- checks
 def read_analysis(folder: str | Path, crosscoder: CrossCoder) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The latent table and summary of ``folder``, refused if they belong to another crosscoder."""
-    folder = Path(folder)
-    table_path, summary_path = folder / "latents.parquet", folder / "summary.json"
-    if not table_path.is_file() or not summary_path.is_file():
-        raise CrossdiffError(f"{folder} is not a finished analysis folder (needs latents.parquet and summary.json; run crossdiff analyze)")
-    table = pd.read_parquet(table_path)
-    summary = json.loads(summary_path.read_text())
-    missing = {"latent", "dnorm", "tag", "dead", "nu_error", "nu_recon"} - set(table.columns)
-    if missing:
-        raise CrossdiffError(f"{table_path} lacks columns {sorted(missing)}")
+    output = AnalysisOutput(folder)
+    summary = output.summary()  # first: an unfinished analysis is refused before its table is read
+    table = output.table(explanations=False, required=("latent", "dnorm", "tag", "dead", "nu_error", "nu_recon"))
     n = crosscoder.config.d_sae
     if len(table) != n:
         raise CrossdiffError(f"analysis folder {folder} belongs to another crosscoder: {len(table)} latents, the crosscoder has {n}")
     ours = crosscoder.relative_decoder_norm().detach().float().cpu().numpy()
-    theirs = table.sort_values("latent")["dnorm"].to_numpy(dtype=np.float32)
+    theirs = table["dnorm"].to_numpy(dtype=np.float32)
     differs = ~np.isclose(ours, theirs, rtol=1e-4, atol=1e-5, equal_nan=True)
     if differs.any():
         j = int(np.flatnonzero(differs)[0])
         raise CrossdiffError(f"analysis folder {folder} belongs to another crosscoder: latent {j} has relative norm "
                              f"{theirs[j]:.4f} there, {ours[j]:.4f} in the crosscoder")
-    return table.sort_values("latent").reset_index(drop=True), summary
+    return table, summary
 
 
 def resolve_layer(crosscoder: CrossCoder, layer: int | None) -> int:

@@ -130,7 +130,7 @@ def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str
             crosscoder=str(crosscoder_dir), analysis_dir=str(analysis_dir), latents=[",".join(map(str, chosen))],
             prompts=behaviour.prompts[: config.prompts], factors=list(config.factors), model="base", positions=config.positions,
             max_new_tokens=config.max_new_tokens, out=str(out / f"{behaviour.name}.jsonl"), how=config.how,
-            expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair, quiet=True)
+            expect=behaviour.expect, controls=config.controls, seed=config.seed), pair=pair)
         ceiling = None
         if config.ceiling:
             answers = ceiling_answers(pair, crosscoder.config.layer, behaviour.prompts[: config.prompts], config.max_new_tokens)
@@ -222,12 +222,12 @@ def anticipating_latents(analysis_dir: Path, table: Any, behaviour: Behaviour, *
     are followed by the behaviour's words; a table of latent, share (of examples) and dnorm."""
     import pandas as pd
 
-    from crossdiff.analysis import ExampleStore
+    from crossdiff.analysis.read import AnalysisOutput
 
     live = table[~table["dead"] & table["dnorm"].notna() & (table["max_act"] > 0)]
     live = live.sort_values(["dnorm", "latent"], ascending=[False, True]).head(search)
     rows = []
-    with ExampleStore(analysis_dir / "examples.sqlite") as store:
+    with AnalysisOutput(analysis_dir).example_store() as store:
         for latent, dnorm in zip(live["latent"], live["dnorm"]):
             share = anticipation_share(store.examples(int(latent), "top"), behaviour)
             if share >= min_share:

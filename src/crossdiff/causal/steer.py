@@ -137,8 +137,9 @@ def control_sets(crosscoder: Any, table: Any, n: int, size: int, exclude: set[in
     return [np.sort(drawn[i * size:(i + 1) * size]) for i in range(n)]
 
 
-def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> list[dict[str, Any]]:
-    """Steer every latent set with every factor on every prompt; write and return the rows."""
+def run_steer(config: SteerConfig, *, pair: Any = None) -> list[dict[str, Any]]:
+    """Steer every latent set with every factor on every prompt; write and return the rows
+    (:func:`format_steering_result` shows them)."""
     from crossdiff.causal.conversations import end_of_turn_ids, load_prompts
     from crossdiff.causal.experiment import read_analysis, resolve_layer, resolve_models
     from crossdiff.crosscoder import CrossCoder
@@ -156,7 +157,7 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
     prompts = list(config.prompts) + (load_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
         raise CrossdiffError("give at least one --prompt (or --prompts FILE)")
-    out = Path(config.out) if config.out else Path(config.analysis_dir).resolve().parent / "causal" / "steering.jsonl"
+    out = steering_path(config)
     if pair is None:
         pair = load_model_pair(base_name, chat_name, dtype=config.model_dtype, device=config.device)
     model = pair.base if config.model == "base" else pair.chat
@@ -175,11 +176,6 @@ def run_steer(config: SteerConfig, *, pair: Any = None, quiet: bool = False) -> 
                              "control": is_control, "matches": shows(text), "unsteered_matches": shows(unsteered)})
     with output_lock(out.parent, "steer"):
         write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    if not quiet:
-        print(format_steering([row for row in rows if not row["control"]]))
-        if pattern is not None:
-            print(format_match_counts(rows, config.expect))
-        print(f"saved {len(rows)} rows to {out}")
     return rows
 
 
@@ -210,6 +206,20 @@ def _steerer(config: SteerConfig, crosscoder: Any, table: Any) -> Any:
                                              max_new_tokens=config.max_new_tokens, stop_ids=stop) for prompt in prompts])
         return answers
     return by_direction
+
+
+def steering_path(config: SteerConfig) -> Path:
+    """Where run_steer writes its rows: ``out``, or steering.jsonl in the crosscoder's causal folder."""
+    return Path(config.out) if config.out else Path(config.analysis_dir).resolve().parent / "causal" / "steering.jsonl"
+
+
+def format_steering_result(rows: list[dict[str, Any]], config: SteerConfig) -> str:
+    """What `crossdiff steer` prints: the answers side by side, the match counts (with --expect), the file."""
+    parts = [format_steering([row for row in rows if not row["control"]])]
+    if config.expect is not None:
+        parts.append(format_match_counts(rows, config.expect))
+    parts.append(f"saved {len(rows)} rows to {steering_path(config)}")
+    return "\n".join(parts)
 
 
 def format_steering(rows: list[dict[str, Any]], width: int = 56) -> str:

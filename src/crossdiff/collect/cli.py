@@ -34,7 +34,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--heldout", action="store_const", const="heldout", dest="part",
                         help="with --holdout: collect the held-out documents instead of the training ones (--part heldout)")
     parser.add_argument("--verify", metavar="CACHE", help="only check an existing cache's checksums and exit")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
     add_config_flags(parser, CollectConfig)
     parser.set_defaults(func=run_cli)
 
@@ -46,10 +46,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.verify:
         cache = PairedCache(args.verify, verify=True, allow_incomplete=True)
         state = "complete" if cache.manifest["complete"] else "incomplete"
-        if not args.quiet:
-            print(f"ok: {cache.n_tokens:,} tokens in {len(cache.shards)} shards verified ({state})")
+        print(f"ok: {cache.n_tokens:,} tokens in {len(cache.shards)} shards verified ({state})")
         return 0
-    collect(config_from_args(args), quiet=args.quiet)
+    print(collect(config_from_args(args), quiet=args.quiet))  # the result: printed whatever --quiet
     return 0
 
 

@@ -15,7 +15,6 @@ index is congruent to their rank into ``OUT/rank-R``; the last rank to finish wr
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ class CollectSummary:
     new_tokens: int  # collected by this call (the rest was there already)
     merged: bool = False  # whether OUT/manifest.json now covers every rank
     norms: dict[str, Any] | None = None  # the cache's norm profile: median norms, massive activations (cache.norm_profile)
+    world_size: int = 1
 
     def __str__(self) -> str:
         rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
@@ -63,6 +63,9 @@ class CollectSummary:
         ]
         if self.norms is not None:
             lines.append(describe_profile(self.norms, sum(self.tokens_per_source.values())))
+        if self.world_size > 1:
+            lines.append(f"all {self.world_size} ranks done: {self.path.parent}/{MANIFEST} written" if self.merged
+                         else "other ranks still running")
         return "\n".join(lines)
 
 
@@ -77,7 +80,7 @@ def collect(config: CollectConfig, *, quiet: bool = False) -> CollectSummary:
 def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary:
     start = time.perf_counter()
     if _already_complete(folder, config):
-        return _finish(config, folder, start, new_tokens=0, quiet=quiet)
+        return _finish(config, folder, start, new_tokens=0)
     pair = load_pair(config, quiet)
     extractor = ResidualExtractor(pair, config.layer)
     sources = answered_sources(config, pair, quiet=quiet)  # answers sources: the chat model answers their prompts first
@@ -92,7 +95,7 @@ def _collect(config: CollectConfig, folder: Path, quiet: bool) -> CollectSummary
     finally:
         writer.close()
         progress.close()
-    return _finish(config, folder, start, new_tokens=writer.n_tokens - already, quiet=quiet)
+    return _finish(config, folder, start, new_tokens=writer.n_tokens - already)
 
 
 def _open_writer(config: CollectConfig, folder: Path, pair: Any) -> CacheWriter:
@@ -161,7 +164,7 @@ def _already_complete(folder: Path, config: CollectConfig) -> bool:
     return bool(cache.manifest["complete"])
 
 
-def _finish(config: CollectConfig, folder: Path, start: float, *, new_tokens: int, quiet: bool) -> CollectSummary:
+def _finish(config: CollectConfig, folder: Path, start: float, *, new_tokens: int) -> CollectSummary:
     merged = config.world_size > 1 and merge_ranks(config.out, config.world_size)
     cache = PairedCache(folder)
     size = sum(f.stat().st_size for s in cache.shards for f in (folder / s["name"]).iterdir())
@@ -173,11 +176,7 @@ def _finish(config: CollectConfig, folder: Path, start: float, *, new_tokens: in
         seconds=time.perf_counter() - start,
         new_tokens=new_tokens,
         merged=merged,
+        world_size=config.world_size,
         norms=cache.norm_profile(),
     )
-    if not quiet:
-        print(summary, file=sys.stderr)
-        if config.world_size > 1:
-            note = f"all {config.world_size} ranks done: {config.out}/{MANIFEST} written" if merged else "other ranks still running"
-            print(note, file=sys.stderr)
-    return summary
+    return summary  # printed by the caller (collect's CLI whatever --quiet; the runner unless quiet)

@@ -71,17 +71,16 @@ def default_truth_path() -> Path:
 
 def crosscoder_findings(analysis_dir: Path, n_top: int = N_TOP, *, latents: list[int] | None = None) -> list[Finding]:
     """The top ``n_top`` live latents by dnorm (or the given ``latents``, in order), with their top contexts."""
-    import pandas as pd
+    from crossdiff.analysis.read import AnalysisOutput  # pandas: deferred so that `crossdiff score --help` stays fast
 
-    from crossdiff.analysis import ExampleStore
-
-    table = pd.read_parquet(analysis_dir / "latents.parquet")
+    output = AnalysisOutput(analysis_dir)
+    table = output.table(explanations=False)
     if latents is None:
         chosen = table[~table["dead"] & table["dnorm"].notna()].sort_values(["dnorm", "latent"], ascending=[False, True]).head(n_top)
     else:
         chosen = table.set_index("latent").loc[latents].reset_index()
     findings = []
-    with ExampleStore(analysis_dir / "examples.sqlite") as store:
+    with output.example_store() as store:
         for record in chosen.to_dict("records"):
             examples = store.examples(int(record["latent"]), "top")
             contexts = ["".join(ex.tokens or []) for ex in examples]
@@ -154,9 +153,12 @@ def score_run(run_dir: str | Path, truth_path: str | Path | None = None, n_top: 
     truth_path = Path(truth_path) if truth_path is not None else default_truth_path()
     truth = load_truth(truth_path)
     methods = {}
-    for analysis in sorted(run_dir.glob("*/analysis")):
-        if (analysis / "latents.parquet").is_file() and (analysis / "examples.sqlite").is_file():
-            methods[analysis.parent.name] = grade_crosscoder(analysis, truth, n_top)
+    from crossdiff.analysis.read import AnalysisOutput  # pandas, as above
+
+    for table in sorted(run_dir.glob("*/analysis/latents.parquet")):
+        output = AnalysisOutput(table.parent)
+        if output.examples_path is not None:
+            methods[output.name] = grade_crosscoder(output.folder, truth, n_top)
     for adl in sorted({*(p.parent for p in run_dir.glob("*/adl.json")), *map(Path, adl_dirs or [])}):
         if not (adl / "adl.json").is_file():
             raise CrossdiffError(f"{adl} holds no adl.json: give a folder `crossdiff adl --out` wrote")

@@ -25,6 +25,10 @@ Stages, for a recipe with crosscoders ``batchtopk`` and ``l1``::
     report            RUN/report/      (both crosscoders side by side; rebuilt when an input is newer)
 
 Adding a stage is one more ``Stage(...)`` in :func:`plan` (see docs/run.md).
+
+Stages print progress only (``[run]`` lines, progress bars; ``--quiet`` hides both). What
+they found is said once, at the end, by the end screen (crossdiff.analysis.screen), which
+`crossdiff inspect RUN --summary` reprints.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
     if recipe.data is not None:
         stages.append(Stage("data", lambda: _data_done(recipe), lambda: _write_data(recipe)))
     if recipe.behaviour is not None:
-        stages.append(Stage("behaviour", (out / "behaviour_diff.json").is_file, lambda: _behaviour(recipe, quiet)))
+        stages.append(Stage("behaviour", (out / "behaviour_diff.json").is_file, lambda: _behaviour(recipe)))
     collect = _collect_config(recipe)
     stages.append(Stage("collect", lambda: _cache_complete(collect), lambda: _collect(collect, quiet), costs.collect))
     for name, config in recipe.crosscoders.items():
@@ -82,9 +86,9 @@ def plan(recipe: Recipe, *, quiet: bool = False, hardware: str | None = None) ->
             costs.analyze,
         ))
     if recipe.behaviour is not None:
-        stages += _findings_stages(recipe, quiet)
+        stages += _findings_stages(recipe)
     if recipe.causal is not None or recipe.steer is not None:
-        stages += _causal_stages(recipe, quiet)
+        stages += _causal_stages(recipe)
     stages.append(Stage("report", lambda: _report_current(out), lambda: _report(out, quiet)))
     return stages
 
@@ -144,20 +148,21 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-def _behaviour(recipe: Recipe, quiet: bool) -> None:
+def _behaviour(recipe: Recipe) -> None:
     from crossdiff.causal.behaviour import run_behaviour
 
     collect = recipe.collect
-    run_behaviour(recipe.behaviour, recipe.out, base=collect.base, chat=collect.chat, sources=collect.sources, quiet=quiet)
+    # quiet: the diff's screen is part of the run's end screen (crossdiff.analysis.screen), not printed twice
+    run_behaviour(recipe.behaviour, recipe.out, base=collect.base, chat=collect.chat, sources=collect.sources, quiet=True)
 
 
-def _findings_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
+def _findings_stages(recipe: Recipe) -> list[Stage]:
     """Per crosscoder, RUN/NAME/findings.json: latents ranked by evidence and grouped into concepts
     (crossdiff.analysis.concepts); one model pair serves every crosscoder."""
     out, loaded = recipe.out, {}
 
     def run(name: str) -> None:
-        from crossdiff.analysis.concepts import find_concepts, format_findings, write_findings
+        from crossdiff.analysis.concepts import find_concepts, write_findings
         from crossdiff.analysis.table import read_table
         from crossdiff.causal.behaviour import read_behaviour
         from crossdiff.crosscoder import CrossCoder
@@ -171,14 +176,13 @@ def _findings_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
         table = read_table(out / name / "analysis")
         findings = find_concepts(crosscoder, table, pair=loaded["pair"], layer=recipe.collect.layer, behaviour=read_behaviour(out),
                                  examples=out / name / "analysis" / "examples.sqlite")
-        write_findings(findings, out / name)
-        _say(quiet, format_findings(findings, name))
+        write_findings(findings, out / name)  # shown by the end screen
 
     return [Stage(f"findings:{name}", lambda name=name: _newer(out / name / "findings.json", out / name / "analysis" / "summary.json"),
                   lambda name=name: run(name)) for name in recipe.crosscoders]
 
 
-def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
+def _causal_stages(recipe: Recipe) -> list[Stage]:
     """The KL experiment and the planted-behaviour steering on every crosscoder; prompts are
     answered once and shared by all, and one loaded model pair serves every stage."""
     out, options = recipe.out, dict(recipe.causal or {})
@@ -205,14 +209,14 @@ def _causal_stages(recipe: Recipe, quiet: bool) -> list[Stage]:
         stages.append(Stage(
             f"causal:{name}",
             lambda name=name: _newer(out / name / "causal" / "summary.json", out / name / "analysis" / "summary.json"),
-            lambda name=name, i=i: _causal(out, name, names[:i], options, pair(), quiet),
+            lambda name=name, i=i: _causal(out, name, names[:i], options, pair()),
         ))
     steered = [] if recipe.steer is None else [n for n in names if recipe.steer.crosscoders is None or n in recipe.steer.crosscoders]
     for name in steered:
         stages.append(Stage(
             f"steer:{name}",
             lambda name=name: _newer(out / name / "causal" / "planted" / "summary.json", out / name / "analysis" / "summary.json"),
-            lambda name=name: _steer_planted(out, name, recipe.steer, pair(), quiet),
+            lambda name=name: _steer_planted(out, name, recipe.steer, pair()),
         ))
     return stages
 
@@ -234,21 +238,19 @@ def _answer_prompts(options: dict[str, Any], path: Path, pair: Any) -> None:
     write_atomic(path, lambda tmp: write_conversations(tmp, answered))  # the stage is done once every answer is on disk
 
 
-def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], pair: Any, quiet: bool) -> None:
-    from crossdiff.causal.experiment import CausalConfig, format_summary, run_causal
+def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], pair: Any) -> None:
+    from crossdiff.causal.experiment import CausalConfig, run_causal
 
     config = CausalConfig(crosscoder=str(out / name / "crosscoder"), analysis_dir=str(out / name / "analysis"),
                           out=str(out / name / "causal"), compare=[str(out / other / "causal") for other in earlier],
                           **options)
-    result = run_causal(config, pair=pair, quiet=True)
-    _say(quiet, format_summary(result.table, result.summary))
+    run_causal(config, pair=pair, quiet=True)  # its headline is on the end screen; the table: crossdiff causal prints it
 
 
-def _steer_planted(out: Path, name: str, config: Any, pair: Any, quiet: bool) -> None:
-    from crossdiff.causal.planted import format_planted, steer_planted
+def _steer_planted(out: Path, name: str, config: Any, pair: Any) -> None:
+    from crossdiff.causal.planted import steer_planted
 
-    summary = steer_planted(out / name / "crosscoder", out / name / "analysis", out / name / "causal" / "planted", config, pair)
-    _say(quiet, format_planted(summary))
+    steer_planted(out / name / "crosscoder", out / name / "analysis", out / name / "causal" / "planted", config, pair)  # on the end screen
 
 
 def _report_current(out: Path) -> bool:
@@ -262,8 +264,7 @@ def _report_current(out: Path) -> bool:
 def _report(out: Path, quiet: bool) -> None:
     from crossdiff.report import build_report
 
-    index = build_report(out, out / "report", say=lambda line: _say(quiet, line))
-    _say(quiet, f"report: {index}  (open it in a browser; no server needed)")
+    build_report(out, out / "report", say=lambda line: _say(quiet, line))  # the end screen names the index
 
 
 def _collect_config(recipe: Recipe):
@@ -290,7 +291,8 @@ def _collect(collect, quiet: bool) -> None:
     from crossdiff.collect.collector import collect as run_collect
     from crossdiff.train.stream import with_rank_from_environment
 
-    run_collect(with_rank_from_environment(collect), quiet=quiet)  # under torchrun: this rank's part
+    summary = run_collect(with_rank_from_environment(collect), quiet=quiet)  # under torchrun: this rank's part
+    _say(quiet, str(summary))
 
 
 def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
@@ -488,7 +490,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan with disk, memory and time estimates; run nothing")
     parser.add_argument("--hardware", help="for --dry-run: cpu or NxGPU, e.g. 8xH100 (default: the recipe's [run] hardware)")
     parser.add_argument("--stage", action="append", metavar="NAME", help="run only this stage (repeatable), e.g. train:l1")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines (the end screen is still printed)")
     parser.set_defaults(func=_run_cli)
 
 
@@ -501,5 +503,10 @@ def _run_cli(args: argparse.Namespace) -> int:
         raise CrossdiffError("--hardware only applies to --dry-run (the run uses each stage's device setting)")
     outcome = run_recipe(recipe, quiet=args.quiet, only=args.stage)
     ran = [name for name, what in outcome.items() if what == "ran"]
+    from crossdiff.analysis.screen import run_screen  # pandas: deferred so that --help stays fast
+
+    screen = run_screen(recipe.out, list(recipe.crosscoders))
+    if screen:
+        print(screen)
     print(f"run {recipe.out}: {len(ran)} stage(s) ran, {len(outcome) - len(ran)} already done")
     return 0

@@ -1,0 +1,7 @@
+"""`python -m crossdiff ...`: the same as the `crossdiff` command."""
+
+import sys
+
+from crossdiff.cli import main
+
+sys.exit(main())
