@@ -96,7 +96,7 @@ def _overview_card(key: str, analysis: Analysis) -> str:
         for t in TAGS if t in tags)
     verdict = _verdict_counts(analysis)
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>\n" for k, v in rows if v not in (None, ""))
-    return f"""<div class="card" data-key="{key}">
+    return f"""<div class="card overview" data-key="{key}">
 <h3>{_e(analysis.name)}</h3>
 <table class="kv">{body}</table>
 <div class="tags">{tag_cells}</div>
@@ -296,7 +296,7 @@ def _causal_section(entries: list[tuple[str, Analysis, list[FigureFile]]], out: 
     for key, analysis, figures in entries:
         figure = next((f for f in figures if f.name == "closed"), None)
         if figure is None:
-            cells.append(f'<div class="card" data-key="{key}"><h3>{_e(analysis.name)}</h3><p class="muted">Causal stage not '
+            cells.append(f'<div class="card causal" data-key="{key}"><h3>{_e(analysis.name)}</h3><p class="muted">Causal stage not '
                          'run (<code>crossdiff causal</code> adds it).</p></div>')
             continue
         present = True
@@ -307,7 +307,8 @@ def _causal_section(entries: list[tuple[str, Analysis, list[FigureFile]]], out: 
                      f'{_closed_table(analysis.kl)}{_kl_table(analysis.kl)}</div>')
     title, caption = FIGURE_TEXT["closed"]
     note = "" if present else '<p class="muted">No crosscoder has causal results yet.</p>'
-    return f'<h2>{_e(title)}</h2><p class="muted">{_e(caption)}</p>{note}<div class="columns">{"".join(cells)}</div>'
+    return (f'<h2 id="causal">{_e(title)}</h2><p class="muted">{_e(caption)}</p>{note}'
+            f'<div class="columns">{"".join(cells)}</div>')
 
 
 def _closed_table(kl: pd.DataFrame) -> str:
