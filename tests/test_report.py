@@ -439,3 +439,27 @@ def test_counts_that_appear_twice_agree_and_every_verdict_is_explained(small_run
         assert "The verdict above counts" in card
     legend = page[page.index('class="verdict-legend"'):]
     assert all(f"<th>{v}</th><td>{html.escape(MEANINGS[v])}</td>" in legend for v in VERDICTS)
+
+
+@pytest.mark.slow
+def test_the_organism_report_names_every_planted_behaviour_on_its_first_screen(organism_demo, tmp_path):
+    """The demo's report, as a reader first sees it (1300 x 900, no scrolling): every behaviour
+    the organism's fine-tune planted (truth.json) is named, with a chat answer showing it."""
+    from crossdiff.organism.score import default_truth_path
+    from crossdiff.organism.truth import load_truth
+
+    _browser_or_skip()
+    truth = load_truth(default_truth_path())
+    index = build_report(organism_demo, tmp_path / "report", say=lambda line: None)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.goto(index.as_uri())
+        page.wait_for_selector("body[data-ready]")
+        on_screen = page.evaluate("""() => [...document.querySelectorAll('table.behaviour-groups tr[data-group]')]
+            .filter(row => row.getBoundingClientRect().bottom <= window.innerHeight)
+            .map(row => [row.dataset.group, row.querySelector('.chat-answer').textContent])""")
+        page.screenshot(path=str(tmp_path / "first-screen.png"))
+    answers = dict(on_screen)
+    for behaviour in truth.behaviours:
+        assert behaviour.name in answers, (behaviour.name, answers)
+        assert re.search(behaviour.expect, answers[behaviour.name]), (behaviour.name, answers[behaviour.name])
