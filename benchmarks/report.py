@@ -201,6 +201,7 @@ def measure(index: Path, browser) -> dict[str, float]:
                            "document.querySelector('#count').textContent.split(' of ')[1].split(' ')[0]")
     times["filter"] = time.perf_counter() - t
     page_times["filter"] = page.evaluate("CROSSDIFF.timing.filter") / 1000
+    latent = page.get_attribute("#latent-table tbody tr", "data-latent")  # before the search, which may match none
     t = time.perf_counter()
     page.focus("#filter-text")  # the search text loads on first use
     page.wait_for_function("CROSSDIFF.search && CROSSDIFF.search.bench", timeout=120_000)
@@ -210,7 +211,6 @@ def measure(index: Path, browser) -> dict[str, float]:
     page.wait_for_function("!document.querySelector('#count').textContent.includes('loading')")
     times["search"] = time.perf_counter() - t
     page_times["search"] = page.evaluate("CROSSDIFF.timing.search") / 1000
-    latent = page.get_attribute("#latent-table tbody tr", "data-latent")
     t = time.perf_counter()
     page.goto(url + f"#latent/bench/{latent}")
     page.wait_for_selector("#examples[data-state=loaded] .tok.peak")
