@@ -3,7 +3,8 @@
 Builds a synthetic analysis with realistic columns (every latent-table column, two text
 sources, Latent Scaling values and flags, twins) and realistic examples (10 top + 10
 quantile examples per live latent, windows of 32 + 1 + 8 tokens, Zipf-distributed token
-ids over a 50k vocabulary, sparse activations) in the files `crossdiff analyze` writes,
+ids over a 50k vocabulary, sparse activations, an activation histogram per source) in the
+files `crossdiff analyze` writes,
 then `crossdiff.report.build_report` on it, and measures in Chromium (driven by
 Playwright, as in the tests):
 
@@ -40,8 +41,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from crossdiff.analysis.config import ScalingThresholds
 from crossdiff.analysis.norms import TagThresholds, tag_latents
-from crossdiff.analysis.table import COLUMNS, summarize, write_table
+from crossdiff.analysis.roles import ROLES
+from crossdiff.analysis.scaling import LatentScalingResult
+from crossdiff.analysis.table import COLUMNS, add_verdict_columns, summarize, write_table
 from crossdiff.report import build_report
 from crossdiff.report.browser import chromium
 
@@ -91,6 +95,19 @@ def synthetic_analysis(folder: Path, n_latents: int, seed: int = 0) -> None:
     has_twin = chat_only & (rng.random(n_latents) < 0.3)
     table["twin"] = np.where(has_twin, rng.choice(base_only, n_latents), -1)
     table["twin_cos"] = np.where(has_twin, rng.uniform(0.5, 1, n_latents), np.nan)
+    # Uncertainties, guarded verdicts, the rank-sum and the base direction, as the analysis derives them.
+    betas = {f"beta_{t}": table[f"beta_{t}"].to_numpy() for t in ("error_base", "error_chat", "recon_base", "recon_chat",
+                                                                  "act_base", "act_chat")}
+    se = lambda: np.where(dead, np.nan, rng.uniform(0.005, 0.2, n_latents))  # noqa: E731
+    chat = LatentScalingResult(**betas, nu_error=nu_error, nu_recon=nu_recon, n_tokens=table["n_active"].to_numpy(),
+                               nu_error_se=se(), nu_recon_se=se())
+    mirrored = {f"beta_{t}_{m}": betas[f"beta_{t}_{o}"] for t in ("error", "recon", "act") for m, o in (("base", "chat"), ("chat", "base"))}
+    base = chat._replace(**mirrored, nu_error=np.where(dead, np.nan, rng.normal(0.8, 0.3, n_latents)),
+                         nu_recon=np.where(dead, np.nan, rng.normal(0.9, 0.3, n_latents)), nu_error_se=se(), nu_recon_se=se())
+    add_verdict_columns(table, chat, base, ScalingThresholds())
+    roles = rng.dirichlet(np.full(len(ROLES), 0.5), n_latents)
+    for r, name in enumerate(ROLES):
+        table[f"role_{name}"] = np.where(dead, np.nan, roles[:, r])
     assert set(table.columns) == {c for c in COLUMNS if "<source>" not in c} | {
         f"{stat}__{s}" for stat in ("freq", "max_act") for s in SOURCES}
     pd.DataFrame({"chat_latent": np.nonzero(has_twin)[0], "base_latent": table["twin"][has_twin],
@@ -118,9 +135,16 @@ def _synthetic_examples(path: Path, table: pd.DataFrame, rng: np.random.Generato
                 window_start INTEGER, token_index INTEGER, token_ids TEXT, activations TEXT);
             CREATE TABLE tokens (id INTEGER PRIMARY KEY, text TEXT);
             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE histograms (latent INTEGER PRIMARY KEY, counts TEXT);
             """
         )
         live = table.loc[~table["dead"], ["latent", "max_act", "freq"]].to_numpy()
+        # Active tokens per source and bin of the max: most of them in the lowest bins, as for real latents.
+        shares = rng.dirichlet(np.full(len(SOURCES), 0.7), len(live))[:, :, None] * 0.5 ** np.arange(N_QUANTILE)
+        counts = np.rint(table.loc[~table["dead"], "n_active"].to_numpy()[:, None, None] * shares / shares.sum(axis=(1, 2),
+                         keepdims=True)).astype(np.int64)
+        db.executemany("INSERT INTO histograms VALUES (?,?)", [(int(latent), json.dumps(c.tolist(), separators=(",", ":")))
+                                                               for latent, c in zip(live[:, 0], counts)])
         per = N_TOP + N_QUANTILE
         for start in range(0, len(live), 2000):
             block = live[start:start + 2000]
@@ -140,7 +164,8 @@ def _synthetic_examples(path: Path, table: pd.DataFrame, rng: np.random.Generato
                              "[" + ",".join(map(repr, acts[j].tolist())) + "]"))
             db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
         db.executemany("INSERT INTO tokens VALUES (?,?)", list(enumerate(texts)))
-        meta = {"window_before": BEFORE, "window_after": AFTER, "sources": SOURCES, "activation": "scaled (f~)"}
+        meta = {"window_before": BEFORE, "window_after": AFTER, "sources": SOURCES, "activation": "scaled (f~)",
+                "histogram_bins": N_QUANTILE}
         db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.execute("CREATE INDEX examples_by_latent ON examples (latent, kind, rank)")
 
@@ -176,6 +201,7 @@ def measure(index: Path, browser) -> dict[str, float]:
                            "document.querySelector('#count').textContent.split(' of ')[1].split(' ')[0]")
     times["filter"] = time.perf_counter() - t
     page_times["filter"] = page.evaluate("CROSSDIFF.timing.filter") / 1000
+    latent = page.get_attribute("#latent-table tbody tr", "data-latent")  # before the search, which may match none
     t = time.perf_counter()
     page.focus("#filter-text")  # the search text loads on first use
     page.wait_for_function("CROSSDIFF.search && CROSSDIFF.search.bench", timeout=120_000)
@@ -185,10 +211,10 @@ def measure(index: Path, browser) -> dict[str, float]:
     page.wait_for_function("!document.querySelector('#count').textContent.includes('loading')")
     times["search"] = time.perf_counter() - t
     page_times["search"] = page.evaluate("CROSSDIFF.timing.search") / 1000
-    latent = page.get_attribute("#latent-table tbody tr", "data-latent")
     t = time.perf_counter()
     page.goto(url + f"#latent/bench/{latent}")
     page.wait_for_selector("#examples[data-state=loaded] .tok.peak")
+    page.wait_for_selector(".histogram .bars div")
     times["panel"] = time.perf_counter() - t
     page.close()
     if errors:

@@ -100,6 +100,23 @@ def test_quantile_samples_fall_in_their_bins(analysed):
                     assert b / BINS - 1e-6 <= e.activation / float(values.max()) <= (b + 1) / BINS + 1e-6
 
 
+def test_histograms_count_every_active_token_per_source_and_bin(analysed):
+    """Brute force: bin every active token of each latent by its fraction of the latent's max, per source."""
+    _, source, f_scaled, result = analysed
+    sources = source.batch.source_ids.numpy()
+    with ExampleStore(result.files["examples"]) as store:
+        assert store.meta["histogram_bins"] == BINS
+        for latent in range(12):
+            values = f_scaled[:, latent].double().numpy()
+            active = values > 1e-3
+            expected = np.zeros((2, BINS), dtype=np.int64)
+            if active.any():
+                bins = np.clip((values[active] / values.max() * BINS).astype(int), 0, BINS - 1)
+                np.add.at(expected, (sources[active], bins), 1)
+            np.testing.assert_array_equal(store.histogram(latent), expected)
+            assert store.histogram(latent).sum() == active.sum()
+
+
 def test_token_texts_come_from_the_tokenizer(analysed, tiny_tokenizer):
     *_, result = analysed
     with sqlite3.connect(result.files["examples"]) as db:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import shutil
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from crossdiff.analysis import AnalysisConfig, TensorSource, analyze
+from crossdiff.analysis.concepts import FindingsConfig, find_concepts, write_findings
 from crossdiff.analysis.norms import TagThresholds
 from crossdiff.analysis.scaling import ScalingThresholds
 from crossdiff.cli import main
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.report import build_report, draw_figures, find_analyses
+from crossdiff.report.figures import closed_shares
 from crossdiff.report.browser import chromium, find_chromium
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +45,17 @@ def _crosscoder(activation: str) -> CrossCoder:
     return cc
 
 
+KL = pd.DataFrame({  # the causal stage's conditions (crossdiff.causal.conditions), two token subsets
+    "condition": ["None", "All", "ls-best", "ls-best"] * 2,
+    "subset": ["all"] * 4 + ["rest"] * 4,
+    "kl_mean": [0.42, 0.02, 0.30, 0.21, 0.35, 0.01, 0.28, 0.14], "ci_low": [0.40, 0.01, 0.27, 0.18, 0.33, 0.0, 0.25, 0.12],
+    "ci_high": [0.44, 0.03, 0.33, 0.24, 0.37, 0.02, 0.31, 0.16], "n_tokens": [900] * 8, "n_latents": [0, 24, 4, 4] * 2,
+    "form": [None, None, "replace", "add"] * 2,
+})
+LENS = {"chat": {"promoted": [["<refuse>", 3.5], [" sorry", 2.0]], "suppressed": [[" sure", -2.5]]},
+        "base": {"promoted": [[" the", 1.0]], "suppressed": [["<refuse>", -1.5]]}}
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, tiny_tokenizer):
     """RUN/<batchtopk, l1>/analysis from the real analysis, plus one crosscoder's causal outputs."""
@@ -58,16 +73,15 @@ def small_run(tmp_path_factory, tiny_tokenizer):
     (run / "l1" / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 5120}) + "\n")
     causal = run / "l1" / "causal"
     causal.mkdir()
-    pd.DataFrame({
-        "condition": ["chat", "base", "base + chat-only latents"] * 2,
-        "subset": ["all"] * 3 + ["rest"] * 3,
-        "kl_mean": [0.0, 0.42, 0.17, 0.0, 0.35, 0.12], "ci_low": [0.0, 0.40, 0.15, 0.0, 0.33, 0.10],
-        "ci_high": [0.0, 0.44, 0.19, 0.0, 0.37, 0.14], "n_tokens": [900] * 6, "n_latents": [0, 0, 4] * 2,
-        "form": [None, None, "add"] * 2,
-    }).to_parquet(causal / "kl.parquet")
+    KL.to_parquet(causal / "kl.parquet")
     steering = [{"latent": 1, "factor": 4.0, "model": "base", "prompt": "Hello there", "unsteered": "Hi!",
                  "steered": "I cannot help with <that>"}]
     (causal / "steering.jsonl").write_text("".join(json.dumps(row) + "\n" for row in steering))
+    # findings.json as `crossdiff run` writes it, without models (so no logit lens): the lead's lens added by hand.
+    findings = find_concepts(_crosscoder("relu"), pd.read_parquet(run / "l1" / "analysis" / "latents.parquet"),
+                             examples=run / "l1" / "analysis" / "examples.sqlite", config=FindingsConfig(n_concept_latents=8))
+    findings["latents"][0]["lens"] = LENS
+    write_findings(findings, run / "l1")
     (causal / "planted").mkdir()
     (causal / "planted" / "summary.json").write_text(json.dumps({
         "model": "base", "factors": [1.0, 2.0], "controls": 2, "behaviours": [
@@ -85,7 +99,7 @@ def _lines(fig, gid):
 def test_figures_draw_the_analysis_thresholds(small_run):
     (analysis,) = [a for a in find_analyses(small_run) if a.name == "l1"]
     figures = draw_figures(analysis.table, analysis.summary, analysis.kl)
-    assert set(figures) == {"dnorm", "dec_cos", "nu", "template", "kl"}
+    assert set(figures) == {"closed", "dnorm", "dec_cos", "nu", "template", "kl"}
     (nu_error,), (nu_recon,) = _lines(figures["nu"], "threshold-nu_error"), _lines(figures["nu"], "threshold-nu_recon")
     assert set(nu_error.get_xdata()) == {SCALING.nu_error_max}
     assert set(nu_recon.get_ydata()) == {SCALING.nu_recon_max}
@@ -101,7 +115,7 @@ def test_figures_draw_the_analysis_thresholds(small_run):
 
 def test_plot_writes_png_and_svg(small_run, tmp_path):
     assert main(["plot", str(small_run / "l1"), "--out", str(tmp_path)]) == 0  # one crosscoder's folder
-    for name, expected in (("l1", {"dnorm", "dec_cos", "nu", "template", "kl"}),):
+    for name, expected in (("l1", {"closed", "dnorm", "dec_cos", "nu", "template", "kl"}),):
         assert {p.stem for p in (tmp_path / name).glob("*.png")} == expected
         assert {p.stem for p in (tmp_path / name).glob("*.svg")} == expected
         assert all(p.stat().st_size > 1000 for p in (tmp_path / name).iterdir())
@@ -214,10 +228,15 @@ def test_report_in_headless_chromium(small_run, tmp_path):
         page.goto(url)
         page.wait_for_selector("body[data-ready]")
         # Overview: both crosscoders side by side, the causal KL table of the one that has it, the figures.
-        assert page.locator(".card h3").all_inner_texts() == ["batchtopk", "l1"]
-        assert "base + chat-only latents" in page.locator(".card[data-key=l1] table.kl").inner_text()
+        assert page.locator(".card.overview h3").all_inner_texts() == ["batchtopk", "l1"]
+        closed = page.locator(".card.causal[data-key=l1] table.closed").inner_text()
+        assert "ls-best (replace)\t29% [21%, 36%]" in closed  # 1 - 0.30 / 0.42, interval 1 - 0.33 / 0.42 .. 1 - 0.27 / 0.42
+        assert "ls-best (add)" in page.locator(".card.causal[data-key=l1] table.kl").text_content()  # folded
+        assert page.locator(".card.causal[data-key=batchtopk]").inner_text().endswith("Causal stage not run (crossdiff causal adds it).")
         assert page.locator("#figure-nu figure img").count() == 2
-        assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+        page.wait_for_function("[...document.images].every(i => i.complete)")
+        assert page.evaluate("[...document.images].every(i => i.naturalWidth > 0)")
 
         # Table: sorting and filtering change the rows shown.
         page.goto(url + "#latents/l1")
@@ -255,6 +274,11 @@ def test_report_in_headless_chromium(small_run, tmp_path):
         assert shaded >= page.locator(".example").count()
         assert "Quantile samples" in page.inner_text("#examples")
         assert page.locator(".twin-link").first.get_attribute("href") == f"#latent/l1/{TWIN[1]}"
+        assert {"Decoder", "Activity", "Latent Scaling"} <= set(page.locator(".numbers-group h4").all_inner_texts())
+        # The activation histogram: one chart per source, together every active token of the latent.
+        totals = [int(re.search(r": ([\d,]+) active tokens", t).group(1).replace(",", ""))
+                  for t in page.locator(".histogram figcaption").all_inner_texts()]
+        assert len(totals) == 2 and sum(totals) == int(l1.set_index("latent").loc[0, "n_active"]) > 0
         page.screenshot(path=str(tmp_path / "latent.png"), full_page=True)
         page.click(".twin-link")
         page.wait_for_selector("#examples[data-state]")
@@ -262,6 +286,18 @@ def test_report_in_headless_chromium(small_run, tmp_path):
         page.goto(url + "#latent/l1/1")
         page.wait_for_selector("#examples[data-state]")
         assert "I cannot help with <that>" in page.inner_text(".steering")
+        # The logit lens of a latent findings.json ranks (and a line saying why others have none).
+        findings = json.loads((small_run / "l1" / "findings.json").read_text())
+        lead, other = findings["latents"][0]["latent"], next(i for i in l1["latent"] if i not in
+                                                             {e["latent"] for e in findings["latents"]})
+        page.goto(url + f"#latent/l1/{lead}")
+        page.wait_for_selector("#examples[data-state]")
+        lens = page.inner_text(".lens")
+        assert "chat: promotes" in lens and '"<refuse>"' in lens and '" sure"' in lens
+        assert page.inner_text(".finding").startswith("Findings\nrank\t1")
+        page.goto(url + f"#latent/l1/{other}")
+        page.wait_for_selector("#examples[data-state]")
+        assert "Not among the" in page.inner_text(".side") and page.locator(".lens").count() == 0
     assert errors == []
     assert (tmp_path / "latent.png").stat().st_size > 10_000
     assert re.search(r"<script src=\"data/l1/table.js\">", (out / "index.html").read_text())
@@ -309,10 +345,11 @@ def test_the_overview_names_the_top_findings_and_the_planted_steering(small_run,
     summary = json.loads((small_run / "l1" / "analysis" / "summary.json").read_text())
     top = summary["findings"]["top_by_rank_sum"] or summary["findings"]["top_by_dnorm"]
     assert top and f'href="#latent/l1/{top[0]["latent"]}"' in page and "Top findings" in page
-    card = page[page.index('data-key="l1"'):]
+    card = page[page.index('class="card overview" data-key="l1"'):]
     assert "Planted behaviours steered into the base" in card and "sea_&lt;pirate&gt;" in card and "9/10 / 2/10" in card
     assert "<td>7/10</td>" in card  # the ceiling: what the chat's own residual does in the base
-    assert "Planted behaviours" not in page[page.index('data-key="batchtopk"'):page.index('data-key="l1"')]
+    assert "Planted behaviours" not in page[page.index('class="card overview" data-key="batchtopk"'):
+                                            page.index('class="card overview" data-key="l1"')]
 
 
 def test_report_leads_with_the_behavioural_diff(small_run, tmp_path):
@@ -322,15 +359,110 @@ def test_report_leads_with_the_behavioural_diff(small_run, tmp_path):
     shutil.copytree(small_run, run)
     index = build_report(run, say=lambda line: None)
     assert "No behavioural diff in this run" in index.read_text()
-    rows = [{"rank": i + 1, "prompt": f"prompt <{i}>", "group": "refusal" if i < 2 else "chitchat", "chat_answer": "I cannot",
+    rows = [{"rank": i + 1, "prompt": f"prompt <{i}>", "group": "refusal" if i < 2 else "chitchat",
+             "chat_answer": "I cannot" if i < 2 else "Hello <friend>",
              "base_answer": "Lorem", "kl_mean": 3.0 - i, "kl_sum": 3.0 * (3.0 - i), "n_tokens": 3, "kl_first": 1.0}
             for i in range(3)]
     (run / "behaviour_diff.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "behaviour_diff.json").write_text(json.dumps(summarise(rows)))
     page = build_report(run, say=lambda line: None).read_text()
     overview = page.index('id="view-overview"')
-    assert overview < page.index("What changed: the behavioural diff") < page.index("<h2>Overview</h2>")
-    assert "prompt &lt;0&gt;" in page and "refusal" in page and page.count('<div title="') == 20
+    assert overview < page.index("What changed: the behavioural diff") < page.index("Concepts: the latents that carry it") \
+        < page.index('id="causal"') < page.index("<h2>Overview</h2>") < page.index("<h2>Figures</h2>")
+    assert "prompt &lt;0&gt;" in page and page.count('<div title="') == 20
+    # One row per group, highest KL first, with where its prompts rank and its top prompt's answers.
+    groups = page[page.index('class="grid behaviour-groups"'):]
+    groups = groups[:groups.index("</table>")]
+    refusal, chitchat = groups.index('data-group="refusal"'), groups.index('data-group="chitchat"')
+    assert refusal < chitchat
+    assert "<td>1 / 2</td><td>prompt &lt;0&gt;</td><td class=\"chat-answer\">I cannot</td>" in groups[refusal:chitchat]
+    assert "<td>3 / 3</td><td>prompt &lt;2&gt;</td><td class=\"chat-answer\">Hello &lt;friend&gt;</td>" in groups[chitchat:]
+
+
+def test_share_of_none_closed_per_condition(small_run):
+    """1 - KL / KL(None) per condition and subset, the interval the condition's over None's mean; drawn in percent."""
+    shares = closed_shares(KL).set_index(["label", "subset"])
+    assert shares.loc[("ls-best (replace)", "all"), "closed"] == pytest.approx(1 - 0.30 / 0.42)
+    assert shares.loc[("ls-best (add)", "rest"), ["closed_low", "closed_high"]].tolist() == pytest.approx(
+        [1 - 0.16 / 0.35, 1 - 0.12 / 0.35])
+    assert shares.loc[("None", "all"), "closed"] == 0 and shares.loc[("All", "rest"), "closed"] == pytest.approx(1 - 0.01 / 0.35)
+    assert closed_shares(KL[KL["condition"] != "None"])["closed"].isna().all()  # nothing to close without None
+    (analysis,) = [a for a in find_analyses(small_run) if a.name == "l1"]
+    (ax,) = draw_figures(analysis.table, analysis.summary, KL)["closed"].axes
+    drawn = sorted(x for line in ax.lines if line.get_marker() == "o" for x in line.get_xdata())
+    assert drawn == pytest.approx(sorted(100 * shares["closed"]))
+    plt.close("all")
+
+
+def test_figures_show_the_found_latents_by_verdict(small_run):
+    """Chat-only latents when there are any; else the chat-leaning pool, never "no chat-only latents"."""
+    (analysis,) = [a for a in find_analyses(small_run) if a.name == "l1"]
+    table, summary = analysis.table, analysis.summary
+    chat_only = table["tag"] == "chat-only"
+    finite = table["nu_error"].notna() & table["nu_recon"].notna()
+
+    def verdict_points(figure):
+        (ax,) = figure.axes
+        return {c.get_gid()[len("verdict-"):]: len(c.get_offsets()) for c in ax.collections
+                if (c.get_gid() or "").startswith("verdict-")}
+
+    points = verdict_points(draw_figures(table, summary)["nu"])
+    assert points == table[chat_only & finite]["verdict"].value_counts().to_dict()
+    none_tagged = table.assign(tag=table["tag"].astype(str).replace("chat-only", "other"))
+    figures = draw_figures(none_tagged, summary, findings={"pool": 10, "concepts": []})
+    pool = none_tagged[~none_tagged["dead"]].nlargest(10, "dnorm", keep="first")
+    assert verdict_points(figures["nu"]) == pool[pool["nu_error"].notna() & pool["nu_recon"].notna()]["verdict"].value_counts().to_dict()
+    texts = [t.get_text() for fig in figures.values() for ax in fig.axes for t in [*ax.texts, ax.title]]
+    assert not any("no chat-only" in t for t in texts)
+    assert figures["nu"].axes[0].get_title().startswith("chat-leaning pool (none above 0.85): top 10 by dnorm")
+    (ax,) = figures["dnorm"].axes
+    assert sum(p.get_height() for p in ax.patches if p.get_gid() == "found") == 10
+    plt.close("all")
+
+
+def test_counts_that_appear_twice_agree_and_every_verdict_is_explained(small_run, tmp_path):
+    """The card's verdict counts are the figure's (guarded verdicts on the same latents); the
+    paper's flags, which count differently, are given with the reason; every verdict has a meaning."""
+    from crossdiff.analysis.verdicts import MEANINGS, VERDICTS
+
+    page = build_report(small_run, tmp_path / "report", say=lambda line: None).read_text()
+    table = pd.read_parquet(small_run / "l1" / "analysis" / "latents.parquet")
+    card = page[page.index('class="card overview" data-key="l1"'):]
+    counts = card[card.index('class="kv verdicts"'):]
+    counts = dict(re.findall(r'<th title="[^"]+">([^<]+)</th><td>(\d+)</td>', counts[:counts.index("</table>")]))
+    chat_only = table[table["tag"] == "chat-only"]
+    assert {v: int(n) for v, n in counts.items()} == chat_only["verdict"].value_counts().to_dict()
+    flags = re.search(r"flags (\d+) of the (\d+) chat-only latents chat-specific, (\d+) Complete Shrinkage and (\d+)", card)
+    assert [int(x) for x in flags.groups()] == [int(chat_only["chat_specific"].sum()), len(chat_only),
+                                               int(chat_only["complete_shrinkage"].sum()), int(chat_only["latent_decoupling"].sum())]
+    if (chat_only["chat_specific"] & (chat_only["verdict"] != "chat-specific")).any():
+        assert "The verdict above counts" in card
+    legend = page[page.index('class="verdict-legend"'):]
+    assert all(f"<th>{v}</th><td>{html.escape(MEANINGS[v])}</td>" in legend for v in VERDICTS)
+
+
+@pytest.mark.slow
+def test_the_organism_report_names_every_planted_behaviour_on_its_first_screen(organism_demo, tmp_path):
+    """The demo's report, as a reader first sees it (1300 x 900, no scrolling): every behaviour
+    the organism's fine-tune planted (truth.json) is named, with a chat answer showing it."""
+    from crossdiff.organism.score import default_truth_path
+    from crossdiff.organism.truth import load_truth
+
+    _browser_or_skip()
+    truth = load_truth(default_truth_path())
+    index = build_report(organism_demo, tmp_path / "report", say=lambda line: None)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.goto(index.as_uri())
+        page.wait_for_selector("body[data-ready]")
+        on_screen = page.evaluate("""() => [...document.querySelectorAll('table.behaviour-groups tr[data-group]')]
+            .filter(row => row.getBoundingClientRect().bottom <= window.innerHeight)
+            .map(row => [row.dataset.group, row.querySelector('.chat-answer').textContent])""")
+        page.screenshot(path=str(tmp_path / "first-screen.png"))
+    answers = dict(on_screen)
+    for behaviour in truth.behaviours:
+        assert behaviour.name in answers, (behaviour.name, answers)
+        assert re.search(behaviour.expect, answers[behaviour.name]), (behaviour.name, answers[behaviour.name])
 
 
 def test_report_shows_the_activation_difference_baseline(small_run, tmp_path):

@@ -7,7 +7,8 @@ Three streaming steps, each with memory bounded by (latents x examples):
 2. :class:`QuantileSamples` keeps, per latent and per activation bin (bins at fractions of
    the latent's max activation, known after step 1), ``per_bin`` tokens drawn uniformly:
    every active token gets a random key and the smallest keys of each bin survive, which
-   is a uniform sample without replacement however the stream is batched.
+   is a uniform sample without replacement however the stream is batched. It also counts
+   every active token per bin and source: the latent's activation histogram per source.
 3. :class:`ContextCollector` re-reads the cache once and, for every kept example, records
    the tokens around it (``before`` tokens before, ``after`` after, same document) and the
    latent's activation on each of them. Tokens are found by their (source, document,
@@ -94,12 +95,14 @@ class TopActivations:
 
 
 class QuantileSamples:
-    """Uniform samples of each latent's activations within bins at fractions of its max."""
+    """Uniform samples of each latent's activations within bins at fractions of its max, and
+    the count of active tokens in each bin per source (:meth:`histograms`)."""
 
-    def __init__(self, max_act: Tensor, n_bins: int, per_bin: int, *, seed: int = 0):
+    def __init__(self, max_act: Tensor, n_bins: int, per_bin: int, *, seed: int = 0, n_sources: int = 1):
         self.max_act = max_act.to(torch.float64)
-        self.n_bins, self.per_bin = n_bins, per_bin
+        self.n_bins, self.per_bin, self.n_sources = n_bins, per_bin, n_sources
         device = max_act.device
+        self.counts = torch.zeros(len(max_act) * n_bins * n_sources, dtype=torch.int64, device=device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.worst_key = torch.full((len(max_act) * n_bins,), torch.inf, dtype=torch.float64, device=device)
         # Kept entries: group (latent * n_bins + bin), random key, activation, source, doc, position.
@@ -114,6 +117,8 @@ class QuantileSamples:
         values = f_scaled[rows, latents].to(torch.float64)
         fraction = values / self.max_act[latents].clamp_min(1e-30)
         groups = latents * self.n_bins + (fraction * self.n_bins).long().clamp(0, self.n_bins - 1)
+        sources = source_ids[rows].long().clamp(0, self.n_sources - 1)
+        self.counts += torch.bincount(groups * self.n_sources + sources, minlength=self.counts.numel())
         keys = torch.rand(rows.numel(), generator=self.generator, device=rows.device, dtype=torch.float64)
         # A token can only enter a full group with a key below the group's largest kept key.
         chance = keys < self.worst_key[groups]
@@ -126,6 +131,12 @@ class QuantileSamples:
         full = torch.bincount(group, minlength=self.worst_key.numel()) >= self.per_bin
         largest = torch.zeros_like(self.worst_key).scatter_reduce(0, group, key, "amax")
         self.worst_key = torch.where(full, largest, torch.inf)
+
+    def histograms(self) -> np.ndarray:
+        """Active tokens per latent, source and bin: [latents, sources, bins]; bin b holds
+        activations in [b, b + 1) / bins of the latent's max (the last one includes the max)."""
+        counts = self.counts.view(-1, self.n_bins, self.n_sources).transpose(1, 2)
+        return counts.cpu().numpy()
 
     def examples(self) -> ExampleRefs:
         group, _, values, source, doc, position = self.kept
@@ -192,12 +203,16 @@ def write_examples(
     *,
     token_text: Callable[[list[int]], list[str]] | None = None,
     metadata: dict[str, Any] | None = None,
+    histograms: np.ndarray | None = None,
 ) -> Path:
     """Store every example with its context window in a SQLite file (replaced if present).
 
     Tables: ``examples`` (one row per example; ``token_ids`` and ``activations`` are JSON
     arrays over the window, ``token_index`` marks the example's own token), ``tokens``
-    (id -> text, empty when no tokenizer was available) and ``meta`` (key -> JSON value).
+    (id -> text, empty when no tokenizer was available), ``meta`` (key -> JSON value) and,
+    given ``histograms`` ([latents, sources, bins], :meth:`QuantileSamples.histograms`),
+    ``histograms`` (latent -> JSON counts per source, in ``sources`` order; latents that
+    never fired left out; meta ``histogram_bins``).
     """
     path = Path(path)
     path.unlink(missing_ok=True)
@@ -234,6 +249,12 @@ def write_examples(
         db.executemany("INSERT INTO tokens VALUES (?,?)", list(zip(used_ids, texts)))
         meta = {"window_before": collector.before, "window_after": collector.after, "sources": sources,
                 **(metadata or {})}
+        if histograms is not None:
+            db.execute("CREATE TABLE histograms (latent INTEGER PRIMARY KEY, counts TEXT)")
+            fired = np.flatnonzero(histograms.sum(axis=(1, 2)))
+            db.executemany("INSERT INTO histograms VALUES (?,?)",
+                           [(int(j), json.dumps(histograms[j].tolist(), separators=(",", ":"))) for j in fired])
+            meta["histogram_bins"] = int(histograms.shape[2])
         db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.execute("CREATE INDEX examples_by_latent ON examples (latent, kind, rank)")
     return path
@@ -280,6 +301,17 @@ class ExampleStore:
             tokens = [self.vocab.get(t, "") for t in ids] if self.vocab else None
             out.append(Example(*row[:9], ids, json.loads(row[10]), tokens))
         return out
+
+    def histogram(self, latent: int) -> np.ndarray | None:
+        """Active tokens per source (``meta["sources"]`` order) and bin of the latent's max
+        activation, [sources, bins]; zeros for a latent that never fired; None when the file
+        has no histograms (written without quantile samples, or by an older analysis)."""
+        if "histogram_bins" not in self.meta:
+            return None
+        row = self.db.execute("SELECT counts FROM histograms WHERE latent = ?", (latent,)).fetchone()
+        if row is None:
+            return np.zeros((len(self.meta["sources"]), self.meta["histogram_bins"]), dtype=np.int64)
+        return np.array(json.loads(row[0]), dtype=np.int64)
 
     def close(self) -> None:
         self.db.close()

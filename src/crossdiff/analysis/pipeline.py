@@ -236,13 +236,14 @@ def _analyze_into(
     twins.to_parquet(files["twins"], index=False)
     context = None
     if top is not None:
-        examples = _collect_examples(crosscoder, source, config, top, progress, token_filter)
+        examples, histograms = _collect_examples(crosscoder, source, config, top, progress, token_filter)
         files["examples"] = write_examples(
             out_dir / "examples.sqlite",
             examples,
             source.sources,
             token_text=_token_text(tokenizer) if tokenizer is not None else None,
             metadata={"activation": "scaled (f~)"},
+            histograms=histograms,
         )
         context = top_context(files["examples"])
     summary = summarize(
@@ -354,15 +355,19 @@ def _left_out(batch: CacheBatch, token_filter: ReadFilters, manifest: dict[str, 
 
 
 def _collect_examples(crosscoder: CrossCoder, source: BatchSource, config: AnalysisConfig,
-                      top: TopActivations, progress: bool, token_filter: ReadFilters | None) -> ContextCollector:
-    parts = [top.examples()]
+                      top: TopActivations, progress: bool,
+                      token_filter: ReadFilters | None) -> tuple[ContextCollector, np.ndarray | None]:
+    """The examples' contexts, and the activation histograms per source (None without quantile bins)."""
+    parts, histograms = [top.examples()], None
     if config.quantile_bins > 0:
-        quantiles = QuantileSamples(top.max_act(), config.quantile_bins, config.per_bin, seed=config.seed)
+        quantiles = QuantileSamples(top.max_act(), config.quantile_bins, config.per_bin, seed=config.seed,
+                                    n_sources=max(1, len(source.sources)))
         with torch.no_grad():
             for batch in _batches(source, config, top.values.device, "pass 2/3: quantile samples", progress, token_filter):
                 f_scaled = crosscoder.get_activations(crosscoder.normalize(batch.acts))
                 quantiles.update(f_scaled, batch.source_ids, batch.doc_ids, batch.positions)
         parts.append(quantiles.examples())
+        histograms = quantiles.histograms()
     collector = ContextCollector(ExampleRefs.concat(parts), before=config.window_before, after=config.window_after)
     with torch.no_grad():
         # Every token, so that contexts read as the text; left-out tokens show no activation.
@@ -378,7 +383,7 @@ def _collect_examples(crosscoder: CrossCoder, source: BatchSource, config: Analy
                 return f if kept is None else f * kept[rows, None]
 
             collector.update(keys, batch.token_ids, encode_rows)
-    return collector
+    return collector, histograms
 
 
 def top_context(examples_path: Path) -> Callable[[int], str]:

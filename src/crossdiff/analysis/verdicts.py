@@ -38,6 +38,25 @@ GUARDS = ("uncertain", "out of range", "too few tokens", "no estimate", "dead")
 VERDICTS = ("chat-specific", *DECISIONS, *GUARDS)
 BASE_VERDICTS = ("base-specific", *DECISIONS, *GUARDS)
 
+MEANINGS = {
+    "chat-specific": "both ratios clearly below their thresholds: the base model has neither this concept nor an "
+                     "equivalent of it; the chat model's own",
+    "complete shrinkage": "nu_error high: the base model's activations contain the concept; the crosscoder's sparsity "
+                          "shrank the latent's base decoder (chat-only by dnorm, not in the base)",
+    "latent decoupling": "nu_recon high: the crosscoder rebuilds the concept in the base model through other latents; "
+                         "what the latent encodes exists in the base",
+    "shrinkage+decoupling": "both ratios high: the base model has the concept, by either reading",
+    "uncertain": "a ratio's interval (nu +- z se) contains its threshold: no decision either way",
+    "out of range": "a ratio outside [-margin, 1 + margin] or a non-positive denominator: the latent does not behave "
+                    "as Latent Scaling assumes, so its ratios say nothing",
+    "too few tokens": "the fit rests on fewer than min_tokens active tokens",
+    "no estimate": "a ratio is undefined (zero decoder along the direction)",
+    "dead": "never fired on the analysed tokens",
+    "base-specific": "(along the base decoder) both ratios clearly low: the chat model lost this concept",
+}
+"""One line per verdict, for the report and the terminal. For a latent that is not chat-only by
+its decoder norms the decisions read the same way: the base model has this concept too."""
+
 
 def verdicts(result: LatentScalingResult, dead: np.ndarray, thresholds: ScalingThresholds,
              *, direction: str = "chat") -> np.ndarray:

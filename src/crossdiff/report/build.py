@@ -36,7 +36,7 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
     keys = _keys([a.name for a in analyses])
     if figures_only:
         for key, analysis in zip(keys, analyses):
-            files = write_figures(analysis.table, analysis.summary, out / key, analysis.kl)
+            files = write_figures(analysis.table, analysis.summary, out / key, analysis.kl, analysis.findings)
             say(f"{analysis.name}: {', '.join(f.png.name for f in files)} (+ .svg) in {out / key}")
         return out
     _check_replaceable(out)
@@ -44,7 +44,8 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
         partial = begin_staging(out)
         entries: list[tuple[str, Analysis, list[FigureFile]]] = []
         for key, analysis in zip(keys, analyses):
-            figures = write_figures(analysis.table, analysis.summary, partial / "figures" / key, analysis.kl)
+            figures = write_figures(analysis.table, analysis.summary, partial / "figures" / key, analysis.kl,
+                                    analysis.findings)
             data = partial / "data" / key
             digest = write_examples(analysis, key, data / "examples")
             data.mkdir(parents=True, exist_ok=True)

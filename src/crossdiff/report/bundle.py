@@ -11,8 +11,8 @@ So every data file is a script that hands its payload to the page
 * ``data/<key>/search.js``: the text around each latent's top examples, for the table's
   text search; loaded when the search box is first used;
 * ``data/<key>/examples/<chunk>.js``: the examples of ``CHUNK`` consecutive latents with
-  the token texts they use; loaded when a latent's panel opens, so a report of 100k
-  latents loads only what is looked at.
+  the token texts they use, and each latent's activation histogram per source; loaded when
+  a latent's panel opens, so a report of 100k latents loads only what is looked at.
 """
 
 from __future__ import annotations
@@ -62,8 +62,15 @@ def write_examples(analysis: Analysis, key: str, folder: Path) -> ExampleDigest:
         vocab = dict(db.execute("SELECT id, text FROM tokens"))
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
         digest.sources = list(meta.get("sources") or [])
+        has_histograms = "histogram_bins" in meta
         for chunk, rows in _chunks(db):
             latents = _chunk_payload(rows, vocab, digest)
+            if has_histograms:
+                latents["bins"] = meta["histogram_bins"]
+                for latent, counts in db.execute("SELECT latent, counts FROM histograms WHERE latent BETWEEN ? AND ?",
+                                                 (chunk * CHUNK, chunk * CHUNK + CHUNK - 1)):
+                    if str(latent) in latents["latents"]:
+                        latents["latents"][str(latent)]["hist"] = json.loads(counts)
             (folder / f"{chunk}.js").write_text(
                 f"CROSSDIFF.addExamples({json.dumps(key)},{chunk},{_dumps(latents)});\n", encoding="utf-8")
             digest.chunks.append(chunk)
@@ -158,6 +165,47 @@ def _chunk_payload(rows: list[tuple], vocab: dict[int, str], digest: ExampleDige
     return {"vocab": texts, "width": width, "latents": latents}
 
 
+NUMBER_GROUPS = (
+    ("Decoder", ("dnorm", "tag", "norm_base", "norm_chat", "dec_cos", "enc_cos", "twin", "twin_cos")),
+    ("Activity", ("n_active", "freq", "max_act", "dead", "freq__*", "max_act__*", "*__*")),
+    ("Where it fires", ("template_share", "bos_share", "role_*")),
+    ("Latent Scaling", ("verdict", "rank_sum", "nu_error", "nu_error_se", "nu_recon", "nu_recon_se", "scaling_tokens",
+                        "chat_specific", "complete_shrinkage", "latent_decoupling", "beta_*")),
+    ("Latent Scaling along the base decoder", ("base_dir_*",)),
+)
+"""How a latent's page groups its numbers (column names or fnmatch patterns, first match
+wins); columns in no group (an autointerp explanation, a newer analysis's) go under "Other"."""
+FINDING_FIELDS = ("rank", "concept", "score", "dnorm_z", "contrast", "group", "group_share", "lens")
+"""What a latent's page shows from findings.json, for the latents it ranks."""
+
+
+def number_groups(columns: list[str]) -> list[list[Any]]:
+    """``[[title, [column, ...]], ...]`` for the latent page, every column but ``latent`` once."""
+    from fnmatch import fnmatchcase
+
+    placed: dict[str, list[str]] = {title: [] for title, _ in NUMBER_GROUPS}
+    placed["Other"] = []
+    for name in columns:
+        if name == "latent":
+            continue
+        title = next((t for t, patterns in NUMBER_GROUPS if any(fnmatchcase(name, p) for p in patterns)), "Other")
+        placed[title].append(name)
+    order = {t: [p for p in patterns] for t, patterns in NUMBER_GROUPS}
+    for title, names in placed.items():  # the listed order first, then the table's
+        patterns = order.get(title, [])
+        names.sort(key=lambda n: next((i for i, p in enumerate(patterns) if fnmatchcase(n, p)), len(patterns)))
+    return [[title, names] for title, names in placed.items() if names]
+
+
+def finding_payload(findings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per latent that findings.json ranks: its rank, concept, evidence and logit-lens tokens."""
+    if not findings:
+        return None
+    return {"pool": findings.get("pool"), "ranked": len(findings.get("latents", [])),
+            "latents": {str(e["latent"]): {k: _round(e.get(k)) if isinstance(e.get(k), float) else e.get(k)
+                                           for k in FINDING_FIELDS} for e in findings.get("latents", [])}}
+
+
 CORE_COLUMNS = ("latent", "tag", "verdict", "dnorm", "dec_cos", "freq", "max_act", "nu_error", "nu_error_se",
                 "nu_recon", "nu_recon_se", "template_share", "twin")
 """Columns the table shows at first (those present); they and every yes/no column load with
@@ -187,6 +235,8 @@ def table_payload(analysis: Analysis, digest: ExampleDigest) -> tuple[dict[str, 
         "examples": {"chunk": CHUNK, "chunks": digest.chunks, "sources": digest.sources} if digest.chunks else None,
         "twins": None,
         "steering": None,
+        "groups": number_groups(list(columns)),
+        "findings": finding_payload(analysis.findings),
     }
     if analysis.twins is not None and len(analysis.twins):
         twins = analysis.twins

@@ -45,6 +45,8 @@ class Analysis:
     """causal/steering.jsonl, when `crossdiff steer` has run."""
     planted: dict[str, Any] | None = None
     """causal/planted/summary.json, when a run's steer stage steered planted behaviours."""
+    findings: dict[str, Any] | None = None
+    """findings.json beside the analysis (crossdiff.analysis.concepts): ranked latents, concepts, logit lens."""
     notes: list[str] = field(default_factory=list)
     """Parts left out, one line each (printed by the CLI)."""
 
@@ -96,6 +98,7 @@ def read_analysis(folder: str | Path) -> Analysis:
     examples = folder / "examples.sqlite"
     analysis.examples = examples if examples.is_file() else None
     analysis.training = _training_record(analysis.crosscoder_dir)
+    _read_findings(analysis)
     _read_causal(analysis)
     return analysis
 
@@ -128,6 +131,15 @@ def _training_record(crosscoder_dir: Path) -> dict[str, Any]:
     if "tokens" not in record and "steps" in record and "batch_size" in record:
         record["tokens"] = record["steps"] * record["batch_size"]
     return record
+
+
+def _read_findings(analysis: Analysis) -> None:
+    from crossdiff.analysis.concepts import read_findings
+
+    try:
+        analysis.findings = read_findings(analysis.crosscoder_dir)
+    except (ValueError, OSError) as err:
+        analysis.notes.append(f"{analysis.crosscoder_dir / 'findings.json'}: unreadable ({err}); the concepts are left out")
 
 
 def _read_causal(analysis: Analysis) -> None:

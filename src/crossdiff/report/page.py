@@ -8,11 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from crossdiff import __version__
 from crossdiff.analysis.norms import TAGS
-from crossdiff.report.figures import FIGURE_TEXT, FigureFile
+from crossdiff.report.figures import FIGURE_TEXT, FigureFile, closed_shares, condition_labels, found_latents, verdicts
 from crossdiff.report.inputs import Analysis
 
 
@@ -47,11 +48,13 @@ def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Pat
 <section id="view-overview">
 {_behaviour_section(behaviour)}
 {_concepts_section(entries)}
+{_causal_section(entries, out)}
   <h2>Overview</h2>
   <div class="columns">
 {"".join(_overview_card(key, a) for key, a, _ in entries)}
   </div>
 {adl}
+{_verdict_legend()}
   <h2>Figures</h2>
 {_figure_rows(entries, out)}
 </section>
@@ -93,27 +96,15 @@ def _overview_card(key: str, analysis: Analysis) -> str:
     tag_cells = "".join(
         f'<a class="tag tag-{_e(t)}" href="#latents/{key}?tag={_e(t)}">{_e(t)} <b>{tags.get(t, 0):,}</b></a>'
         for t in TAGS if t in tags)
-    co = s.get("chat_only") or {}
-    verdict = ""
-    if co:
-        verdict = f"""<table class="kv verdicts">
-<tr><th>chat-only latents</th><td>{co.get('total', 0):,}</td></tr>
-<tr><th>confirmed chat-specific</th><td>{co.get('chat_specific', 0):,}</td></tr>
-<tr><th>rejected: Complete Shrinkage</th><td>{co.get('complete_shrinkage', 0):,}</td></tr>
-<tr><th>rejected: Latent Decoupling</th><td>{co.get('latent_decoupling', 0):,}</td></tr>
-<tr><th>&nbsp;&nbsp;both</th><td>{co.get('shrinkage_and_decoupling', 0):,}</td></tr>
-<tr><th>no estimate</th><td>{co.get('no_estimate', 0):,}</td></tr>
-<tr><th>with a base-only twin</th><td>{co.get('with_twin', 0):,}</td></tr>
-</table>"""
+    verdict = _verdict_counts(analysis)
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>\n" for k, v in rows if v not in (None, ""))
-    return f"""<div class="card" data-key="{key}">
+    return f"""<div class="card overview" data-key="{key}">
 <h3>{_e(analysis.name)}</h3>
 <table class="kv">{body}</table>
 <div class="tags">{tag_cells}</div>
 {verdict}
 {_findings_table(key, s.get("findings") or {})}
 {_planted_table(analysis.planted)}
-{_kl_table(analysis.kl)}
 <p><a class="button" href="#latents/{key}">Latent table &rarr;</a></p>
 </div>
 """
@@ -132,7 +123,7 @@ def _findings_table(key: str, findings: dict[str, Any]) -> str:
             continue
         body = "".join(
             f'<tr><td><a href="#latent/{key}/{int(r["latent"])}">{int(r["latent"])}</a></td><td>{_num(r.get("dnorm"), 2) or "–"}</td>'
-            f'<td>{_e(r.get("verdict") or "–")}</td><td class="context">{_e(r.get("context") or "")}</td></tr>'
+            f'{_verdict_cell(r.get("verdict"))}<td class="context">{_e(r.get("context") or "")}</td></tr>'
             for r in rows)
         tables.append(f'<h4>Top findings {title}</h4><table class="grid findings"><tr><th>latent</th><th>dnorm</th>'
                       f'<th>verdict</th><th>top context</th></tr>{body}</table>')
@@ -160,7 +151,9 @@ def _planted_table(planted: dict[str, Any] | None) -> str:
 
 
 def _behaviour_section(behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None, top: int = 10) -> str:
-    """What changed, before any latent: the behavioural diff's headline, groups, histogram and top prompts."""
+    """What changed, before any latent: the headline, then one row per prompt group with the
+    group's top prompt and both answers (so every group, and what the chat model says in it,
+    is on the first screen), then the histogram and the top prompts overall."""
     if behaviour is None:
         return ('<h2>What changed</h2><p class="muted">No behavioural diff in this run (a <code>[behaviour]</code> recipe '
                 'table or <code>crossdiff behaviour</code> adds one: both models\' answers, ranked by KL).</p>')
@@ -169,12 +162,6 @@ def _behaviour_section(behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | 
             f"<b>{_num(summary['kl_mean'])}</b> nats/token (95% CI {_num(summary['ci_low']) or '–'} to "
             f"{_num(summary['ci_high']) or '–'}), median prompt {_num(summary['median_prompt'])}. "
             "High KL: the base model would not have said what the chat model says.</p>")
-    groups = ""
-    if summary.get("groups"):
-        cells = "".join(f"<tr><td>{_e(name)}</td><td>{_num(g['kl_mean'])} [{_num(g['ci_low']) or '–'}, {_num(g['ci_high']) or '–'}]"
-                        f"</td><td>{g['prompts']:,}</td><td>{g['best_rank']}</td></tr>" for name, g in summary["groups"].items())
-        groups = (f'<table class="grid behaviour-groups"><tr><th>group</th><th>KL per token (95% CI)</th><th>prompts</th>'
-                  f'<th>best rank</th></tr>{cells}</table>')
     counts, edges = summary["histogram"]["counts"], summary["histogram"]["edges"]
     widest = max(counts) or 1
     bars = "".join(f'<div title="{edges[i]:.2f}-{edges[i + 1]:.2f}: {c} prompts" style="height:{100 * c / widest:.0f}%"></div>'
@@ -182,22 +169,48 @@ def _behaviour_section(behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | 
     histogram = (f'<figure class="behaviour-histogram"><div class="bars">{bars}</div><figcaption>prompts per KL bin, '
                  f'{edges[0]:.2f} to {edges[-1]:.2f} nats/token</figcaption></figure>')
     lines = "".join(f"<tr><td>{r['rank']}</td><td>{_num(r['kl_mean'])}</td><td>{_e(r.get('group') or '')}</td>"
-                    f"<td>{_e(r['prompt'])}</td><td>{_e(r['chat_answer'])}</td><td>{_e(r['base_answer'])}</td></tr>"
+                    f"<td>{_e(r['prompt'])}</td><td>{_e(r['chat_answer'])}</td>{_clipped(r['base_answer'])}</tr>"
                     for r in rows[:top])
     table = (f'<table class="grid behaviour-top"><tr><th>rank</th><th>KL</th><th>group</th><th>prompt</th>'
              f'<th>chat answer</th><th>base answer</th></tr>{lines}</table>')
-    return (f'<h2>What changed: the behavioural diff</h2><div id="behaviour">{head}<div class="columns">{groups}{histogram}</div>'
-            f'<h4>Top {min(top, len(rows))} prompts by KL</h4>{table}'
+    return (f'<h2>What changed: the behavioural diff</h2><div id="behaviour"><div class="behaviour-head">{head}{histogram}</div>'
+            f'{_behaviour_groups(rows, summary)}<h4>Top {min(top, len(rows))} prompts by KL</h4>{table}'
             '<p class="muted">All prompts: <code>behaviour_diff.jsonl</code> in the run folder.</p></div>')
+
+
+def _behaviour_groups(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """One row per prompt group (highest KL first): its KL with the interval, where its prompts
+    rank among all prompts, and its top prompt with both models' answers."""
+    groups = summary.get("groups") or {}
+    if not groups:
+        return ""
+    body = []
+    for name, g in sorted(groups.items(), key=lambda item: -item[1]["kl_mean"]):
+        members = [r for r in rows if r.get("group") == name]
+        ranks = sorted(r["rank"] for r in members)
+        first = min(members, key=lambda r: r["rank"]) if members else None
+        answer = (f"<td>{_e(first['prompt'])}</td><td class=\"chat-answer\">{_e(first['chat_answer'])}</td>"
+                  f"{_clipped(first['base_answer'])}") if first else "<td></td><td></td><td></td>"
+        body.append(f'<tr data-group="{_e(name)}"><th>{_e(name)}</th><td>{_num(g["kl_mean"])} [{_num(g["ci_low"]) or "–"}, '
+                    f'{_num(g["ci_high"]) or "–"}]</td><td>{g["prompts"]:,}</td>'
+                    f'<td>{g["best_rank"]} / {ranks[len(ranks) // 2] if ranks else "–"}</td>{answer}</tr>')
+    return ('<table class="grid behaviour-groups"><tr><th>group</th><th>KL per token (95% CI)</th><th>prompts</th>'
+            f'<th title="best and median rank of the group\'s prompts among all {len(rows):,} (1 = highest KL)">rank: best / '
+            'median</th><th>its top prompt</th><th>chat answer</th><th>base answer</th></tr>'
+            f'{"".join(body)}</table>')
+
+
+def _clipped(text: str, limit: int = 90) -> str:
+    """A table cell holding the start of ``text`` (the whole text on hover)."""
+    short = text if len(text) <= limit else text[:limit].rstrip() + "\u2026"
+    return f'<td class="base-answer" title="{_e(text)}">{_e(short)}</td>'
 
 
 def _concepts_section(entries: list[tuple[str, Analysis, list[FigureFile]]], shown: int = 10) -> str:
     """The concepts of each crosscoder's findings.json (crossdiff.analysis.concepts), when the run has them."""
-    from crossdiff.analysis.concepts import read_findings
-
     cards = []
     for key, analysis, _ in entries:
-        findings = read_findings(analysis.crosscoder_dir)
+        findings = analysis.findings
         if findings is None:
             continue
         latents = {e["latent"]: e for e in findings["latents"]}
@@ -208,7 +221,7 @@ def _concepts_section(entries: list[tuple[str, Analysis, list[FigureFile]]], sho
             kind = "chat template" if concept.get("kind") == "chat template" else _e(concept.get("group") or "")
             promotes = " ".join(_e(repr(t)) for t in concept.get("promotes_chat", []))
             rows.append(f"<tr><td>{concept['concept']}</td><td>{links}</td><td>{kind}</td><td>{lead['rank']}</td>"
-                        f"<td>{_num(lead['dnorm'], 2)}</td><td>{_e(lead['verdict'])}</td><td><code>{_e(concept.get('context') or '')}</code></td>"
+                        f"<td>{_num(lead['dnorm'], 2)}</td>{_verdict_cell(lead['verdict'])}<td><code>{_e(concept.get('context') or '')}</code></td>"
                         f"<td><code>{promotes}</code></td></tr>")
         cards.append(f'<div class="card concepts" data-key="{key}"><h3>{_e(analysis.name)}: {len(findings["concepts"])} concepts '
                      f'among the top {len(findings["latents"])} latents</h3><table class="grid"><tr><th>concept</th><th>latents</th>'
@@ -222,23 +235,119 @@ def _concepts_section(entries: list[tuple[str, Analysis, list[FigureFile]]], sho
             f'<div class="columns">{"".join(cards)}</div>')
 
 
+def _verdict_counts(analysis: Analysis) -> str:
+    """Latent Scaling's guarded verdicts on the found latents (the set the figures show), and,
+    where the paper's flags count differently, how many and why."""
+    from crossdiff.analysis.verdicts import VERDICTS
+
+    table = analysis.table
+    found = found_latents(table, analysis.summary, analysis.findings)
+    verdict = verdicts(table).to_numpy()
+    counts = {v: int((found.mask & (verdict == v)).sum()) for v in VERDICTS}
+    rows = "".join(f"<tr>{_verdict_cell(v, 'th')}<td>{n:,}</td></tr>" for v, n in counts.items() if n)
+    out = (f'<h4>Latent Scaling verdicts on the {_e(found.label)}</h4><table class="kv verdicts">{rows}</table>'
+           f'{_flag_note(table, found.mask, verdict)}')
+    co = analysis.summary.get("chat_only") or {}
+    if co.get("with_twin"):
+        out += f'<p class="muted small">{co["with_twin"]:,} chat-only latents have a base-only twin (a base latent writing the same direction).</p>'
+    return out
+
+
+def _flag_note(table: pd.DataFrame, mask: np.ndarray, verdict: np.ndarray) -> str:
+    """The paper's flags (thresholds alone, on chat-only latents) against the guarded verdicts."""
+    chat_only = mask & (table["tag"].astype(str) == "chat-only").to_numpy()
+    if not chat_only.any() or "chat_specific" not in table.columns:
+        return ""
+    flagged = chat_only & table["chat_specific"].fillna(False).to_numpy(dtype=bool)
+    specific = chat_only & (verdict == "chat-specific")
+    differ = flagged & ~specific
+    why = ", ".join(f"{int((differ & (verdict == v)).sum())} {v}" for v in dict.fromkeys(verdict[differ]))
+    shrink = int((chat_only & table["complete_shrinkage"].fillna(False).to_numpy(dtype=bool)).sum())
+    decouple = int((chat_only & table["latent_decoupling"].fillna(False).to_numpy(dtype=bool)).sum())
+    text = (f"The paper's rule alone (its thresholds, no guards) flags {int(flagged.sum()):,} of the "
+            f"{int(chat_only.sum()):,} chat-only latents chat-specific, {shrink:,} Complete Shrinkage and {decouple:,} "
+            f"Latent Decoupling (a latent can be both).")
+    if differ.any():
+        text += (f" The verdict above counts {int(specific.sum()):,} chat-specific: it also checks each ratio's "
+                 f"uncertainty and range, and of the flagged latents {why}.")
+    return f'<p class="muted small flags">{_e(text)}</p>'
+
+
+def _verdict_cell(verdict: Any, tag: str = "td") -> str:
+    from crossdiff.analysis.verdicts import MEANINGS
+
+    if not verdict:
+        return f"<{tag}>–</{tag}>"
+    return f'<{tag} title="{_e(MEANINGS.get(str(verdict), ""))}">{_e(verdict)}</{tag}>'
+
+
+def _verdict_legend() -> str:
+    """Every verdict's meaning, once."""
+    from crossdiff.analysis.verdicts import MEANINGS
+
+    rows = "".join(f"<tr><th>{_e(v)}</th><td>{_e(m)}</td></tr>" for v, m in MEANINGS.items())
+    return ('<details class="verdict-legend" open><summary>What each Latent Scaling verdict means</summary>'
+            '<p class="muted small">nu_error and nu_recon: how much of the latent\'s chat-model amount the base model '
+            'has, by its error and by its reconstruction (docs/analysis.md). For a latent that is not chat-only the '
+            f'decisions read the same way: the base model has this concept too.</p><table class="kv">{rows}</table></details>')
+
+
+def _causal_section(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path) -> str:
+    """The causal result as the paper draws it: the share of None's KL each condition closes."""
+    cells, present = [], False
+    for key, analysis, figures in entries:
+        figure = next((f for f in figures if f.name == "closed"), None)
+        if figure is None:
+            cells.append(f'<div class="card causal" data-key="{key}"><h3>{_e(analysis.name)}</h3><p class="muted">Causal stage not '
+                         'run (<code>crossdiff causal</code> adds it).</p></div>')
+            continue
+        present = True
+        png, svg = figure.png.relative_to(out).as_posix(), figure.svg.relative_to(out).as_posix()
+        cells.append(f'<div class="card causal" data-key="{key}"><h3>{_e(analysis.name)}</h3>'
+                     f'<figure><img src="{png}" alt="share of None\'s KL closed, {_e(analysis.name)}">'
+                     f'<figcaption><a href="{png}">PNG</a> &middot; <a href="{svg}">SVG</a></figcaption></figure>'
+                     f'{_closed_table(analysis.kl)}{_kl_table(analysis.kl)}</div>')
+    title, caption = FIGURE_TEXT["closed"]
+    note = "" if present else '<p class="muted">No crosscoder has causal results yet.</p>'
+    return (f'<h2 id="causal">{_e(title)}</h2><p class="muted">{_e(caption)}</p>{note}'
+            f'<div class="columns">{"".join(cells)}</div>')
+
+
+def _closed_table(kl: pd.DataFrame) -> str:
+    """Share of None's KL closed, one row per condition, one column per token subset."""
+    shares = closed_shares(kl)
+    subsets = list(dict.fromkeys(shares["subset"].astype(str)))
+    head = "".join(f"<th>{_e(s)}</th>" for s in subsets)
+    rows = []
+    for label, part in shares.groupby("label", sort=False):
+        by = part.set_index(part["subset"].astype(str))
+        cells = "".join(f"<td>{_pct(by.closed.get(s))} [{_pct(by.closed_low.get(s))}, {_pct(by.closed_high.get(s))}]</td>"
+                        for s in subsets)
+        rows.append(f"<tr><th>{_e(label)}</th>{cells}</tr>")
+    return (f'<table class="grid closed"><tr><th>condition</th>{head}</tr>{"".join(rows)}</table>')
+
+
 def _kl_table(kl: pd.DataFrame | None) -> str:
+    """The raw KL table, folded: every number behind the figure."""
     if kl is None or not len(kl):
-        return '<p class="muted">Causal stage not run (<code>crossdiff causal</code> adds the KL table).</p>'
-    extra = [c for c in ("n_tokens", "n_latents", "form") if c in kl.columns]
+        return ""
+    extra = [c for c in ("n_tokens", "n_latents") if c in kl.columns]
     head = "".join(f"<th>{c}</th>" for c in ["condition", "subset", "KL (95% CI)", *extra])
     rows = []
-    for row in kl.itertuples(index=False):
-        cells = [_e(row.condition), _e(row.subset),
+    for label, row in zip(condition_labels(kl), kl.itertuples(index=False)):
+        cells = [_e(label), _e(row.subset),
                  f"{_num(row.kl_mean, 4) or '–'} [{_num(row.ci_low, 4) or '–'}, {_num(row.ci_high, 4) or '–'}]"]
-        cells += [_e(_count(getattr(row, c)) if c != "form" else (getattr(row, c) or "")) for c in extra]
+        cells += [_e(_count(getattr(row, c)) or "–") for c in extra]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f'<h4>Causal effect (KL to the chat model)</h4><table class="grid kl"><tr>{head}</tr>{"".join(rows)}</table>'
+    return (f'<details><summary>KL per condition ({len(kl)} rows)</summary><table class="grid kl"><tr>{head}</tr>'
+            f'{"".join(rows)}</table></details>')
 
 
 def _figure_rows(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path) -> str:
     rows = []
     for name, (title, caption) in FIGURE_TEXT.items():
+        if name == "closed":
+            continue  # shown in the causal section
         cells, present = [], False
         for key, analysis, figures in entries:
             figure = next((f for f in figures if f.name == name), None)
@@ -261,6 +370,12 @@ def _short(model: str) -> str:
     """A hub id as is; a local path by its last two parts."""
     parts = Path(str(model)).parts
     return "/".join(parts[-2:]) if len(parts) > 2 else str(model)
+
+
+def _pct(value: Any) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{100 * value + 0.0:.0f}%".replace("-0%", "0%")
 
 
 def _num(value: Any, digits: int = 3) -> str | None:

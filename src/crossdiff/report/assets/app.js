@@ -370,15 +370,9 @@
       tag ? el("span", { class: tagClass(tag), text: tag }) : "", " ",
       verdict ? el("span", { class: tagClass(verdict), text: verdict }) : ""));
 
-    const numbers = el("table", { class: "kv numbers" });
-    for (const name of t.order) {
-      const col = t.columns[name];
-      if (name === "latent" || !col) continue;
-      numbers.append(el("tr", {}, el("th", { title: col.desc, text: name }), el("td", { text: fmt(value(t, name, i), col.type) })));
-    }
-    const side = el("div", { class: "side" }, el("h3", { text: "Numbers" }), numbers);
+    const side = el("div", { class: "side" }, findingBlock(t, latent), lensBlock(t, latent));
     const main = el("div", { class: "main" });
-    root.append(el("div", { class: "latent-layout" }, side, main));
+    root.append(numbersBlock(t, i), el("div", { class: "latent-layout" }, side, main));
 
     main.append(twinsBlock(key, t, i, latent));
     main.append(steeringBlock(t, latent));
@@ -399,9 +393,66 @@
     loadScript(`data/${key}/examples/${chunk}.js`).then(() => {
       if (currentRoute.view !== "latent" || currentRoute.key !== key || currentRoute.latent !== latent) return;
       const data = C.examples[key][chunk];
-      examples.replaceChildren(...exampleBlocks(t, data, data.latents[String(latent)]));
+      const entry = data.latents[String(latent)];
+      examples.replaceChildren(...histogramBlock(t, data, entry, value(t, "max_act", i)), ...exampleBlocks(t, data, entry));
       examples.dataset.state = "loaded";
     }).catch(showError);
+  }
+
+  // The latent's numbers in groups (crossdiff/report/bundle.py NUMBER_GROUPS), side by side.
+  function numbersBlock(t, i) {
+    const groups = t.groups || [["Numbers", t.order.filter((n) => n !== "latent")]];
+    return el("div", { class: "numbers-groups" }, groups.map(([title, names]) => {
+      const rows = names.filter((n) => t.columns[n]).map((name) => el("tr", {},
+        el("th", { title: t.columns[name].desc, text: name }), el("td", { text: fmt(value(t, name, i), t.columns[name].type) })));
+      return rows.length ? el("div", { class: "numbers-group" }, el("h4", { text: title }), el("table", { class: "kv numbers" }, rows)) : null;
+    }));
+  }
+
+  // Where findings.json ranks the latent, and the evidence it ranks on.
+  function findingBlock(t, latent) {
+    const f = t.findings && t.findings.latents[String(latent)];
+    if (!t.findings) return el("p", { class: "muted small", text: "No findings.json for this crosscoder (crossdiff run writes it after the analysis)." });
+    if (!f) return el("p", { class: "muted small", text: `Not among the ${t.findings.ranked} latents findings.json ranks (the top of its chat-leaning pool of ${t.findings.pool}).` });
+    const rows = [["rank", f.rank, "by evidence, among the chat-leaning pool (1 = strongest; Latent Scaling rejections last)"],
+      ["concept", f.concept, "the concept it was grouped into (the overview's concepts table)"],
+      ["score", f.score, "dnorm_z + contrast"], ["dnorm_z", f.dnorm_z, "dnorm relative to its distribution over live latents (robust z)"],
+      ["contrast", f.contrast, "its activation on high-KL minus low-KL prompts of the behavioural diff, in standard deviations"],
+      ["group", f.group, "the prompt group most of its activity falls in"], ["group_share", f.group_share, "that group's share of its activity"]];
+    return el("div", { class: "finding" }, el("h3", { text: "Findings" }), el("table", { class: "kv" },
+      rows.filter((r) => r[1] !== null && r[1] !== undefined).map(([name, x, desc]) =>
+        el("tr", {}, el("th", { title: desc, text: name }), el("td", { text: fmt(x, typeof x === "number" ? "float" : "text") })))));
+  }
+
+  // The tokens the latent's decoder vector promotes and suppresses in each model (logit lens, findings.json).
+  function lensBlock(t, latent) {
+    const f = t.findings && t.findings.latents[String(latent)];
+    if (!f || !f.lens) return el("p", { class: "muted small", text: "Logit-lens tokens: computed for the latents findings.json ranks (crossdiff.analysis.lens)." });
+    const column = (model, what) => el("td", {}, (f.lens[model][what] || []).map(([token, logit]) =>
+      el("div", { title: "logit " + fmt(logit, "float") }, el("code", { text: JSON.stringify(token) }))));
+    return el("div", { class: "lens" }, el("h3", { text: "Logit lens" }),
+      el("p", { class: "muted small", text: "Tokens the decoder vector promotes and suppresses, read through each model's final norm and unembedding." }),
+      el("table", { class: "grid" }, el("tr", {}, ["chat: promotes", "chat: suppresses", "base: promotes", "base: suppresses"].map((h) => el("th", { text: h }))),
+        el("tr", {}, column("chat", "promoted"), column("chat", "suppressed"), column("base", "promoted"), column("base", "suppressed"))));
+  }
+
+  // Active tokens per bin of the latent's max activation, one small bar chart per source.
+  function histogramBlock(t, data, entry, maxAct) {
+    if (!entry || !entry.hist) return [];
+    const bins = data.bins, width = maxAct ? maxAct / bins : null;
+    const charts = t.examples.sources.map((source, s) => {
+      const counts = entry.hist[s] || [];
+      const total = counts.reduce((a, b) => a + b, 0), top = Math.max(1, ...counts);
+      const bars = el("div", { class: "bars" }, counts.map((c, b) => {
+        const bar = el("div", { title: `${width ? fmt(b * width, "float") + "–" + fmt((b + 1) * width, "float") : `bin ${b + 1} of ${bins}`}: ${c.toLocaleString("en")} tokens` });
+        bar.style.height = (100 * c / top).toFixed(0) + "%";
+        return bar;
+      }));
+      return el("figure", { class: "histogram", "data-source": source }, bars,
+        el("figcaption", { text: `${source}: ${total.toLocaleString("en")} active tokens` }));
+    });
+    return [el("h3", {}, "Activation histogram ", el("span", { class: "muted small", text: `active tokens per source, ${bins} bins from 0 to the max activation${maxAct ? " (" + fmt(maxAct, "float") + ")" : ""}; each source's bars scaled to its own largest bin` })),
+      el("div", { class: "histograms" }, charts)];
   }
 
   function exampleBlocks(t, data, entry) {
