@@ -29,6 +29,7 @@ a_j, averaged over the prompts, are the behaviour's.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from crossdiff.causal.conditions import Conditions
 from crossdiff.causal.conversations import user_prompt_ids
+from crossdiff.causal.upper import SplitModel
 from crossdiff.models import ResidualExtractor, decoder_layers
 
 
@@ -116,9 +118,7 @@ def generate_with_latents(pair: Any, conditions: Conditions, layer: int, prompt:
 def _kv_cache(model: Any) -> dict[str, Any]:
     """An empty KV cache as the keyword the model's forward takes (``cache`` in transformers 5.x,
     ``past_key_values`` before)."""
-    import inspect
-
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # deferred like every transformers import: `--help` must stay fast
 
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: DynamicCache()}
@@ -128,8 +128,6 @@ def latent_attribution(pair: Any, conditions: Conditions, layer: int, prompts: l
                        stop_ids: list[int]) -> Tensor:
     """Each latent's mean first-order effect on the log-likelihood of the chat model's own answers
     to ``prompts``, when its chat-minus-base part is added to the base's residual ([D], float32)."""
-    from crossdiff.causal.upper import SplitModel
-
     device = next(pair.base.parameters()).device
     extract, upper = ResidualExtractor(pair, layer), SplitModel(pair.base, layer)
     total = torch.zeros(conditions.delta.shape[0], device=device)
@@ -143,8 +141,8 @@ def latent_attribution(pair: Any, conditions: Conditions, layer: int, prompts: l
         with torch.inference_mode():
             base, chat = extract(ids, mask)
             f = conditions.encode(base[0].float(), chat[0].float(), torch.arange(ids.shape[1], device=device), ids[0])
-        f = f.clone()
-        residual = (base[0].float() + f @ conditions.delta).clone().requires_grad_(True)
+        f, base = f.clone(), base.clone()  # tensors made under inference_mode cannot enter an autograd graph
+        residual = (base[0].float() + f @ conditions.delta).requires_grad_(True)
         targets = torch.zeros_like(ids, dtype=torch.bool)
         targets[0, len(prompt_tokens) - 1:-1] = True  # the positions that predict the answer's tokens
         logits = upper.upper(residual[None], ids, mask, positions=targets, grad=True)
