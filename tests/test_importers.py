@@ -208,5 +208,6 @@ def test_crosscoder_and_cache_import_nothing_above_them():
     assert imports("importers") <= leaves
     assert imports("crosscoder") <= leaves | {"crossdiff.importers"}
     assert imports("cache/defaults") <= set() and imports("cache/filters") <= leaves | {"crossdiff.cache.defaults"}
-    assert imports("cache/store") <= leaves | {"crossdiff.cache.defaults", "crossdiff.cache.filters"}
+    assert imports("cache/batch") <= set()  # the batch record: a leaf like defaults
+    assert imports("cache/store") <= leaves | {"crossdiff.cache.defaults", "crossdiff.cache.filters", "crossdiff.cache.batch"}
     assert imports("files") <= {"crossdiff.errors"}
