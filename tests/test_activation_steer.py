@@ -11,7 +11,7 @@ from crossdiff.causal.conditions import Conditions
 from crossdiff.causal.conversations import end_of_turn_ids, user_prompt_ids
 from crossdiff.causal.planted import ceiling_answers
 from crossdiff.models import decoder_layers, load_model_pair
-from test_causal import _exact_crosscoder
+from test_causal import _exact_crosscoder, greedy_with_block_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,26 +30,14 @@ def _brute_force(pair, crosscoder, latents, factor, prompt, stop) -> str:
     factor x sum_{j in latents} f_j delta_j, and continues the base from there."""
     scale, W = crosscoder.input_scale, crosscoder.W_dec.detach()
     delta = (W[:, 1] / scale[1] - W[:, 0] / scale[0])[latents]
-    ids = user_prompt_ids(pair.tokenizer, prompt)
-    start = len(ids)
-    for _ in range(NEW):
-        x = torch.tensor([ids])
-        with torch.inference_mode():
-            hb = pair.base(input_ids=x, output_hidden_states=True).hidden_states[LAYER + 1][0]
-            hc = pair.chat(input_ids=x, output_hidden_states=True).hidden_states[LAYER + 1][0]
-            f = torch.relu(torch.einsum("tmd,mdk->tk", torch.stack([hb, hc], 1) * scale[None, :, None], crosscoder.W_enc)
-                           + crosscoder.b_enc)
-            steered = hb + factor * f[:, latents] @ delta
-            swap = decoder_layers(pair.base)[LAYER].register_forward_hook(
-                lambda module, args, output: (steered[None], *output[1:]) if isinstance(output, tuple) else steered[None])
-            try:
-                token = int(pair.base(input_ids=x).logits[0, -1].argmax())
-            finally:
-                swap.remove()
-        if token in stop:
-            break
-        ids.append(token)
-    return pair.tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+
+    def steered(x):
+        hb = pair.base(input_ids=x, output_hidden_states=True).hidden_states[LAYER + 1][0]
+        hc = pair.chat(input_ids=x, output_hidden_states=True).hidden_states[LAYER + 1][0]
+        f = torch.relu(torch.einsum("tmd,mdk->tk", torch.stack([hb, hc], 1) * scale[None, :, None], crosscoder.W_enc)
+                       + crosscoder.b_enc)
+        return (hb + factor * f[:, latents] @ delta)[None]
+    return greedy_with_block_output(pair, LAYER, prompt, NEW, stop, steered)
 
 
 def test_activation_steering_equals_a_brute_force_loop_and_all_latents_give_the_chat_residual(tiny_model_pairs):

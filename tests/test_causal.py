@@ -354,22 +354,8 @@ def test_the_ceiling_is_the_base_continued_from_the_chat_residual(tiny_model_pai
     stop = set(end_of_turn_ids(pair.tokenizer, pair.chat))
 
     def brute_force(layer: int, prompt: str) -> str:
-        ids = user_prompt_ids(pair.tokenizer, prompt)
-        start = len(ids)
-        for _ in range(n):
-            x = torch.tensor([ids])
-            with torch.inference_mode():
-                chat_hidden = pair.chat(input_ids=x, output_hidden_states=True).hidden_states[layer + 1]
-                swap = decoder_layers(pair.base)[layer].register_forward_hook(
-                    lambda module, args, output: (chat_hidden, *output[1:]) if isinstance(output, tuple) else chat_hidden)
-                try:
-                    token = int(pair.base(input_ids=x).logits[0, -1].argmax())
-                finally:
-                    swap.remove()
-            if token in stop:
-                break
-            ids.append(token)
-        return pair.tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+        chat_residual = lambda x: pair.chat(input_ids=x, output_hidden_states=True).hidden_states[layer + 1]  # noqa: E731
+        return greedy_with_block_output(pair, layer, prompt, n, stop, chat_residual)
 
     for layer in range(len(decoder_layers(pair.base))):
         if layer == len(decoder_layers(pair.base)) - 1:
@@ -377,3 +363,27 @@ def test_the_ceiling_is_the_base_continued_from_the_chat_residual(tiny_model_pai
         assert ceiling_answers(pair, layer, prompts, n) == [brute_force(layer, p) for p in prompts]
     answers = ceiling_answers(pair, 0, prompts, n)
     assert any(answers)  # the tiny models do generate something to compare
+
+
+def greedy_with_block_output(pair, layer: int, prompt: str, n: int, stop, residual_of) -> str:
+    """Brute force: the base's greedy answer, every step recomputed on the whole sequence (no KV
+    cache), with block ``layer``'s output replaced by ``residual_of(input_ids)`` [1, T, d]."""
+    from crossdiff.causal.conversations import user_prompt_ids
+    from crossdiff.models import decoder_layers
+
+    ids = user_prompt_ids(pair.tokenizer, prompt)
+    start = len(ids)
+    for _ in range(n):
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            replacement = residual_of(x)
+            swap = decoder_layers(pair.base)[layer].register_forward_hook(
+                lambda module, args, output: (replacement, *output[1:]) if isinstance(output, tuple) else replacement)
+            try:
+                token = int(pair.base(input_ids=x).logits[0, -1].argmax())
+            finally:
+                swap.remove()
+        if token in set(stop):
+            break
+        ids.append(token)
+    return pair.tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
