@@ -10,7 +10,7 @@ from crossdiff.causal.activation_steer import generate_with_latents, latent_attr
 from crossdiff.causal.conditions import Conditions
 from crossdiff.causal.conversations import end_of_turn_ids, user_prompt_ids
 from crossdiff.causal.planted import ceiling_answers
-from crossdiff.models import decoder_layers, load_model_pair
+from crossdiff.models import load_model_pair
 from test_causal import _exact_crosscoder, greedy_with_block_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")
