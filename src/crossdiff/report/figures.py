@@ -177,11 +177,12 @@ def nu_scatter_figure(table: pd.DataFrame, scaling: ScalingThresholds, found: Fo
     ax.axvspan(xlim[0], scaling.nu_error_max, ymin=0, ymax=(scaling.nu_recon_max - ylim[0]) / (ylim[1] - ylim[0]),
                color=VERDICT_COLORS["chat-specific"], alpha=0.08, lw=0, gid="region-chat-specific")
     verdict = verdicts(table).to_numpy()
+    many = int(picked_all.sum()) > 1000  # thousands of vector points make a megabyte SVG: draw them as pixels
     for name, color in VERDICT_COLORS.items():
         picked = picked_all & (verdict == name)
         if picked.any():
             ax.scatter(np.clip(x[picked], *xlim), np.clip(y[picked], *ylim), s=12, color=color, alpha=0.85,
-                       edgecolors="none", label=f"{name} ({int(picked.sum())})", gid=f"verdict-{name}")
+                       edgecolors="none", label=f"{name} ({int(picked.sum())})", gid=f"verdict-{name}", rasterized=many)
     latents = table["latent"].to_numpy()
     for latent in found.leads[:8]:
         row = np.flatnonzero(latents == latent)

@@ -232,7 +232,7 @@ def _concepts_section(entries: list[tuple[str, Analysis, list[FigureFile]]], sho
     return ('<h2>Concepts: the latents that carry it</h2><p class="muted">Chat-leaning latents ranked by evidence (dnorm relative '
             'to its distribution, the contrast between high-KL and low-KL prompts, Latent Scaling rejections last) and grouped '
             'into concepts; <code>findings.json</code> beside each analysis holds every number.</p>'
-            f'<div class="columns">{"".join(cards)}</div>')
+            f'<div class="columns stacked">{"".join(cards)}</div>')
 
 
 def _verdict_counts(analysis: Analysis) -> str:
