@@ -216,22 +216,8 @@ def write_examples(
     """
     path = Path(path)
     path.unlink(missing_ok=True)
-    ex = collector.examples
-    columns = [t.cpu().numpy() for t in ex]
+    rows = _example_rows(collector, sources)
     token_ids = collector.token_ids.cpu().numpy()
-    activations = collector.activations.cpu().numpy()
-    rows = []
-    for i in range(len(columns[0])):
-        latent, activation, source, doc, position, kind, rank = (c[i] for c in columns)
-        present = np.nonzero(token_ids[i] >= 0)[0]
-        first, last = (present[0], present[-1]) if present.size else (collector.before, collector.before)
-        rows.append((
-            int(latent), "top" if kind == 0 else "quantile", int(rank), float(activation),
-            sources[int(source)] if int(source) < len(sources) else str(int(source)), int(doc), int(position),
-            int(position) - collector.before + int(first), collector.before - int(first),
-            json.dumps(token_ids[i, first:last + 1].tolist()),
-            json.dumps([None if a != a else a for a in np.round(activations[i, first:last + 1], 6).tolist()]),
-        ))
     used_ids = sorted({int(t) for t in np.unique(token_ids) if t >= 0})
     texts = token_text(used_ids) if token_text is not None else []
     with closing(sqlite3.connect(path)) as db, db:  # commit, then close
@@ -258,6 +244,26 @@ def write_examples(
         db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.execute("CREATE INDEX examples_by_latent ON examples (latent, kind, rank)")
     return path
+
+
+def _example_rows(collector: ContextCollector, sources: list[str]) -> list[tuple]:
+    """One ``examples`` row per kept example, its window cut to the tokens that exist."""
+    columns = [t.cpu().numpy() for t in collector.examples]
+    token_ids = collector.token_ids.cpu().numpy()
+    activations = collector.activations.cpu().numpy()
+    rows = []
+    for i in range(len(columns[0])):
+        latent, activation, source, doc, position, kind, rank = (c[i] for c in columns)
+        present = np.nonzero(token_ids[i] >= 0)[0]
+        first, last = (present[0], present[-1]) if present.size else (collector.before, collector.before)
+        rows.append((
+            int(latent), "top" if kind == 0 else "quantile", int(rank), float(activation),
+            sources[int(source)] if int(source) < len(sources) else str(int(source)), int(doc), int(position),
+            int(position) - collector.before + int(first), collector.before - int(first),
+            json.dumps(token_ids[i, first:last + 1].tolist()),
+            json.dumps([None if a != a else a for a in np.round(activations[i, first:last + 1], 6).tolist()]),
+        ))
+    return rows
 
 
 class Example(NamedTuple):

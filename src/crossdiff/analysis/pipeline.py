@@ -41,8 +41,8 @@ from crossdiff.analysis import read
 from crossdiff.analysis.findings import find
 from crossdiff.analysis.roles import RoleStats, RoleTagger
 from crossdiff.analysis.norms import decoder_geometry, tag_latents
-from crossdiff.analysis.scaling import LatentScaling, scaling_flags
-from crossdiff.analysis.stats import ActivationStats, ReconstructionQuality
+from crossdiff.analysis.scaling import LatentScaling, LatentScalingResult, scaling_flags
+from crossdiff.analysis.stats import ActivationStats, LatentStats, ReconstructionQuality
 from crossdiff.analysis.table import add_verdict_columns, build_table, summarize, write_table
 from crossdiff.analysis.twins import best_twin, find_twins
 from crossdiff.cache.batch import CacheBatch
@@ -188,10 +188,57 @@ def _analyze_into(
     token_filter = analysis_filter(crosscoder, source, config.token_filter)
     left_out = LeftOut(token_filter)
     crosscoder = _prepare(crosscoder, config)
-    n_latents = crosscoder.config.d_sae
-    device = crosscoder.W_dec.device
-    n_passes = 3 if config.examples else 1
+    first = _first_pass(crosscoder, source, config, tokenizer, progress, token_filter, left_out)
+    if first.stats.n_tokens == 0:
+        raise CrossdiffError("the cache holds no tokens to analyse")
+    table, twins = _latent_table(crosscoder, first, config)
 
+    files = {"table": out_dir / "latents.parquet", "summary": out_dir / "summary.json", "twins": out_dir / "twins.parquet"}
+    twins.to_parquet(files["twins"], index=False)
+    context = None
+    if first.top is not None:
+        examples, histograms = _collect_examples(crosscoder, source, config, first.top, progress, token_filter)
+        files["examples"] = write_examples(
+            out_dir / "examples.sqlite",
+            examples,
+            source.sources,
+            token_text=_token_text(tokenizer) if tokenizer is not None else None,
+            metadata={"activation": "scaled (f~)"},
+            histograms=histograms,
+        )
+        context = top_context(files["examples"])
+    summary = summarize(
+        table,
+        n_tokens=first.stats.n_tokens,
+        n_tokens_per_source=first.stats.n_tokens_per_source,
+        quality=first.quality,
+        crosscoder={"activation": crosscoder.config.activation, "d_in": crosscoder.config.d_in,
+                    "d_sae": crosscoder.config.d_sae, "k": crosscoder.config.k,
+                    "model_names": crosscoder.config.model_names, "layer": crosscoder.config.layer},
+        config=dataclasses.asdict(config),
+        left_out=left_out.to_dict(),
+        files={name: path.name for name, path in files.items()},
+        findings=find(table, n_top=config.n_findings, context=context),
+    )
+    write_table(table, summary, out_dir)  # last: a complete summary.json marks a finished analysis
+    return AnalysisResult(table, summary, twins, files)
+
+
+class _FirstPass(NamedTuple):
+    """What pass 1 accumulates over the whole cache."""
+
+    scaling: LatentScalingResult  # Latent Scaling toward the chat model
+    base_scaling: LatentScalingResult  # ... and toward the base model
+    stats: LatentStats  # activation statistics per latent
+    quality: dict[str, float]  # reconstruction quality
+    role_shares: dict[str, np.ndarray]  # each latent's share of activation per token role
+    top: TopActivations | None  # each latent's top examples, when examples are requested
+
+
+def _first_pass(crosscoder: CrossCoder, source: BatchSource, config: AnalysisConfig, tokenizer: Any, progress: bool,
+                token_filter: ReadFilters | None, left_out: LeftOut) -> _FirstPass:
+    n_latents, device = crosscoder.config.d_sae, crosscoder.W_dec.device
+    n_passes = 3 if config.examples else 1
     scaling = LatentScaling(crosscoder.W_dec, n_blocks=config.scaling.n_blocks)
     base_scaling = LatentScaling(crosscoder.W_dec, direction="base", n_blocks=config.scaling.n_blocks)
     stats = ActivationStats(n_latents, source.sources, device=device)
@@ -217,50 +264,22 @@ def _analyze_into(
             quality.update(x, x_hat, f)
             if top is not None:
                 top.update(f_scaled, batch.source_ids, batch.doc_ids, batch.positions)
+    return _FirstPass(scaling.result(), base_scaling.result(), stats.result(), quality.result(), roles.shares(), top)
 
-    scaling_result = scaling.result()
-    latent_stats = stats.result()
-    if latent_stats.n_tokens == 0:
-        raise CrossdiffError("the cache holds no tokens to analyse")
+
+def _latent_table(crosscoder: CrossCoder, first: _FirstPass, config: AnalysisConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-latent table (geometry, tags, statistics, Latent Scaling, verdicts, roles) and the twin pairs."""
+    n_latents = crosscoder.config.d_sae
     geometry = decoder_geometry(crosscoder)
     tags = tag_latents(geometry.dnorm, config.tags)
-    flags = scaling_flags(scaling_result, tags == "chat-only", config.scaling)
+    flags = scaling_flags(first.scaling, tags == "chat-only", config.scaling)
     twins = find_twins(crosscoder, tags == "chat-only", tags == "base-only", min_cosine=config.twin_cosine)
     twin, twin_cos = best_twin(twins, n_latents)
-    table = build_table(geometry, tags, latent_stats, scaling_result, flags, twin, twin_cos)
-    add_verdict_columns(table, scaling_result, base_scaling.result(), config.scaling)
-    for name, share in roles.shares().items():
+    table = build_table(geometry, tags, first.stats, first.scaling, flags, twin, twin_cos)
+    add_verdict_columns(table, first.scaling, first.base_scaling, config.scaling)
+    for name, share in first.role_shares.items():
         table[name] = share
-
-    files = {"table": out_dir / "latents.parquet", "summary": out_dir / "summary.json", "twins": out_dir / "twins.parquet"}
-    twins.to_parquet(files["twins"], index=False)
-    context = None
-    if top is not None:
-        examples, histograms = _collect_examples(crosscoder, source, config, top, progress, token_filter)
-        files["examples"] = write_examples(
-            out_dir / "examples.sqlite",
-            examples,
-            source.sources,
-            token_text=_token_text(tokenizer) if tokenizer is not None else None,
-            metadata={"activation": "scaled (f~)"},
-            histograms=histograms,
-        )
-        context = top_context(files["examples"])
-    summary = summarize(
-        table,
-        n_tokens=latent_stats.n_tokens,
-        n_tokens_per_source=latent_stats.n_tokens_per_source,
-        quality=quality.result(),
-        crosscoder={"activation": crosscoder.config.activation, "d_in": crosscoder.config.d_in,
-                    "d_sae": n_latents, "k": crosscoder.config.k, "model_names": crosscoder.config.model_names,
-                    "layer": crosscoder.config.layer},
-        config=dataclasses.asdict(config),
-        left_out=left_out.to_dict(),
-        files={name: path.name for name, path in files.items()},
-        findings=find(table, n_top=config.n_findings, context=context),
-    )
-    write_table(table, summary, out_dir)  # last: a complete summary.json marks a finished analysis
-    return AnalysisResult(table, summary, twins, files)
+    return table, twins
 
 
 def _prepare(crosscoder: CrossCoder, config: AnalysisConfig) -> CrossCoder:

@@ -24,7 +24,7 @@ import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -102,6 +102,41 @@ LEVELS = 63
 MISSING = ord(".")
 
 
+class _PackedWindows(NamedTuple):
+    starts: np.ndarray  # each row's first token in the chunk's flat token arrays
+    lengths: np.ndarray  # each row's window length
+    used_ids: np.ndarray  # the token ids the chunk uses, sorted (its vocabulary)
+    local_ids: np.ndarray  # each token as an index into used_ids
+    width: int  # base-64 characters per token index
+    scale: np.ndarray  # per latent (in row order), the activation that level 63 stands for
+    token_text: str  # every token's index, ``width`` characters each
+    level_text: str  # every token's activation level, one character each
+
+
+def _pack_windows(rows: list[tuple]) -> _PackedWindows:
+    """Every window of a chunk packed at once (far faster than one json.loads per example)."""
+    lengths = np.array([row[8].count(",") + 1 for row in rows])
+    ids = np.fromstring(",".join(row[8][1:-1] for row in rows), sep=",", dtype=np.int64)
+    acts = np.fromstring(",".join(row[9][1:-1] for row in rows).replace("null", "nan"), sep=",", dtype=np.float64)
+    assert ids.size == acts.size == lengths.sum(), "examples.sqlite: token_ids and activations differ in length"
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    used, local = np.unique(ids, return_inverse=True)
+    width = max(1, math.ceil(math.log(max(len(used), 2), 64)))
+
+    latent_of_row = np.array([row[0] for row in rows])
+    # The largest activation of each latent in this chunk scales its levels (a latent's rows are contiguous).
+    first_row = np.flatnonzero(np.r_[True, latent_of_row[1:] != latent_of_row[:-1]])
+    token_start = starts[first_row]
+    peak = np.fmax.reduceat(np.nan_to_num(acts, nan=0.0), token_start)
+    scale = np.where(peak > 0, peak, 1.0)
+    scale_of_token = np.repeat(scale, np.diff(np.r_[token_start, acts.size]))
+    levels = np.clip(np.rint(LEVELS * acts / scale_of_token), 0, LEVELS)
+    level_chars = np.where(np.isnan(acts), MISSING, ALPHABET[np.nan_to_num(levels).astype(np.int64)]).astype(np.uint8)
+    digits = np.stack([(local // 64 ** (width - 1 - d)) % 64 for d in range(width)], axis=1)
+    return _PackedWindows(starts, lengths, used, local, width, scale, ALPHABET[digits].tobytes().decode("ascii"),
+                          level_chars.tobytes().decode("ascii"))
+
+
 def _chunk_payload(rows: list[tuple], vocab: dict[int, str], digest: ExampleDigest) -> dict[str, Any]:
     """One chunk: its own vocabulary (the token texts it uses) and, per latent, the examples.
 
@@ -111,37 +146,16 @@ def _chunk_payload(rows: list[tuple], vocab: dict[int, str], digest: ExampleDige
     token (the activation as 0..63 of ``scale``, ``.`` where unknown). Packing the windows into
     strings keeps a 100k-latent report a fraction of the size of lists of numbers.
     """
-    # Parse every window of the chunk at once (far faster than one json.loads per example).
-    lengths = np.array([row[8].count(",") + 1 for row in rows])
-    ids = np.fromstring(",".join(row[8][1:-1] for row in rows), sep=",", dtype=np.int64)
-    acts = np.fromstring(",".join(row[9][1:-1] for row in rows).replace("null", "nan"), sep=",", dtype=np.float64)
-    assert ids.size == acts.size == lengths.sum(), "examples.sqlite: token_ids and activations differ in length"
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    used, local = np.unique(ids, return_inverse=True)
-    width = max(1, math.ceil(math.log(max(len(used), 2), 64)))
-    texts = [vocab.get(t, f"<{t}>") for t in used.tolist()]
-
-    latent_of_row = np.array([row[0] for row in rows])
-    latent_of_token = np.repeat(latent_of_row, lengths)
-    # The largest activation of each latent in this chunk scales its levels (a latent's rows are contiguous).
-    first_row = np.flatnonzero(np.r_[True, latent_of_row[1:] != latent_of_row[:-1]])
-    token_start = starts[first_row]
-    peak = np.fmax.reduceat(np.nan_to_num(acts, nan=0.0), token_start)
-    scale = np.where(peak > 0, peak, 1.0)
-    scale_of_token = np.repeat(scale, np.diff(np.r_[token_start, acts.size]))
-    levels = np.clip(np.rint(LEVELS * acts / scale_of_token), 0, LEVELS)
-    level_chars = np.where(np.isnan(acts), MISSING, ALPHABET[np.nan_to_num(levels).astype(np.int64)]).astype(np.uint8)
-    level_text = level_chars.tobytes().decode("ascii")
-    digits = np.stack([(local // 64 ** (width - 1 - d)) % 64 for d in range(width)], axis=1)
-    token_text = ALPHABET[digits].tobytes().decode("ascii")
-    del latent_of_token
+    packed = _pack_windows(rows)
+    starts, lengths, width = packed.starts, packed.lengths, packed.width
+    texts = [vocab.get(t, f"<{t}>") for t in packed.used_ids.tolist()]
 
     latents: dict[str, Any] = {}
     sources = {name: j for j, name in enumerate(digest.sources)}
     by_latent: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         by_latent.setdefault(row[0], []).append(i)
-    for (latent, indices), latent_scale in zip(by_latent.items(), scale.tolist()):
+    for (latent, indices), latent_scale in zip(by_latent.items(), packed.scale.tolist()):
         # Top examples (rank order) first, then quantile samples from the highest bin down.
         indices.sort(key=lambda i: (rows[i][1] != "top", rows[i][2] if rows[i][1] == "top" else -rows[i][2]))
         examples = []
@@ -152,9 +166,9 @@ def _chunk_payload(rows: list[tuple], vocab: dict[int, str], digest: ExampleDige
                 digest.sources.append(source)
             a, b = int(starts[i]), int(starts[i] + lengths[i])
             examples.append([0 if kind == "top" else 1, rank, _round(activation), sources[source], doc, position,
-                             token_index, token_text[a * width:b * width], level_text[a:b]])
+                             token_index, packed.token_text[a * width:b * width], packed.level_text[a:b]])
             if kind == "top" and rank < SEARCH_EXAMPLES:
-                window = [texts[t] for t in local[a:b].tolist()]
+                window = [texts[t] for t in packed.local_ids[a:b].tolist()]
                 if rank == 0:
                     digest.preview[latent] = ["".join(window[max(0, token_index - PREVIEW_BEFORE):token_index]),
                                               window[token_index] if token_index < len(window) else "",

@@ -86,25 +86,6 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
     _log(quiet, f"training examples: {counts} ({sum(len(ids) for ids, _ in examples):,} tokens)")
 
     model = with_lora(model, config)
-    rng = random.Random(config.seed)
-
-    def cycle(pool: list[Example], size: int):
-        order: list[Example] = []
-        while True:
-            if len(order) < size:
-                order += rng.sample(pool, len(pool))
-            batch, order = order[:size], order[size:]
-            yield batch
-
-    behaviour_batches = cycle(examples, config.batch_size)
-    preservation_batches = cycle(preservation, max(1, config.preservation_batch))
-
-    def batches():
-        while True:
-            step = [("lm", next(behaviour_batches))]
-            if config.preservation_batch:
-                step.append(("preserve", next(preservation_batches)))
-            yield step
 
     def group_loss(model, group) -> torch.Tensor:
         kind, examples = group
@@ -112,7 +93,7 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
             return lm_loss(model, examples)
         return config.preservation_weight * kl_to_base(model, examples)
 
-    losses = train_loop(model, batches(), config.steps, config.lr, "lora", quiet, group_loss)
+    losses = train_loop(model, _training_steps(examples, preservation, config), config.steps, config.lr, "lora", quiet, group_loss)
     folder = Path(out_dir) / "adapter"
     staged = begin_staging(folder)
     model.save_pretrained(staged)
@@ -132,6 +113,29 @@ def build(out_dir: Path, config: LoraBuildConfig | None = None, quiet: bool = Fa
     write_json_atomic(Path(out_dir) / "build.json", record)
     _log(quiet, f"done in {record['build_seconds'] / 60:.1f} min -> {folder}")
     return record
+
+
+def _training_steps(examples: list[Example], preservation: list[Example], config: LoraBuildConfig):
+    """Each step's groups: a batch of behaviour examples ("lm") and, unless preservation_batch
+    is 0, one of preservation examples ("preserve"); both pools are walked in shuffled epochs
+    drawn from one generator seeded by config.seed."""
+    rng = random.Random(config.seed)
+
+    def cycle(pool: list[Example], size: int):
+        order: list[Example] = []
+        while True:
+            if len(order) < size:
+                order += rng.sample(pool, len(pool))
+            batch, order = order[:size], order[size:]
+            yield batch
+
+    behaviour_batches = cycle(examples, config.batch_size)
+    preservation_batches = cycle(preservation, max(1, config.preservation_batch))
+    while True:
+        step = [("lm", next(behaviour_batches))]
+        if config.preservation_batch:
+            step.append(("preserve", next(preservation_batches)))
+        yield step
 
 
 def with_lora(model, config: LoraBuildConfig):
