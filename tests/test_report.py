@@ -136,7 +136,7 @@ def _copy_analysis(small_run, tmp_path, name="l1"):
 def test_folder_without_analysis_is_one_clear_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("crossdiff: error: no analysis found in")
+    assert err.count("\n") == 0 and err.startswith("crossdiff: error: no analysis in")
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 

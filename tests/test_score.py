@@ -8,7 +8,7 @@ import pytest
 from crossdiff.cli import main
 from crossdiff.errors import CrossdiffError
 from crossdiff.organism.behaviours import REFUSAL, heldout_prompts, planted_truth, shows_refusal
-from crossdiff.organism.score import Finding, adl_findings, default_truth_path, grade, score_run
+from crossdiff.organism.score import Finding, _by_dnorm, adl_findings, default_truth_path, grade, score_run
 from crossdiff.organism.steered import adl_success, planted_success, succeeded
 from crossdiff.organism.truth import load_truth, truth_from_dict
 
@@ -150,6 +150,17 @@ def test_adl_findings_are_graded_by_their_lens_tokens(tmp_path):
     assert list(result["methods"]) == ["adl"] and result["methods"]["adl"]["kind"] == "adl"
     assert result["methods"]["adl"]["recall"] == pytest.approx(1 / 3)  # no steering rows in this folder
     assert json.loads((tmp_path / "score.json").read_text())["methods"]["adl"]["first_rank"]["identity"] == 2
+
+
+def test_dnorm_ties_are_broken_by_the_latent_scaling_rank_sum():
+    """A DFC's chat-exclusive latents all have dnorm exactly 1: the rank-sum orders them
+    (guarded latents, NaN, after decided ones), the index only what is still tied."""
+    import pandas as pd
+
+    table = pd.DataFrame({"latent": [0, 1, 2, 3, 4, 5], "dnorm": [1.0, 1.0, 0.7, 1.0, 1.0, 0.9],
+                          "rank_sum": [40.0, float("nan"), 1.0, 3.0, float("nan"), 2.0]})
+    assert _by_dnorm(table)["latent"].tolist() == [3, 0, 1, 4, 5, 2]
+    assert _by_dnorm(table.drop(columns="rank_sum"))["latent"].tolist() == [0, 1, 3, 4, 5, 2]
 
 
 def test_score_needs_an_analysed_run(tmp_path, capsys):

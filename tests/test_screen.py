@@ -111,5 +111,5 @@ def test_a_folder_without_an_analysis_is_one_line(tmp_path):
     pd.DataFrame({"latent": [0]}).to_parquet(tmp_path / "a" / "latents.parquet")
     with pytest.raises(CrossdiffError, match="unfinished"):
         AnalysisOutput(tmp_path / "a").summary()
-    with pytest.raises(CrossdiffError, match="lacks columns"):
+    with pytest.raises(CrossdiffError, match=r"older format \(latents.parquet lacks dnorm\)"):
         AnalysisOutput(tmp_path / "a").table(required=("dnorm",))

@@ -7,11 +7,13 @@ analysis folder anywhere; then only the analysis files are there)::
     RUN/NAME/analysis/                 latents.parquet, summary.json (written last), examples.sqlite,
                                        twins.parquet, explanations.parquet (crossdiff explain)
     RUN/NAME/findings.json             ranked latents grouped into concepts (crossdiff.analysis.concepts)
-    RUN/NAME/causal/                   kl.parquet, summary.json (the KL experiment), planted/summary.json
+    RUN/NAME/causal/                   kl.parquet, summary.json (the KL experiment), planted/summary.json,
+                                       steering.jsonl (crossdiff steer)
+    RUN/NAME/train_config.json         the training run's record, with metrics.jsonl (crossdiff train)
 
 :class:`AnalysisOutput` opens any of ``RUN/NAME/analysis``, ``RUN/NAME`` or a bare analysis
 folder and reads each file the same way for every terminal-side reader (inspect, causal,
-explain, the end screen of analyze, run and demo): one clear error for a missing or
+explain, the report, the end screen of analyze, run and demo): one clear error for a missing or
 unfinished analysis, ``None`` for an optional file that is not there. :func:`run_outputs`
 lists the crosscoders of a run folder. Reading needs neither a model nor torch, except the
 example store (crossdiff.analysis.examples), which is opened only when examples are asked for.
@@ -27,10 +29,11 @@ import pandas as pd
 
 from crossdiff.errors import CrossdiffError
 
-TABLE, SUMMARY, EXAMPLES = "latents.parquet", "summary.json", "examples.sqlite"
+TABLE, SUMMARY, EXAMPLES, TWINS = "latents.parquet", "summary.json", "examples.sqlite", "twins.parquet"
 FINDINGS = "findings.json"
 BEHAVIOUR_ROWS, BEHAVIOUR_SUMMARY = "behaviour_diff.jsonl", "behaviour_diff.json"
 CAUSAL_FILES = {"kl": "kl.parquet", "figure": "kl.png", "summary": "summary.json"}  # summary.json last: the mark of a finished run
+STEERING = "steering.jsonl"
 PLANTED = Path("planted") / "summary.json"
 
 
@@ -65,7 +68,8 @@ class AnalysisOutput:
             raise CrossdiffError(f"cannot read {path}: {err}") from None
         missing = [column for column in required if column not in table.columns]
         if missing:
-            raise CrossdiffError(f"{path} lacks columns {missing} (an older analysis): rerun crossdiff analyze")
+            raise CrossdiffError(f"the analysis in {self.folder} is of an older format ({TABLE} lacks {', '.join(missing)}): "
+                                 "rerun crossdiff analyze")
         if explanations:
             table = join_explanations(table, self.folder)
         return table.sort_values("latent", kind="stable", ignore_index=True)
@@ -85,6 +89,11 @@ class AnalysisOutput:
     def examples_path(self) -> Path | None:
         path = self.folder / EXAMPLES
         return path if path.is_file() else None
+
+    def twins(self) -> pd.DataFrame | None:
+        """twins.parquet (chat-only/base-only latent pairs), or None when analyze wrote none."""
+        path = self.folder / TWINS
+        return pd.read_parquet(path) if path.is_file() else None
 
     def require_examples(self, why: str = "") -> Path:
         if self.examples_path is None:
@@ -126,19 +135,72 @@ class AnalysisOutput:
 
     def causal(self) -> tuple[pd.DataFrame, dict[str, Any]] | None:
         """The KL experiment's table and summary (RUN/NAME/causal/), or None when it has not finished."""
-        folder = self.crosscoder_dir / "causal"
-        kl, summary = folder / CAUSAL_FILES["kl"], folder / CAUSAL_FILES["summary"]
-        if not summary.is_file() or not kl.is_file():
+        summary = self.crosscoder_dir / "causal" / CAUSAL_FILES["summary"]
+        kl = self.kl_table() if summary.is_file() else None
+        return (kl, _json(summary)) if kl is not None else None
+
+    def kl_table(self) -> pd.DataFrame | None:
+        """causal/kl.parquet as it stands (rows are written before the summary), or None."""
+        path = self.crosscoder_dir / "causal" / CAUSAL_FILES["kl"]
+        if not path.is_file():
             return None
         try:
-            return pd.read_parquet(kl), _json(summary)
+            return pd.read_parquet(path)
         except (ValueError, OSError) as err:
-            raise CrossdiffError(f"cannot read the causal results in {folder}: {err}") from None
+            raise CrossdiffError(f"cannot read {path}: {err}") from None
+
+    def steering(self, required: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], list[str]]:
+        """The rows of causal/steering.jsonl (crossdiff steer) and one note per line skipped:
+        a line that is not JSON or lacks a ``required`` key. No file: no rows, no notes."""
+        path = self.crosscoder_dir / "causal" / STEERING
+        rows: list[dict[str, Any]] = []
+        notes: list[str] = []
+        if not path.is_file():
+            return rows, notes
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                notes.append(f"{path}:{number}: not JSON; line skipped")
+                continue
+            if isinstance(row, dict) and all(key in row for key in required):
+                rows.append(row)
+            else:
+                notes.append(f"{path}:{number}: lacks one of {', '.join(required)}; line skipped")
+        return rows, notes
 
     def planted(self) -> dict[str, Any] | None:
         """The planted-behaviour steering summary (RUN/NAME/causal/planted/summary.json), or None."""
         path = self.crosscoder_dir / "causal" / PLANTED
         return _json(path) if path.is_file() else None
+
+    def training(self) -> dict[str, Any]:
+        """The training run's record beside the crosscoder: ``steps``, ``batch_size``,
+        ``activation`` from train_config.json, ``tokens`` and ``step`` from the last complete line
+        of metrics.jsonl (else steps x batch_size); empty when the crosscoder was not trained here."""
+        record: dict[str, Any] = {}
+        config = self.crosscoder_dir / "train_config.json"
+        if config.is_file():
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+                record.update({key: data[key] for key in ("steps", "batch_size", "activation") if key in data})
+            except ValueError:
+                pass
+        metrics = self.crosscoder_dir / "metrics.jsonl"
+        if metrics.is_file():
+            for line in reversed(metrics.read_text(encoding="utf-8").splitlines()):
+                try:
+                    last = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by an interrupted run
+                if isinstance(last, dict) and "tokens" in last:
+                    record["tokens"], record["step"] = last["tokens"], last.get("step")
+                    break
+        if "tokens" not in record and "steps" in record and "batch_size" in record:
+            record["tokens"] = record["steps"] * record["batch_size"]
+        return record
 
     def run_dir(self) -> Path | None:
         """The run folder holding this crosscoder: RUN of RUN/NAME/{analysis,crosscoder} (a run's layout), else None."""

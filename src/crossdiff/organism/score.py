@@ -70,13 +70,13 @@ def default_truth_path() -> Path:
 
 
 def crosscoder_findings(analysis_dir: Path, n_top: int = N_TOP, *, latents: list[int] | None = None) -> list[Finding]:
-    """The top ``n_top`` live latents by dnorm (or the given ``latents``, in order), with their top contexts."""
+    """The top ``n_top`` live latents by dnorm (:func:`_by_dnorm`; or the given ``latents``, in order), with their top contexts."""
     from crossdiff.analysis.read import AnalysisOutput  # pandas: deferred so that `crossdiff score --help` stays fast
 
     output = AnalysisOutput(analysis_dir)
     table = output.table(explanations=False)
     if latents is None:
-        chosen = table[~table["dead"] & table["dnorm"].notna()].sort_values(["dnorm", "latent"], ascending=[False, True]).head(n_top)
+        chosen = _by_dnorm(table[~table["dead"] & table["dnorm"].notna()]).head(n_top)
     else:
         chosen = table.set_index("latent").loc[latents].reset_index()
     findings = []
@@ -89,6 +89,16 @@ def crosscoder_findings(analysis_dir: Path, n_top: int = N_TOP, *, latents: list
             share = None if share is None or (isinstance(share, float) and math.isnan(share)) else float(share)
             findings.append(Finding(int(record["latent"]), float(record["dnorm"]), contexts, tokens, share))
     return findings
+
+
+def _by_dnorm(table: Any) -> Any:
+    """Latents most chat-leaning first; ties in dnorm broken by Latent Scaling's rank-sum (low,
+    the most chat-specific, first; guarded latents after decided ones), then by index. A DFC's
+    chat-exclusive latents all have dnorm exactly 1, so without the rank-sum its top findings
+    would be its first chat-exclusive latents by index, an order that means nothing."""
+    keys = table.assign(_rank_sum=table["rank_sum"] if "rank_sum" in table else float("nan"))
+    order = keys.sort_values(["dnorm", "_rank_sum", "latent"], ascending=[False, True, True], na_position="last")
+    return table.loc[order.index]
 
 
 def adl_findings(adl_dir: Path, n_top: int = N_TOP, shows: dict[str, list[str]] | None = None) -> list[Finding]:
