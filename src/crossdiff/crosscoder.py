@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -432,8 +433,6 @@ def _has_native_weights(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             return "W_enc" in f.keys()
     except Exception:  # unreadable: the importer will say so

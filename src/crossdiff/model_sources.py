@@ -35,8 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from crossdiff.errors import CrossdiffError, first_line
 from crossdiff.files import begin_staging, commit_staging, sha256_file
+from crossdiff.hub import offline
 
 ADAPTER_SEPARATOR = "::"
 SMOLLM2 = "smollm2"
@@ -233,8 +236,6 @@ def _converted_folder(path: Path) -> Path:
 def _download_hub_gguf(model: str, role: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    from crossdiff.hub import offline
-
     parts = model.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     try:
@@ -276,8 +277,6 @@ def merge_adapter(model: Any, adapter: str, role: str = "model") -> Any:
 
 def check_adapter_fits(model: Any, folder: Path, role: str = "model") -> None:
     """Compare the adapter's LoRA matrices with ``model``'s linear layers, before peft touches it."""
-    from safetensors import safe_open
-
     modules = dict(model.named_modules())
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from crossdiff.analysis.read import EXAMPLES, AnalysisOutput
+from crossdiff.analysis.screen import summary_screen
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import printable, quoted
 
@@ -164,9 +167,6 @@ class Analysis:
 
     # ------------------------------------------------------------------ internals
     def _db(self):
-        import sqlite3
-        from contextlib import closing
-
         return closing(sqlite3.connect(self.output.require_examples()))
 
     @staticmethod
@@ -221,8 +221,6 @@ def _fmt(value: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.summary:
-        from crossdiff.analysis.screen import summary_screen
-
         print(summary_screen(args.analysis))
         return 0
     if args.findings:

@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import quoted
 
 TABLE, SUMMARY, EXAMPLES = "latents.parquet", "summary.json", "examples.sqlite"
 FINDINGS = "findings.json"
@@ -169,7 +170,6 @@ def top_context(store: Any, latent: int, *, before: int = 12, after: int = 3) ->
     """The max-activating example of ``latent`` in an open ExampleStore: ``before`` and ``after``
     tokens around its token, which is in [brackets]; quoted and escaped; None if it has none."""
     from crossdiff.analysis.examples import render_example
-    from crossdiff.terminal import quoted
 
     top = store.examples(latent, "top")
     return quoted(render_example(top[0], before=before, after=after)) if top else None

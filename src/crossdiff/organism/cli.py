@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 
 from crossdiff.locks import output_lock
+from crossdiff.organism import WEIGHTS_DIR
+from crossdiff.organism.smollm2 import ADAPTER_DIR
 
 
 def add_cli(subparsers) -> None:
@@ -52,13 +54,11 @@ def _add_organism_choice(parser: argparse.ArgumentParser) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     if args.organism == "smollm2-lora":
-        from crossdiff.organism.smollm2 import ADAPTER_DIR
         from crossdiff.organism.smollm2.build import build as build_lora
 
         with output_lock(args.out or ADAPTER_DIR.parent, "organism build"):
             build_lora(args.out or ADAPTER_DIR.parent, quiet=args.quiet)
         return 0
-    from crossdiff.organism import WEIGHTS_DIR
     from crossdiff.organism.build import build
 
     with output_lock(args.out or WEIGHTS_DIR, "organism build"):

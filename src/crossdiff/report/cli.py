@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +29,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from crossdiff.report.build import build_report, default_out
-    from pathlib import Path
 
     if args.figures_only:
         out = Path(args.out) if args.out else default_out(Path(args.path)) / "figures"

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from crossdiff.analysis.concepts import read_findings
 from crossdiff.analysis.table import join_explanations
 from crossdiff.errors import CrossdiffError
 
@@ -134,8 +135,6 @@ def _training_record(crosscoder_dir: Path) -> dict[str, Any]:
 
 
 def _read_findings(analysis: Analysis) -> None:
-    from crossdiff.analysis.concepts import read_findings
-
     try:
         analysis.findings = read_findings(analysis.crosscoder_dir)
     except (ValueError, OSError) as err:

@@ -42,10 +42,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from crossdiff.run import estimate as est
+from crossdiff.causal.planted import steer_planted
+from crossdiff.config import save_json, to_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import remove_stray_temporaries, write_atomic
+from crossdiff.organism.data import write_demo_data
 from crossdiff.recipe import Recipe, load_recipe
+from crossdiff.run import estimate as est
 
 
 @dataclass
@@ -248,8 +251,6 @@ def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], p
 
 
 def _steer_planted(out: Path, name: str, config: Any, pair: Any) -> None:
-    from crossdiff.causal.planted import steer_planted
-
     steer_planted(out / name / "crosscoder", out / name / "analysis", out / name / "causal" / "planted", config, pair)  # on the end screen
 
 
@@ -329,16 +330,11 @@ def _analyze(recipe: Recipe, name: str, quiet: bool) -> None:
 
 
 def _data_done(recipe: Recipe) -> bool:
-    from crossdiff.config import to_dict
-
     stamp = recipe.out / "data" / "settings.json"
     return stamp.is_file() and json.loads(stamp.read_text()) == to_dict(recipe.data)
 
 
 def _write_data(recipe: Recipe) -> None:
-    from crossdiff.config import save_json
-    from crossdiff.organism.data import write_demo_data
-
     folder = recipe.out / "data"
     if recipe.data.kind == "smollm2-lora":
         from crossdiff.organism.smollm2.data import write_data

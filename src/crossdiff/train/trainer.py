@@ -38,6 +38,7 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from crossdiff.cache.store import ReadFilters
 from crossdiff.config import from_dict, load_section, save_json, to_dict
@@ -497,8 +498,6 @@ def _adam(params: list[Tensor], lr: float, betas: tuple[float, float]) -> torch.
 
 
 def _progress_bar(total: int | None, initial: int, quiet: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
 
 
