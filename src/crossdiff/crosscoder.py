@@ -378,7 +378,7 @@ class CrossCoder(nn.Module):
     ) -> str:
         """Publish the checkpoint folder (with a model card) to the Hugging Face hub."""
         if api is None:
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi  # deferred: huggingface_hub's API takes about 0.5 s to import; only publishing needs it
 
             api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:
@@ -453,7 +453,7 @@ def _keep_topk(values: Tensor, scores: Tensor, k: int, dim: int) -> Tensor:
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: as in push_to_hub; only a hub download needs it
 
     try:
         return Path(

@@ -188,6 +188,7 @@ def gguf_folder(path: Path, role: str = "model") -> Path:
 
 
 def _convert_gguf(path: Path, out: Path, role: str) -> None:
+    # deferred: transformers imports torch; the --help of collect, train, explain, organism, run and demo imports this module
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -234,7 +235,7 @@ def _converted_folder(path: Path) -> Path:
 
 
 def _download_hub_gguf(model: str, role: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # deferred: about 0.3 s to import, as above
 
     parts = model.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
@@ -263,7 +264,7 @@ def merge_adapter(model: Any, adapter: str, role: str = "model") -> Any:
 
     Refuses in one line an adapter made for another base model: a module it adapts that
     ``model`` lacks, or a LoRA shape that does not fit the module's weight."""
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: peft imports torch and transformers, as above
 
     folder = Path(adapter).expanduser()
     if (folder / ADAPTER_WEIGHTS).is_file():

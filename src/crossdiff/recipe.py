@@ -107,6 +107,7 @@ def load_recipe(path: str | Path, *, out: str | None = None) -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str | None = None) -> Recipe:
+    # deferred: these import torch; the --help of run, demo and train imports this module
     from crossdiff.analysis.pipeline import AnalysisConfig
     from crossdiff.causal.behaviour import BehaviourConfig
     from crossdiff.collect.collector import CollectConfig
@@ -164,7 +165,7 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
 
 def _causal_table(table: Any) -> dict[str, Any]:
     """The [causal] table, checked now (unknown keys, bad values) rather than after training."""
-    from crossdiff.causal.experiment import CausalConfig
+    from crossdiff.causal.experiment import CausalConfig  # deferred: imports torch, as in recipe_from_dict
 
     if not isinstance(table, dict):
         raise CrossdiffError("[causal] must be a table of KL-experiment options")

@@ -137,6 +137,7 @@ def group_concepts(decoder: np.ndarray, maxima: np.ndarray | None, template: np.
     if len(rest) == 1:
         labels[rest] = 1
     elif len(rest) > 1:
+        # deferred: scipy is not a declared dependency (pyproject.toml); only clustering needs it, not reading or formatting findings
         from scipy.cluster.hierarchy import fcluster, linkage
         from scipy.spatial.distance import squareform
 

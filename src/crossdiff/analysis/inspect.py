@@ -102,6 +102,7 @@ class Analysis:
              before: int | None = None, after: int | None = None) -> str:
         """A latent's key numbers and its first ``n`` examples of ``kind`` ("top", "quantile",
         None = both), every active token highlighted."""
+        # deferred: imports torch, which listing and filtering latents (crossdiff inspect) do without
         from crossdiff.analysis.examples import render_example
 
         row = self.row(latent)
@@ -142,7 +143,7 @@ class Analysis:
         the largest (``max_act_on_match``), how many matching tokens were seen (``matches``) and
         on how many the latent was active (``active``). Each document token counts once per
         latent, however many of the latent's windows contain it."""
-        from crossdiff.analysis.stats import ACTIVE_THRESHOLD
+        from crossdiff.analysis.stats import ACTIVE_THRESHOLD  # deferred: imports torch, as above
 
         pattern = self._pattern(text, regex)
         totals: dict[int, list[float]] = {}
@@ -224,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
         print(summary_screen(args.analysis))
         return 0
     if args.findings:
+        # deferred: these import torch, as above
         from crossdiff.analysis.concepts import format_findings
-
         from crossdiff.analysis.table import format_summary
 
         output = AnalysisOutput(args.analysis)

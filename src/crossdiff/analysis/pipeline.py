@@ -429,7 +429,7 @@ def load_tokenizer(name_or_path: str | None) -> Any:
     if not name_or_path:
         return None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred: transformers takes seconds to import; only a named tokenizer needs it
 
         weights, _ = model_sources.resolve(name_or_path)  # a GGUF's converted folder; an adapter keeps its base's tokenizer
         # Offline, a hub name fails at once from the local cache instead of after five retries.

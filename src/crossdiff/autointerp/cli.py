@@ -47,7 +47,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossdiff.analysis.read import AnalysisOutput  # pandas: deferred so that --help stays fast
-    from crossdiff.autointerp.pipeline import explain, format_groups
+    from crossdiff.autointerp.pipeline import explain, format_groups  # deferred: imports torch, as above
 
     if bool(args.local) == bool(args.base_url or args.model):
         raise CrossdiffError("give either --local MODEL or --base-url URL with --model NAME")

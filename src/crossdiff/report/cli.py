@@ -28,6 +28,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    # deferred: imports torch and matplotlib; `crossdiff report --help` stays light
     from crossdiff.report.build import build_report, default_out
 
     if args.figures_only:

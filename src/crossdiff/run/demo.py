@@ -61,6 +61,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) the organism recipe at ``config``'s size, print the end screen (whatever
     ``quiet``, which hides progress only) and return the two analysis summaries."""
+    # deferred: these import pandas; `crossdiff demo --help` stays light
     from crossdiff.analysis.read import AnalysisOutput
     from crossdiff.analysis.screen import run_screen
 

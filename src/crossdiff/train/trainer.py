@@ -354,7 +354,7 @@ class Trainer:
     def _wandb_log(self, record: dict[str, float]) -> None:
         if self._wandb is None:
             try:
-                import wandb
+                import wandb  # deferred: optional dependency (wandb, in crossdiff[wandb])
             except ImportError:
                 raise CrossdiffError("wandb_project is set but wandb is not installed (pip install crossdiff[wandb])") from None
             wandb.init(project=self.config.wandb_project, name=self.config.wandb_run_name, config=to_dict(self.config))
