@@ -102,7 +102,7 @@ class Analysis:
              before: int | None = None, after: int | None = None) -> str:
         """A latent's key numbers and its first ``n`` examples of ``kind`` ("top", "quantile",
         None = both), every active token highlighted."""
-        # deferred: imports torch, which listing and filtering latents (crossdiff inspect) do without
+        # deferred: imports torch, which search, --summary and a listing without the context column do without
         from crossdiff.analysis.examples import render_example
 
         row = self.row(latent)
