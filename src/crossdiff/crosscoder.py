@@ -378,7 +378,7 @@ class CrossCoder(nn.Module):
     ) -> str:
         """Publish the checkpoint folder (with a model card) to the Hugging Face hub."""
         if api is None:
-            from huggingface_hub import HfApi  # deferred: huggingface_hub's API takes about 0.5 s to import; only publishing needs it
+            from huggingface_hub import HfApi  # deferred: huggingface_hub's API takes about 0.3 s to import; only publishing needs it
 
             api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:

@@ -95,7 +95,7 @@ def model_shape(name: str, recipe_models: dict[str, dict[str, Any]]) -> ModelSha
 
 def _hub_cached_config(name: str) -> dict[str, Any] | None:
     try:
-        from huggingface_hub import try_to_load_from_cache  # deferred: about 0.3 s to import; `crossdiff run --help` imports this module
+        from huggingface_hub import try_to_load_from_cache  # deferred: about 0.1 s to import; `crossdiff run --help` imports this module
 
         path = try_to_load_from_cache(name, "config.json")
     except Exception:  # not a repo id, or no hub library: fall through to the tables
