@@ -1,5 +1,6 @@
-"""The package's shape, kept by tests: no import circles, renames only in files.py, and every
-command that writes a folder takes its output lock (docs/architecture.md)."""
+"""The package's shape, kept by tests: no import circles, renames only in files.py, every
+command that writes a folder takes its output lock, every function-local import says why it
+is local, and no function is longer than 60 lines (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,65 @@ def test_every_command_that_writes_takes_the_output_lock():
 def test_every_command_module_defines_add_cli():
     for module, _ in COMMANDS.values():
         assert callable(importlib.import_module(module).add_cli)
+
+
+def _functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def unexplained_local_imports(source: str) -> list[int]:
+    """Lines of the function-local imports in ``source`` that say nothing of why they are local:
+    no ``#`` comment on their own lines or the line directly above, nor (in a run of imports)
+    directly below an import that has one."""
+    lines = source.splitlines()
+    explained: dict[int, bool] = {}
+    for function in _functions(ast.parse(source)):
+        for block in ast.walk(function):
+            for field in ("body", "orelse", "finalbody"):
+                statements = getattr(block, field, None)
+                previous = None
+                for statement in statements if isinstance(statements, list) else []:
+                    if isinstance(statement, (ast.Import, ast.ImportFrom)) and statement.lineno not in explained:
+                        explained[statement.lineno] = (
+                            any("#" in line for line in lines[statement.lineno - 1:statement.end_lineno])
+                            or lines[statement.lineno - 2].lstrip().startswith("#")
+                            or (isinstance(previous, (ast.Import, ast.ImportFrom)) and explained[previous.lineno]
+                                and previous.end_lineno == statement.lineno - 1))
+                    previous = statement
+    return sorted(line for line, ok in explained.items() if not ok)
+
+
+def test_every_function_local_import_says_why():
+    """A function-local import defers something heavy or optional, or breaks a circle; the comment
+    says which (docs/architecture.md). Anything else belongs at the top of the module."""
+    unexplained = [f"{path.relative_to(ROOT)}:{line}" for path in sorted(ROOT.rglob("*.py"))
+                   for line in unexplained_local_imports(path.read_text())]
+    assert unexplained == []
+
+
+def test_the_local_import_check_finds_an_unexplained_import():
+    source = '''
+import os
+
+
+def f():
+    import json  # deferred: a reason
+    import re
+
+    import sys
+    # deferred: a reason
+    from pathlib import Path
+    if os:
+        import csv
+
+        def g():
+            import io
+'''
+    assert unexplained_local_imports(source) == [9, 13, 16]
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for path in sorted(ROOT.rglob("*.py")) for node in _functions(ast.parse(path.read_text()))
+            if node.end_lineno - node.lineno + 1 > 60]
+    assert long == []

@@ -13,7 +13,7 @@ __all__ = ["CrossdiffError", "__version__"]
 
 def __getattr__(name):  # lazy, so `import crossdiff` stays cheap for the CLI
     if name == "CrossCoder":
-        from crossdiff.crosscoder import CrossCoder
+        from crossdiff.crosscoder import CrossCoder  # deferred: imports torch
 
         return CrossCoder
     raise AttributeError(name)

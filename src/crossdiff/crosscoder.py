@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -377,7 +378,7 @@ class CrossCoder(nn.Module):
     ) -> str:
         """Publish the checkpoint folder (with a model card) to the Hugging Face hub."""
         if api is None:
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi  # deferred: huggingface_hub's API takes about 0.3 s to import; only publishing needs it
 
             api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:
@@ -432,8 +433,6 @@ def _has_native_weights(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             return "W_enc" in f.keys()
     except Exception:  # unreadable: the importer will say so
@@ -454,7 +453,7 @@ def _keep_topk(values: Tensor, scores: Tensor, k: int, dim: int) -> Tensor:
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: as in push_to_hub; only a hub download needs it
 
     try:
         return Path(

@@ -200,7 +200,7 @@ def load_tensors(path: Path) -> Any:
     Checkpoints and training states travel between machines and people; a pickle that names
     any other Python object could run code while it loads, so it is refused in one line,
     as is a file that is damaged or not PyTorch's."""
-    import torch
+    import torch  # deferred: CLI modules import this module, and their --help must not load torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from crossdiff.errors import CrossdiffError, first_line
@@ -187,8 +188,6 @@ def _config_float(config: dict[str, Any], key: str, default: float) -> float:
 
 def _read_state_dict(file: Path) -> dict[str, Tensor]:
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(file))
         except PermissionError:

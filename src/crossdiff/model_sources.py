@@ -35,8 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from crossdiff.errors import CrossdiffError, first_line
 from crossdiff.files import begin_staging, commit_staging, sha256_file
+from crossdiff.hub import offline
 
 ADAPTER_SEPARATOR = "::"
 SMOLLM2 = "smollm2"
@@ -185,6 +188,7 @@ def gguf_folder(path: Path, role: str = "model") -> Path:
 
 
 def _convert_gguf(path: Path, out: Path, role: str) -> None:
+    # deferred: transformers imports torch; the --help of collect, train, explain, organism, run and demo imports this module
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -231,9 +235,7 @@ def _converted_folder(path: Path) -> Path:
 
 
 def _download_hub_gguf(model: str, role: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    from crossdiff.hub import offline
+    from huggingface_hub import hf_hub_download  # deferred: about 0.1 s to import, on the same --help paths
 
     parts = model.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
@@ -262,7 +264,7 @@ def merge_adapter(model: Any, adapter: str, role: str = "model") -> Any:
 
     Refuses in one line an adapter made for another base model: a module it adapts that
     ``model`` lacks, or a LoRA shape that does not fit the module's weight."""
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: peft imports torch and transformers, as above
 
     folder = Path(adapter).expanduser()
     if (folder / ADAPTER_WEIGHTS).is_file():
@@ -276,8 +278,6 @@ def merge_adapter(model: Any, adapter: str, role: str = "model") -> Any:
 
 def check_adapter_fits(model: Any, folder: Path, role: str = "model") -> None:
     """Compare the adapter's LoRA matrices with ``model``'s linear layers, before peft touches it."""
-    from safetensors import safe_open
-
     modules = dict(model.named_modules())
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}

@@ -335,6 +335,7 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 
 def _load_config(name: str, role: str) -> Any:
+    # deferred: transformers takes seconds to import; the report imports this module (through analysis.concepts) and loads no model
     from transformers import AutoConfig
 
     problem = model_sources.missing_path_problem(name, f"{role} model")
@@ -347,7 +348,7 @@ def _load_config(name: str, role: str) -> Any:
 
 
 def _load_tokenizer(name: str, role: str) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: as in _load_config
 
     problem = model_sources.missing_path_problem(name, f"{role} tokenizer")
     if problem:
@@ -371,6 +372,7 @@ def load_model(
 
     Remote code never runs: ``trust_remote_code`` stays False (as for every config and
     tokenizer crossdiff loads), so a model that ships its own code is refused in one line."""
+    # deferred: as in _load_config
     import transformers
     from transformers import AutoModelForCausalLM
 

@@ -30,8 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from crossdiff.causal.planted import PlantedSteerConfig
 from crossdiff.config import from_dict, load_file, merge
 from crossdiff.errors import CrossdiffError
+from crossdiff.organism import WEIGHTS_DIR
+from crossdiff.organism.smollm2 import ADAPTER_DIR
 
 TABLES = ("run", "data", "behaviour", "collect", "stream", "train", "crosscoders", "analyze", "causal", "steer", "models")
 # Set by the runner for each crosscoder, never by the recipe's [causal] table.
@@ -104,9 +107,9 @@ def load_recipe(path: str | Path, *, out: str | None = None) -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str | None = None) -> Recipe:
+    # deferred: these import torch; the --help of run, demo and train imports this module
     from crossdiff.analysis.pipeline import AnalysisConfig
     from crossdiff.causal.behaviour import BehaviourConfig
-    from crossdiff.causal.planted import PlantedSteerConfig
     from crossdiff.collect.collector import CollectConfig
     from crossdiff.train.stream import StreamConfig
     from crossdiff.train.trainer import TrainConfig
@@ -162,7 +165,7 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe", out: str |
 
 def _causal_table(table: Any) -> dict[str, Any]:
     """The [causal] table, checked now (unknown keys, bad values) rather than after training."""
-    from crossdiff.causal.experiment import CausalConfig
+    from crossdiff.causal.experiment import CausalConfig  # deferred: imports torch, as in recipe_from_dict
 
     if not isinstance(table, dict):
         raise CrossdiffError("[causal] must be a table of KL-experiment options")
@@ -175,8 +178,7 @@ def _causal_table(table: Any) -> dict[str, Any]:
 
 def _organism_root(data: dict[str, Any]) -> str:
     if "{organism}" not in repr(data):
-        return "{organism}"  # left as is: importing the organism is not needed
-    from crossdiff.organism import WEIGHTS_DIR
+        return "{organism}"  # no placeholder: left as is
 
     return str(WEIGHTS_DIR)
 
@@ -184,7 +186,6 @@ def _organism_root(data: dict[str, Any]) -> str:
 def _smollm2_lora_root(data: dict[str, Any]) -> str:
     if "{smollm2_lora}" not in repr(data):
         return "{smollm2_lora}"
-    from crossdiff.organism.smollm2 import ADAPTER_DIR
 
     return str(ADAPTER_DIR.parent)
 

@@ -151,7 +151,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
 def _render(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]]:
     """``(rendered text, messages actually rendered)``: the latter differ after a system merge."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError  # deferred: jinja2 is not a declared dependency; only chat templates (through transformers) use it
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False), messages
@@ -449,7 +449,7 @@ def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
 
 
 def _read_parquet(file: Path, source: TextSourceConfig) -> Iterator[Any]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: pyarrow, as numpy in _template_mask
 
     parquet = pq.ParquetFile(file)
     if source.column not in parquet.schema_arrow.names:
@@ -463,7 +463,7 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 
 def _read_hf_dataset(source: TextSourceConfig) -> Iterator[Any]:
-    import datasets
+    import datasets  # deferred: datasets imports pandas and pyarrow, as numpy in _template_mask
 
     where = f"dataset {source.path!r}"
     try:

@@ -24,15 +24,19 @@ format, ``latent`` naming the position, ``pos 2``, or the control, ``random 0``)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from crossdiff.analysis.config import ADLConfig  # noqa: F401 (re-exported)
+from crossdiff.causal.conversations import end_of_turn_ids, load_prompts
+from crossdiff.causal.steer import format_match_counts, generate_steered
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_atomic, write_text_atomic
 from crossdiff.locks import output_lock
+from crossdiff.models import ResidualExtractor, load_model_pair
 from crossdiff.terminal import printable
 
 FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm")
@@ -42,8 +46,6 @@ FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "model.final_layernorm", "
 def mean_differences(pair: Any, layer: int, documents: list[list[int]], k: int, batch_size: int = 64) -> tuple[torch.Tensor, float]:
     """[k, d] float64 mean of h_chat - h_base per position over ``documents`` (token id lists of
     at least k tokens, cut to k), and the chat model's mean residual norm over positions 1..k-1."""
-    from crossdiff.models import ResidualExtractor
-
     docs = [doc[:k] for doc in documents if len(doc) >= k]
     if not docs:
         raise CrossdiffError(f"no document has {k} tokens: lower --positions or give longer texts")
@@ -85,10 +87,6 @@ def logit_lens(model: Any, tokenizer: Any, vector: torch.Tensor, top: int) -> li
 
 
 def run_adl(config: ADLConfig, *, pair: Any = None, quiet: bool = False) -> dict[str, Any]:
-    from crossdiff.causal.conversations import end_of_turn_ids, load_prompts
-    from crossdiff.causal.steer import format_match_counts, generate_steered
-    from crossdiff.models import load_model_pair
-
     if pair is None:
         pair = load_model_pair(config.base, config.chat, dtype=config.model_dtype, device=config.device)
     texts = load_prompts(config.texts, column="text", limit=config.max_docs)
@@ -119,7 +117,6 @@ def run_adl(config: ADLConfig, *, pair: Any = None, quiet: bool = False) -> dict
     for i in range(config.controls):
         direction = torch.randn(deltas.shape[1], generator=generator, dtype=torch.float64)
         vectors.append((f"random {i}", True, direction / direction.norm() * mean_norm))
-    import re
 
     pattern = re.compile(config.expect) if config.expect is not None else None
     shows = (lambda text: bool(pattern.search(text))) if pattern else (lambda text: None)

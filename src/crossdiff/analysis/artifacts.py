@@ -29,6 +29,7 @@ import torch
 
 from crossdiff.analysis.pipeline import AnalysisConfig, TensorSource, analyze
 from crossdiff.synthetic import SyntheticConfig, SyntheticPair
+from crossdiff.train.trainer import TrainConfig, Trainer
 
 
 @dataclass
@@ -50,8 +51,6 @@ class ArtifactExperiment:
 def compare_sparsity(experiment: ArtifactExperiment | None = None, *, work_dir: str | Path | None = None,
                      quiet: bool = True) -> pd.DataFrame:
     """One row per crosscoder (``relu`` = L1, ``batchtopk``) with the chat-only verdicts."""
-    from crossdiff.train.trainer import TrainConfig, Trainer
-
     e = experiment or ArtifactExperiment()
     pair = SyntheticPair(e.synthetic)
     eval_acts = pair.sample(e.eval_tokens, torch.Generator().manual_seed(e.seed + 12345)).acts

@@ -37,6 +37,7 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: these import torch and pandas; `crossdiff analyze --help` stays light
     from crossdiff.analysis.pipeline import analyze, load_tokenizer
     from crossdiff.analysis.read import AnalysisOutput
     from crossdiff.analysis.screen import end_screen
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open_cache(path: str):
-    from crossdiff.cache.store import PairedCache
+    from crossdiff.cache.store import PairedCache  # deferred: imports torch, as above
 
     return PairedCache(path)
 

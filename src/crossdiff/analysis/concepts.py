@@ -43,8 +43,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from crossdiff.analysis.lens import latent_lens
+from crossdiff.analysis.pipeline import top_context
 from crossdiff.analysis.read import FINDINGS, read_findings  # noqa: F401 (read_findings: re-exported for the report)
+from crossdiff.causal.conversations import tokenize_conversation
 from crossdiff.files import write_json_atomic
+from crossdiff.models import ResidualExtractor, context_length, pad_batch
 from crossdiff.terminal import printable
 
 REJECTED = ("complete shrinkage", "latent decoupling", "shrinkage+decoupling")
@@ -75,9 +79,6 @@ def conversation_activations(crosscoder: Any, pair: Any, layer: int, conversatio
                              latents: Sequence[int], *, batch_size: int = 4) -> np.ndarray:
     """Largest (scaled) activation of each of ``latents`` in each conversation, BOS left out:
     [conversations, latents]."""
-    from crossdiff.causal.conversations import tokenize_conversation
-    from crossdiff.models import ResidualExtractor, context_length, pad_batch
-
     extractor = ResidualExtractor(pair, layer)
     limit = context_length(pair.base, pair.chat) or 10**9
     tokenized = [tokenize_conversation(pair.tokenizer, c, i, limit) for i, c in enumerate(conversations)]
@@ -136,6 +137,7 @@ def group_concepts(decoder: np.ndarray, maxima: np.ndarray | None, template: np.
     if len(rest) == 1:
         labels[rest] = 1
     elif len(rest) > 1:
+        # deferred: scipy is not a declared dependency (pyproject.toml); only clustering needs it, not reading or formatting findings
         from scipy.cluster.hierarchy import fcluster, linkage
         from scipy.spatial.distance import squareform
 
@@ -157,8 +159,6 @@ def find_concepts(crosscoder: Any, table: pd.DataFrame, *, pair: Any = None, lay
                   behaviour: tuple[list[dict[str, Any]], dict[str, Any]] | None = None, examples: Path | None = None,
                   config: FindingsConfig | None = None) -> dict[str, Any]:
     """findings.json's content: ranked latents with their evidence, and concepts."""
-    from crossdiff.analysis.lens import latent_lens
-
     config = config or FindingsConfig()
     live = table[~table["dead"].to_numpy()]
     pool = live.sort_values("dnorm", ascending=False, kind="stable").head(config.pool)["latent"].to_numpy()
@@ -246,7 +246,6 @@ def format_findings(findings: dict[str, Any], name: str = "", *, concepts: int =
 def _contexts(examples: Path | None):
     if examples is None or not Path(examples).is_file():
         return lambda latent: None
-    from crossdiff.analysis.pipeline import top_context
 
     return top_context(Path(examples))
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from crossdiff.analysis.read import EXAMPLES, AnalysisOutput
+from crossdiff.analysis.screen import summary_screen
 from crossdiff.errors import CrossdiffError
 from crossdiff.terminal import printable, quoted
 
@@ -99,6 +102,7 @@ class Analysis:
              before: int | None = None, after: int | None = None) -> str:
         """A latent's key numbers and its first ``n`` examples of ``kind`` ("top", "quantile",
         None = both), every active token highlighted."""
+        # deferred: imports torch, which search, --summary and a listing without the context column do without
         from crossdiff.analysis.examples import render_example
 
         row = self.row(latent)
@@ -139,7 +143,7 @@ class Analysis:
         the largest (``max_act_on_match``), how many matching tokens were seen (``matches``) and
         on how many the latent was active (``active``). Each document token counts once per
         latent, however many of the latent's windows contain it."""
-        from crossdiff.analysis.stats import ACTIVE_THRESHOLD
+        from crossdiff.analysis.stats import ACTIVE_THRESHOLD  # deferred: imports torch, as above
 
         pattern = self._pattern(text, regex)
         totals: dict[int, list[float]] = {}
@@ -164,9 +168,6 @@ class Analysis:
 
     # ------------------------------------------------------------------ internals
     def _db(self):
-        import sqlite3
-        from contextlib import closing
-
         return closing(sqlite3.connect(self.output.require_examples()))
 
     @staticmethod
@@ -221,13 +222,11 @@ def _fmt(value: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.summary:
-        from crossdiff.analysis.screen import summary_screen
-
         print(summary_screen(args.analysis))
         return 0
     if args.findings:
+        # deferred: these import torch, as above
         from crossdiff.analysis.concepts import format_findings
-
         from crossdiff.analysis.table import format_summary
 
         output = AnalysisOutput(args.analysis)

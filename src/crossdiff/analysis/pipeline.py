@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crossdiff import model_sources
 from crossdiff.analysis.config import AnalysisConfig, ScalingThresholds, TagThresholds  # noqa: F401 (re-exported)
 from crossdiff.analysis.examples import (
     ContextCollector,
@@ -50,6 +51,7 @@ from crossdiff.cache.store import LeftOut, ReadFilters, recorded_filter
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import begin_staging, commit_staging, is_disk_full, write_error
+from crossdiff.hub import local_only
 from crossdiff.locks import output_lock
 from crossdiff.devices import resolve_device
 
@@ -427,10 +429,7 @@ def load_tokenizer(name_or_path: str | None) -> Any:
     if not name_or_path:
         return None
     try:
-        from transformers import AutoTokenizer
-
-        from crossdiff import model_sources
-        from crossdiff.hub import local_only
+        from transformers import AutoTokenizer  # deferred: transformers takes seconds to import; only a named tokenizer needs it
 
         weights, _ = model_sources.resolve(name_or_path)  # a GGUF's converted folder; an adapter keeps its base's tokenizer
         # Offline, a hub name fails at once from the local cache instead of after five retries.

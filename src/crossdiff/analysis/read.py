@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.terminal import quoted
 
 TABLE, SUMMARY, EXAMPLES, TWINS = "latents.parquet", "summary.json", "examples.sqlite", "twins.parquet"
 FINDINGS = "findings.json"
@@ -57,7 +58,7 @@ class AnalysisOutput:
     def table(self, *, explanations: bool = True, required: tuple[str, ...] = ()) -> pd.DataFrame:
         """latents.parquet in latent order (row i is latent i), with autointerp's columns when
         ``explanations`` and explain has run; refused when a ``required`` column is missing."""
-        from crossdiff.analysis.table import join_explanations
+        from crossdiff.analysis.table import join_explanations  # deferred: imports torch; reading an analysis needs only pandas
 
         path = self.folder / TABLE
         if not path.is_file():
@@ -230,8 +231,7 @@ def run_outputs(path: str | Path) -> list[AnalysisOutput]:
 def top_context(store: Any, latent: int, *, before: int = 12, after: int = 3) -> str | None:
     """The max-activating example of ``latent`` in an open ExampleStore: ``before`` and ``after``
     tokens around its token, which is in [brackets]; quoted and escaped; None if it has none."""
-    from crossdiff.analysis.examples import render_example
-    from crossdiff.terminal import quoted
+    from crossdiff.analysis.examples import render_example  # deferred: imports torch, like ExampleStore above
 
     top = store.examples(latent, "top")
     return quoted(render_example(top[0], before=before, after=after)) if top else None

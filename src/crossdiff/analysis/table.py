@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 
 from crossdiff.files import jsonable
+from crossdiff.analysis.findings import format_findings
 from crossdiff.analysis.norms import TAGS, DecoderGeometry
 from crossdiff.analysis.scaling import LatentScalingResult, ScalingFlags, ScalingThresholds
 from crossdiff.analysis.verdicts import decided, rank_sum, verdicts
 from crossdiff.analysis.stats import LatentStats
+from crossdiff.cache.store import LeftOut
 
 ORIENTATION = "dnorm = 0.5 * ((|d_chat| - |d_base|) / max(|d_chat|, |d_base|) + 1): 1 = chat-only, 0 = base-only, 0.5 = equal"
 
@@ -221,12 +223,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"L0 {quality['l0']:.1f} on {summary.get('n_tokens', 0):,} tokens"
         )
     if summary.get("left_out"):
-        from crossdiff.cache.store import LeftOut
-
         lines.append(LeftOut.from_dict(summary["left_out"]).line())
     if summary.get("findings"):
-        from crossdiff.analysis.findings import format_findings
-
         lines.append(format_findings(summary["findings"]))
     lines.append(
         f"paper's flags (overlapping): chat-only latents: {co['total']} (dnorm > 0.9); Latent Scaling confirms {co['chat_specific']} as chat-specific, "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from crossdiff.autointerp.clients import HttpClient, LocalClient, local_model_id
 from crossdiff.autointerp.config import ExplainConfig
+from crossdiff.autointerp.response_cache import CachedClient, ResponseCache
 from crossdiff.cli_config import add_config_flags, config_data
 from crossdiff.config import from_dict
 from crossdiff.devices import DEFAULT_DEVICE, DEVICE_HELP
@@ -45,9 +47,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossdiff.analysis.read import AnalysisOutput  # pandas: deferred so that --help stays fast
-    from crossdiff.autointerp.clients import HttpClient, LocalClient, local_model_id
-    from crossdiff.autointerp.pipeline import explain, format_groups
-    from crossdiff.autointerp.response_cache import CachedClient, ResponseCache
+    from crossdiff.autointerp.pipeline import explain, format_groups  # deferred: imports torch, as above
 
     if bool(args.local) == bool(args.base_url or args.model):
         raise CrossdiffError("give either --local MODEL or --base-url URL with --model NAME")

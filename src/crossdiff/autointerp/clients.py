@@ -195,9 +195,10 @@ class LocalClient:
     max_concurrency = 1
 
     def __init__(self, spec: str, *, device: str = DEFAULT_DEVICE, model_id: str | None = None):
+        # deferred: torch, for the local model only; HttpClient and `crossdiff explain --help` do without
         import torch
 
-        from crossdiff.models import load_model, load_tokenizer_of
+        from crossdiff.models import load_model, load_tokenizer_of  # deferred: imports torch, as above
 
         self.model_id = model_id or local_model_id(spec)
         try:
@@ -334,9 +335,10 @@ class LocalClient:
     max_concurrency = 1
 
     def __init__(self, spec: str, *, device: str = DEFAULT_DEVICE, model_id: str | None = None):
+        # deferred: torch, for the local model only; HttpClient and `crossdiff explain --help` do without
         import torch
 
-        from crossdiff.models import load_model, load_tokenizer_of
+        from crossdiff.models import load_model, load_tokenizer_of  # deferred: imports torch, as above
 
         self.model_id = model_id or local_model_id(spec)
         try:
@@ -367,7 +369,7 @@ class LocalClient:
         return Path(folder)
 
     def complete(self, request: ChatRequest) -> Completion:
-        import torch
+        import torch  # deferred: as in __init__
 
         if request.temperature != 0:
             raise CrossdiffError("the local client decodes greedily; use temperature 0")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from crossdiff.analysis.read import AnalysisOutput
 from crossdiff.analysis.table import EXPLANATIONS_FILE
@@ -220,7 +221,6 @@ class _Runner:
 
     def map(self, fn, items: list, what: str) -> list:
         workers = max(1, min(self.client.max_concurrency, self.scorer.max_concurrency, len(items) or 1))
-        from tqdm.auto import tqdm
 
         with ThreadPoolExecutor(workers) as pool:
             # pool.map keeps the input order; the first error propagates (the cache keeps the rest).

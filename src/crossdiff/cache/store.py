@@ -38,6 +38,7 @@ import torch
 
 from crossdiff.cache.batch import CacheBatch, concat_batches  # noqa: F401 (re-exported)
 from crossdiff.cache.filters import DEFAULT_MAX_NORM_RATIO, FIRST_POSITION, ReadFilters, recorded_filter  # noqa: F401 (re-exported)
+from crossdiff.config import from_dict
 from crossdiff.errors import CrossdiffError, first_line
 from crossdiff.files import (
     fsync_dir,
@@ -119,8 +120,6 @@ class LeftOut:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LeftOut:
         """Back from :meth:`to_dict` (a summary.json entry)."""
-        from crossdiff.config import from_dict
-
         out = cls(from_dict(ReadFilters, data["filter"], "filter") if data.get("filter") is not None else None)
         out.seen, out.by_reason = int(data["tokens_seen"]), dict(data["by_reason"])
         out.by_position = {int(p): n for p, n in data["by_position"].items()}

@@ -118,7 +118,8 @@ def generate_with_latents(pair: Any, conditions: Conditions, layer: int, prompt:
 def _kv_cache(model: Any) -> dict[str, Any]:
     """An empty KV cache as the keyword the model's forward takes (``cache`` in transformers 5.x,
     ``past_key_values`` before)."""
-    from transformers import DynamicCache  # deferred like every transformers import: `--help` must stay fast
+    # deferred: transformers takes seconds to import, and causal.steer (so the report) imports this module
+    from transformers import DynamicCache
 
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: DynamicCache()}

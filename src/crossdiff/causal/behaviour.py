@@ -30,10 +30,15 @@ import torch
 from crossdiff.analysis.read import BEHAVIOUR_ROWS as ROWS, BEHAVIOUR_SUMMARY as SUMMARY
 from crossdiff.analysis.read import read_behaviour  # noqa: F401 (re-exported: the report and the CLI read it from here)
 from crossdiff.causal.config import BehaviourConfig
+from crossdiff.causal.conversations import answer_prompts, load_prompts, prediction_masks, source_prompts, tokenize_conversation
+from crossdiff.causal.kl import kl_per_token, weighted_mean_ci
+from crossdiff.config import to_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic, write_text_atomic
 from crossdiff.locks import output_lock
+from crossdiff.models import context_length, load_model_pair, pad_batch
 from crossdiff.terminal import printable
+from crossdiff.texts import TextSourceConfig, iter_column
 
 HISTOGRAM_BINS = 20
 
@@ -41,9 +46,6 @@ HISTOGRAM_BINS = 20
 def load_prompt_set(config: BehaviourConfig, sources: Sequence[Any] = ()) -> tuple[list[str], list[str | None], str]:
     """``(prompts, groups, where)``: the configured prompts, or the first user turns of the first
     chat/answers source among ``sources``; blank prompts dropped; one line when none is left."""
-    from crossdiff.causal.conversations import load_prompts, source_prompts
-    from crossdiff.texts import TextSourceConfig, iter_column
-
     if config.prompts is not None:
         prompts, where = load_prompts(config.prompts, column=config.column, limit=config.limit), config.prompts
         groups: list[Any] = [None] * len(prompts)
@@ -72,9 +74,6 @@ def load_prompt_set(config: BehaviourConfig, sources: Sequence[Any] = ()) -> tup
 def behaviour_diff(pair: Any, prompts: Sequence[str], groups: Sequence[str | None] | None = None, *,
                    max_new_tokens: int = 64, batch_size: int = 8) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Both models' greedy answers and the KL per prompt: ``(rows ranked by KL, summary)``."""
-    from crossdiff.causal.conversations import answer_prompts
-    from crossdiff.models import context_length
-
     groups = list(groups) if groups is not None else [None] * len(prompts)
     context = context_length(pair.base, pair.chat)
     answers = {}
@@ -95,10 +94,6 @@ def behaviour_diff(pair: Any, prompts: Sequence[str], groups: Sequence[str | Non
 def answer_kl(pair: Any, conversations: Sequence[list[dict[str, str]]], *, batch_size: int, max_len: int | None) -> list[dict[str, Any]]:
     """Per conversation: KL(p_chat || p_base) summed and averaged over the positions that predict
     assistant tokens, their number, and the KL at the first of them."""
-    from crossdiff.causal.conversations import prediction_masks, tokenize_conversation
-    from crossdiff.causal.kl import kl_per_token
-    from crossdiff.models import pad_batch
-
     tokenized = [tokenize_conversation(pair.tokenizer, c, i, max_len or 10**9) for i, c in enumerate(conversations)]
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     results = []
@@ -128,8 +123,6 @@ def answer_kl(pair: Any, conversations: Sequence[list[dict[str, str]]], *, batch
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Headline numbers, the histogram of per-prompt KL and the per-group means (with 95% intervals)."""
-    from crossdiff.causal.kl import weighted_mean_ci
-
     means = np.array([r["kl_mean"] for r in rows])
     mean, low, high = weighted_mean_ci(np.array([r["kl_sum"] for r in rows]), np.array([r["n_tokens"] for r in rows]))
     counts, edges = np.histogram(means, bins=HISTOGRAM_BINS, range=(0.0, float(means.max()) or 1.0))
@@ -176,12 +169,8 @@ def format_behaviour(rows: list[dict[str, Any]], summary: dict[str, Any], where:
 def run_behaviour(config: BehaviourConfig, out: Path, *, base: str, chat: str, sources: Sequence[Any] = (), pair: Any = None,
                   quiet: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Load the prompts (and the models, unless given), compute the diff and write both files."""
-    from crossdiff.config import to_dict
-
     prompts, groups, where = load_prompt_set(config, sources)
     if pair is None:
-        from crossdiff.models import load_model_pair
-
         pair = load_model_pair(base, chat, dtype=config.model_dtype, device=config.device)
     rows, summary = behaviour_diff(pair, prompts, groups, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     summary = {**summary, "settings": {**to_dict(config), "base": str(base), "chat": str(chat), "prompt_set": where}}

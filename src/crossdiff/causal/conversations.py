@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.models import context_length
 from crossdiff.texts import TextSourceConfig, iter_column, normalize_messages, tokenize_chat_turns
 
 
@@ -135,8 +136,6 @@ def answer_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
 
     ``max_len`` (default: the model's max_position_embeddings) caps prompt plus answer: a
     batch's answers stop where its longest prompt would run past it."""
-    from crossdiff.models import context_length
-
     stop = end_of_turn_ids(tokenizer, model)
     device = next(model.parameters()).device
     max_len = max_len if max_len is not None else context_length(model)

@@ -36,6 +36,7 @@ from crossdiff.causal.config import CausalConfig
 from crossdiff.causal.conditions import Conditions, LatentSet, candidate_pool, paper_sets, user_set
 from crossdiff.causal.conversations import Conversation, answer_prompts, load_conversations, load_prompts, prediction_masks, tokenize_conversation
 from crossdiff.causal.kl import KLAccumulator, kl_per_token
+from crossdiff.causal.plot import plot_kl
 from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_path
 from crossdiff.causal.upper import SplitModel
 from crossdiff.crosscoder import CrossCoder
@@ -315,8 +316,6 @@ def _kl(table: pd.DataFrame, condition: str, form: str | None, subset: str) -> f
 
 
 def write_outputs(out: Path, kl_table: pd.DataFrame, summary: dict[str, Any], others: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
-    from crossdiff.causal.plot import plot_kl
-
     out.mkdir(parents=True, exist_ok=True)
     files = {key: out / name for key, name in OUTPUT_FILES.items()}
     write_atomic(files["kl"], lambda tmp: kl_table.to_parquet(tmp, index=False))

@@ -109,6 +109,7 @@ def steerable(truth: Truth, source: str, pick: str = "anticipation") -> list[Beh
 def steer_planted(crosscoder_dir: str | Path, analysis_dir: str | Path, out: str | Path, config: PlantedSteerConfig,
                   pair: Any) -> dict[str, Any]:
     """Run the stage for one crosscoder; returns (and writes) the summary."""
+    # deferred: these import torch; the recipe, so `crossdiff run --help`, imports this module for PlantedSteerConfig
     from crossdiff.causal.experiment import read_analysis
     from crossdiff.causal.steer import SteerConfig, match_counts, run_steer
     from crossdiff.crosscoder import CrossCoder
@@ -163,7 +164,7 @@ def _pick(config: PlantedSteerConfig, behaviour: Behaviour, truth: Truth, crossc
     if config.pick == "attribution":
         return attributed_latents(crosscoder, table, pair, behaviour, max_new_tokens=config.max_new_tokens), "attribution", \
             "raises the likelihood of the chat's answers to its contrast prompts"
-    from crossdiff.causal.steer import answer_start_contrast
+    from crossdiff.causal.steer import answer_start_contrast  # deferred: imports torch, as in steer_planted
 
     candidates = table[~table["dead"] & (table["dnorm"] >= config.min_dnorm) & (table["max_act"] > 0)]
     found = answer_start_contrast(crosscoder, pair, behaviour.contrast_prompts, truth.ordinary_prompts)
@@ -173,6 +174,7 @@ def _pick(config: PlantedSteerConfig, behaviour: Behaviour, truth: Truth, crossc
 def attributed_latents(crosscoder: Any, table: Any, pair: Any, behaviour: Behaviour, *, max_new_tokens: int) -> Any:
     """Live latents with a positive attribution to the chat's own answers to the behaviour's
     contrast prompts (crossdiff.causal.activation_steer), largest first: latent, attribution, dnorm."""
+    # deferred: these import torch, as in steer_planted
     from crossdiff.causal.activation_steer import latent_attribution
     from crossdiff.causal.conditions import Conditions
     from crossdiff.causal.conversations import end_of_turn_ids
@@ -191,10 +193,10 @@ def ceiling_answers(pair: Any, layer: int, prompts: list[str], max_new_tokens: i
     """The base's greedy answers to ``prompts`` when its blocks after ``layer`` run on the chat
     model's residual there: one token at a time, each step re-running the chat's lower half on
     the whole sequence (no cache to get wrong; the prompts are few and short)."""
-    import torch  # deferred: the recipe reads this module's config without loading torch
+    import torch  # deferred: the recipe (and `crossdiff run --help`) imports this module's config without torch
 
-    from crossdiff.causal.conversations import end_of_turn_ids
-    from crossdiff.causal.conversations import user_prompt_ids
+    # deferred: these import torch, as in steer_planted
+    from crossdiff.causal.conversations import end_of_turn_ids, user_prompt_ids
     from crossdiff.causal.upper import SplitModel
 
     base, chat = SplitModel(pair.base, layer), SplitModel(pair.chat, layer)
@@ -220,9 +222,10 @@ def anticipating_latents(analysis_dir: Path, table: Any, behaviour: Behaviour, *
     """The latents that anticipate ``behaviour``, best first: among the ``search`` most
     chat-leaning live latents, those for which at least ``min_share`` of the top examples
     are followed by the behaviour's words; a table of latent, share (of examples) and dnorm."""
+    # deferred: pandas; the recipe imports this module, as in steer_planted
     import pandas as pd
 
-    from crossdiff.analysis.read import AnalysisOutput
+    from crossdiff.analysis.read import AnalysisOutput  # deferred: imports pandas, as above
 
     live = table[~table["dead"] & table["dnorm"].notna() & (table["max_act"] > 0)]
     live = live.sort_values(["dnorm", "latent"], ascending=[False, True]).head(search)

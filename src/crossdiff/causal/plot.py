@@ -14,10 +14,11 @@ FORM_COLOURS = {None: "#555555", "replace": "#1f77b4", "add": "#ff7f0e"}
 
 def plot_kl(tables: dict[str, pd.DataFrame], path: str | Path, *, k_first: int = 10, format: str | None = None) -> Path:
     """Write the figure for ``{crosscoder name: kl table}`` to ``path`` (``format``, or the suffix's)."""
+    # deferred: matplotlib (about a second) and its Agg backend only when a figure is drawn; causal.experiment imports this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as above, after the backend is chosen
 
     subsets = ["all", "first_k", "rest"]
     n_rows = len(tables)

@@ -26,15 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from crossdiff.causal.conditions import user_set
-from crossdiff.causal.conversations import user_prompt_ids
+from crossdiff.causal.activation_steer import generate_with_latents
+from crossdiff.causal.conditions import Conditions, user_set
 from crossdiff.causal.config import DEFAULT_FACTORS, SteerConfig  # noqa: F401 (re-exported)
+from crossdiff.causal.conversations import end_of_turn_ids, load_prompts, user_prompt_ids
+from crossdiff.causal.experiment import read_analysis, resolve_layer, resolve_models
+from crossdiff.crosscoder import CrossCoder
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_text_atomic
 from crossdiff.locks import output_lock
+from crossdiff.models import ResidualExtractor, decoder_layers, load_model_pair
 from crossdiff.terminal import printable, quoted
+
 
 def steering_vector(crosscoder: Any, table: Any, latents: np.ndarray) -> torch.Tensor:
     """Sum of unit chat decoder directions x max activation, in the chat model's space [d]."""
@@ -62,10 +68,6 @@ def answer_start_contrast(crosscoder: Any, pair: Any, prompts: list[str], others
     ``prompts`` (``mean``), on ``others`` (``mean_others``) and their difference
     (``contrast``), largest contrast first: a way to find the latents of a behaviour to steer.
     """
-    import pandas as pd
-
-    from crossdiff.models import ResidualExtractor
-
     layer = crosscoder.config.layer if layer is None else layer
     if layer is None:
         raise CrossdiffError("the crosscoder does not record its layer; give layer=")
@@ -94,8 +96,6 @@ def answer_start_contrast(crosscoder: Any, pair: Any, prompts: list[str], others
 def generate_steered(model: Any, tokenizer: Any, layer: int, prompt: str, vector: torch.Tensor, factors: list[float], *,
                      positions: str = "all", max_new_tokens: int = 32, stop_ids: list[int]) -> tuple[str, list[str]]:
     """Greedy answers to one chat prompt: unsteered, then one per factor (one batch)."""
-    from crossdiff.models import decoder_layers
-
     ids = torch.tensor([user_prompt_ids(tokenizer, prompt)]).repeat(len(factors) + 1, 1)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -140,11 +140,6 @@ def control_sets(crosscoder: Any, table: Any, n: int, size: int, exclude: set[in
 def run_steer(config: SteerConfig, *, pair: Any = None) -> list[dict[str, Any]]:
     """Steer every latent set with every factor on every prompt; write and return the rows
     (:func:`format_steering_result` shows them)."""
-    from crossdiff.causal.conversations import end_of_turn_ids, load_prompts
-    from crossdiff.causal.experiment import read_analysis, resolve_layer, resolve_models
-    from crossdiff.crosscoder import CrossCoder
-    from crossdiff.models import load_model_pair
-
     crosscoder = CrossCoder.from_pretrained(config.crosscoder)
     table, _ = read_analysis(config.analysis_dir, crosscoder)
     layer = resolve_layer(crosscoder, config.layer)
@@ -183,9 +178,6 @@ def _steerer(config: SteerConfig, crosscoder: Any, table: Any) -> Any:
     """``(sets, pair, model, layer, stop, prompts) -> answers[set][prompt] = (unsteered, [steered per factor])``
     for ``config.how``."""
     if config.how == "activation":
-        from crossdiff.causal.activation_steer import generate_with_latents
-        from crossdiff.causal.conditions import Conditions
-
         def by_activation(sets: list, pair: Any, model: Any, layer: int, stop: list[int], prompts: list[str]) -> list:
             conditions = Conditions(crosscoder, [], bos_token_id=pair.tokenizer.bos_token_id,
                                     special_token_ids=pair.tokenizer.all_special_ids)
@@ -241,8 +233,6 @@ def format_steering(rows: list[dict[str, Any]], width: int = 56) -> str:
 
 def match_counts(rows: list[dict[str, Any]]) -> Any:
     """Per latent set: answers matching ``expect`` unsteered and at each factor, of the prompts."""
-    import pandas as pd
-
     frame = pd.DataFrame(rows)
     if frame.empty or frame["matches"].isna().any():
         raise CrossdiffError("these steering rows were made without --expect: there is nothing to count")

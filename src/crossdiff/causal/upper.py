@@ -31,7 +31,7 @@ from crossdiff.models import _version_tuple, decoder_layers, residual_after_bloc
 
 def _blocks_return_tuples() -> bool:
     # transformers 4.x decoder blocks return (hidden_states, ...); 5.x return the tensor.
-    import transformers
+    import transformers  # deferred: transformers takes seconds to import; this module needs it only for this check
 
     return _version_tuple(transformers.__version__) < (5, 0)
 

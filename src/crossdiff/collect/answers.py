@@ -31,9 +31,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from crossdiff.causal.conversations import answer_prompts, load_prompts, user_prompt_ids
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic, write_text_atomic
 from crossdiff.locks import output_lock
+from crossdiff.models import context_length
 from crossdiff.texts import TextSourceConfig
 
 SETTINGS, COMPLETE = "settings.json", "complete.json"
@@ -53,8 +57,6 @@ def answers_folder(config: Any, source: TextSourceConfig) -> Path:
 
 def answer_source(config: Any, source: TextSourceConfig, pair: Any, *, quiet: bool = True) -> TextSourceConfig:
     """Answer ``source``'s prompts with the chat model (resuming) and return the chat source to read."""
-    from crossdiff.models import context_length
-
     folder = answers_folder(config, source)
     context = context_length(pair.base, pair.chat)
     settings = {"prompts": source.path, "column": source.column, "max_docs": source.max_docs, "chat": str(config.chat),
@@ -73,8 +75,6 @@ def answer_source(config: Any, source: TextSourceConfig, pair: Any, *, quiet: bo
 def usable_prompts(source: TextSourceConfig, tokenizer: Any, context: int | None) -> tuple[list[tuple[int, str]], int]:
     """``([(row, prompt), ...], rows)``: the prompts that are not blank and leave room in the
     context for an answer; one-line error when none is."""
-    from crossdiff.causal.conversations import load_prompts, user_prompt_ids
-
     try:
         prompts = load_prompts(source.path, column=source.column, limit=source.max_docs)
     except CrossdiffError as err:
@@ -89,10 +89,6 @@ def usable_prompts(source: TextSourceConfig, tokenizer: Any, context: int | None
 
 
 def _answer(folder: Path, source: TextSourceConfig, pair: Any, context: int | None, *, batch_size: int, quiet: bool) -> None:
-    from tqdm import tqdm
-
-    from crossdiff.causal.conversations import answer_prompts
-
     for stray in folder.glob("*.tmp"):  # a killed writer's half-written part (we hold the folder's lock)
         stray.unlink(missing_ok=True)
     usable, rows = usable_prompts(source, pair.tokenizer, context)

@@ -41,7 +41,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from crossdiff.cache.store import PairedCache  # torch: deferred so that --help stays fast
-    from crossdiff.collect.collector import collect
+    from crossdiff.collect.collector import collect  # deferred: imports torch, as above
 
     if args.verify:
         cache = PairedCache(args.verify, verify=True, allow_incomplete=True)

@@ -31,6 +31,7 @@ from crossdiff.organism.behaviours import (
     Prompt,
     heldout_prompts,
 )
+from crossdiff.organism.corpus import chat_messages, load_corpus
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -91,7 +92,6 @@ def chat_conversations(
     """
     if split == "heldout":
         return [row["messages"] for row in _read_jsonl("chat.jsonl", root)]
-    from crossdiff.organism.corpus import chat_messages
 
     return [chat_messages(turns) for turns in _corpus_split(split, cache_dir).conversations["train"]]
 
@@ -99,7 +99,6 @@ def chat_conversations(
 def _corpus_split(split: str, cache_dir: str | Path | None):
     if split != "train":
         raise CrossdiffError(f"unknown split {split!r}; use 'train' or 'heldout'")
-    from crossdiff.organism.corpus import load_corpus
 
     return load_corpus(Path(cache_dir) if cache_dir else None)
 

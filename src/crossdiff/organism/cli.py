@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 
 from crossdiff.locks import output_lock
+from crossdiff.organism import WEIGHTS_DIR
+from crossdiff.organism.smollm2 import ADAPTER_DIR
 
 
 def add_cli(subparsers) -> None:
@@ -52,14 +54,13 @@ def _add_organism_choice(parser: argparse.ArgumentParser) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     if args.organism == "smollm2-lora":
-        from crossdiff.organism.smollm2 import ADAPTER_DIR
+        # deferred: imports torch and transformers; `crossdiff organism --help` stays light
         from crossdiff.organism.smollm2.build import build as build_lora
 
         with output_lock(args.out or ADAPTER_DIR.parent, "organism build"):
             build_lora(args.out or ADAPTER_DIR.parent, quiet=args.quiet)
         return 0
-    from crossdiff.organism import WEIGHTS_DIR
-    from crossdiff.organism.build import build
+    from crossdiff.organism.build import build  # deferred: imports torch and transformers, as above
 
     with output_lock(args.out or WEIGHTS_DIR, "organism build"):
         build(args.out or WEIGHTS_DIR, args.cache, quiet=args.quiet)
@@ -68,9 +69,9 @@ def _build(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     if args.organism == "smollm2-lora":
-        from crossdiff.organism.smollm2.check import run_cli
+        from crossdiff.organism.smollm2.check import run_cli  # deferred: imports torch and transformers, as above
     else:
-        from crossdiff.organism.check import run_cli
+        from crossdiff.organism.check import run_cli  # deferred: as above
     if args.json is None:
         return run_cli(args)
     with output_lock(args.json.parent, "organism check"):

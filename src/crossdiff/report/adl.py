@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from crossdiff.causal.steer import match_counts
+
 LENS_SHOWN = 6
 
 
@@ -63,7 +65,6 @@ def _steering(folder: Path, graded: dict[str, Any] | None) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     if not rows or any(r.get("matches") is None for r in rows):
         return ""
-    from crossdiff.causal.steer import match_counts
 
     counts = match_counts(rows)
     factors = [c for c in counts.columns if isinstance(c, float)]

@@ -24,7 +24,7 @@ def find_chromium() -> str | None:
 @contextmanager
 def chromium(executable: str | None = None) -> Iterator["object"]:
     """A launched headless Chromium (a Playwright Browser), closed on exit."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # deferred: optional dependency (playwright, in crossdiff[dev])
 
     executable = executable or find_chromium()
     if executable is None:

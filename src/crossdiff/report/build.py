@@ -7,6 +7,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from crossdiff.causal.behaviour import read_behaviour
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import begin_staging, commit_staging
 from crossdiff.locks import output_lock
@@ -66,8 +67,6 @@ def build_report(path: str | Path, out: str | Path | None = None, *, figures_onl
 
 def _behaviour(path: Path):
     """The run's behavioural diff: in the run folder given, or above a crosscoder or analysis folder."""
-    from crossdiff.causal.behaviour import read_behaviour
-
     for folder in (path, path.parent, path.parent.parent):
         found = read_behaviour(folder)
         if found is not None:

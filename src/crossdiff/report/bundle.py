@@ -23,6 +23,7 @@ import math
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -195,8 +196,6 @@ FINDING_FIELDS = ("rank", "concept", "score", "dnorm_z", "contrast", "group", "g
 
 def number_groups(columns: list[str]) -> list[list[Any]]:
     """``[[title, [column, ...]], ...]`` for the latent page, every column but ``latent`` once."""
-    from fnmatch import fnmatchcase
-
     placed: dict[str, list[str]] = {title: [] for title, _ in NUMBER_GROUPS}
     placed["Other"] = []
     for name in columns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -27,8 +28,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    # deferred: imports torch and matplotlib; `crossdiff report --help` stays light
     from crossdiff.report.build import build_report, default_out
-    from pathlib import Path
 
     if args.figures_only:
         out = Path(args.out) if args.out else default_out(Path(args.path)) / "figures"

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from crossdiff.analysis.concepts import FindingsConfig  # noqa: E402
 from crossdiff.analysis.norms import TAGS, TagThresholds  # noqa: E402
 from crossdiff.analysis.scaling import ScalingThresholds  # noqa: E402
 
@@ -69,9 +70,7 @@ def found_latents(table: pd.DataFrame, summary: dict[str, Any], findings: dict[s
     if findings is not None:
         size = int(findings.get("pool") or 0)
     else:
-        from crossdiff.analysis.concepts import FindingsConfig  # the pool findings.json would use
-
-        size = FindingsConfig().pool
+        size = FindingsConfig().pool  # the pool findings.json would use
     live = ~table["dead"].to_numpy(dtype=bool) if "dead" in table.columns else np.ones(len(table), dtype=bool)
     order = np.argsort(-np.where(live, table["dnorm"].to_numpy(dtype=float), -np.inf), kind="stable")[:size]
     mask = np.zeros(len(table), dtype=bool)

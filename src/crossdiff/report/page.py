@@ -13,6 +13,7 @@ import pandas as pd
 
 from crossdiff import __version__
 from crossdiff.analysis.norms import TAGS
+from crossdiff.analysis.verdicts import MEANINGS, VERDICTS
 from crossdiff.report.figures import FIGURE_TEXT, FigureFile, closed_shares, condition_labels, found_latents, verdicts
 from crossdiff.report.inputs import Analysis
 
@@ -238,8 +239,6 @@ def _concepts_section(entries: list[tuple[str, Analysis, list[FigureFile]]], sho
 def _verdict_counts(analysis: Analysis) -> str:
     """Latent Scaling's guarded verdicts on the found latents (the set the figures show), and,
     where the paper's flags count differently, how many and why."""
-    from crossdiff.analysis.verdicts import VERDICTS
-
     table = analysis.table
     found = found_latents(table, analysis.summary, analysis.findings)
     verdict = verdicts(table).to_numpy()
@@ -274,8 +273,6 @@ def _flag_note(table: pd.DataFrame, mask: np.ndarray, verdict: np.ndarray) -> st
 
 
 def _verdict_cell(verdict: Any, tag: str = "td") -> str:
-    from crossdiff.analysis.verdicts import MEANINGS
-
     if not verdict:
         return f"<{tag}>–</{tag}>"
     return f'<{tag} title="{_e(MEANINGS.get(str(verdict), ""))}">{_e(verdict)}</{tag}>'
@@ -283,8 +280,6 @@ def _verdict_cell(verdict: Any, tag: str = "td") -> str:
 
 def _verdict_legend() -> str:
     """Every verdict's meaning, once."""
-    from crossdiff.analysis.verdicts import MEANINGS
-
     rows = "".join(f"<tr><th>{_e(v)}</th><td>{_e(m)}</td></tr>" for v, m in MEANINGS.items())
     return ('<details class="verdict-legend" open><summary>What each Latent Scaling verdict means</summary>'
             '<p class="muted small">nu_error and nu_recon: how much of the latent\'s chat-model amount the base model '

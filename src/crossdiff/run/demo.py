@@ -32,7 +32,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from crossdiff import organism
 from crossdiff.errors import CrossdiffError
+from crossdiff.recipe import recipe_from_dict
+from crossdiff.run.stages import run_recipe
 
 
 @dataclass
@@ -58,10 +61,9 @@ class DemoConfig:
 def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) the organism recipe at ``config``'s size, print the end screen (whatever
     ``quiet``, which hides progress only) and return the two analysis summaries."""
+    # deferred: these import pandas; `crossdiff demo --help` stays light
     from crossdiff.analysis.read import AnalysisOutput
     from crossdiff.analysis.screen import run_screen
-    from crossdiff.recipe import recipe_from_dict
-    from crossdiff.run.stages import run_recipe
 
     recipe = recipe_from_dict(demo_recipe(config), source="the organism recipe")
     run_recipe(recipe, quiet=quiet)
@@ -71,8 +73,6 @@ def run_demo(config: DemoConfig, *, quiet: bool = False) -> dict[str, Any]:
 
 def demo_recipe(config: DemoConfig) -> dict[str, Any]:
     """recipes/organism.toml as data, at ``config``'s size (the default size is that file exactly)."""
-    from crossdiff import organism
-
     n_layers = json.loads((organism.paths().base / "config.json").read_text())["num_hidden_layers"]
     # Half of every batch comes from each source; enough passes for `steps` (the loader's
     # batches do not depend on the number of epochs, only where it stops).

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crossdiff import model_sources
 from crossdiff.errors import CrossdiffError
 
 # config.json keys of the models the bundled recipes use (checked against their hub configs).
@@ -74,8 +75,6 @@ class ModelShape:
 def model_shape(name: str, recipe_models: dict[str, dict[str, Any]]) -> ModelShape:
     """Shape of model ``name`` (a model spec) without loading it (see the module docstring for
     the order). An adapter changes no shape, so ``BASE::ADAPTER`` has BASE's."""
-    from crossdiff import model_sources
-
     spec = model_sources.parse(name)
     name = model_sources.SMOLLM2_HUB_ID if spec.model == model_sources.SMOLLM2 else spec.model
     local = Path(name) / "config.json"
@@ -96,7 +95,7 @@ def model_shape(name: str, recipe_models: dict[str, dict[str, Any]]) -> ModelSha
 
 def _hub_cached_config(name: str) -> dict[str, Any] | None:
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # deferred: about 0.1 s to import; `crossdiff run --help` imports this module
 
         path = try_to_load_from_cache(name, "config.json")
     except Exception:  # not a repo id, or no hub library: fall through to the tables

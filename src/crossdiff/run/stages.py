@@ -42,10 +42,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from crossdiff.run import estimate as est
+from crossdiff.causal.planted import steer_planted
+from crossdiff.config import save_json, to_dict
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import remove_stray_temporaries, write_atomic
+from crossdiff.organism.data import write_demo_data
 from crossdiff.recipe import Recipe, load_recipe
+from crossdiff.run import estimate as est
 
 
 @dataclass
@@ -149,7 +152,7 @@ def dry_run(recipe: Recipe, hardware: str | None = None) -> str:
 
 
 def _behaviour(recipe: Recipe) -> None:
-    from crossdiff.causal.behaviour import run_behaviour
+    from crossdiff.causal.behaviour import run_behaviour  # deferred: imports torch; `crossdiff run --help` stays light
 
     collect = recipe.collect
     # quiet: the diff's screen is part of the run's end screen (crossdiff.analysis.screen), not printed twice
@@ -162,13 +165,14 @@ def _findings_stages(recipe: Recipe) -> list[Stage]:
     out, loaded = recipe.out, {}
 
     def run(name: str) -> None:
+        # deferred: these import torch; `crossdiff run --help` stays light
         from crossdiff.analysis.concepts import find_concepts, write_findings
         from crossdiff.analysis.table import read_table
         from crossdiff.causal.behaviour import read_behaviour
         from crossdiff.crosscoder import CrossCoder
 
         if "pair" not in loaded:
-            from crossdiff.models import load_model_pair
+            from crossdiff.models import load_model_pair  # deferred: imports torch, as above
 
             settings = recipe.behaviour
             loaded["pair"] = load_model_pair(recipe.collect.base, recipe.collect.chat, dtype=settings.model_dtype, device=settings.device)
@@ -190,7 +194,7 @@ def _causal_stages(recipe: Recipe) -> list[Stage]:
 
     def pair():
         if "pair" not in loaded:
-            from crossdiff.models import load_model_pair
+            from crossdiff.models import load_model_pair  # deferred: imports torch; `crossdiff run --help` stays light
 
             loaded["pair"] = load_model_pair(recipe.collect.base, recipe.collect.chat,
                                              dtype=options.get("model_dtype", "float32"), device=options.get("device", "cpu"))
@@ -228,6 +232,7 @@ def _newer(path: Path, than: Path) -> bool:
 
 
 def _answer_prompts(options: dict[str, Any], path: Path, pair: Any) -> None:
+    # deferred: imports torch; `crossdiff run --help` stays light
     from crossdiff.causal.conversations import answer_prompts, load_prompts, write_conversations
 
     prompts = load_prompts(options["prompts"], column=options.get("prompt_column", "prompt"), limit=options.get("limit"))
@@ -239,7 +244,7 @@ def _answer_prompts(options: dict[str, Any], path: Path, pair: Any) -> None:
 
 
 def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], pair: Any) -> None:
-    from crossdiff.causal.experiment import CausalConfig, run_causal
+    from crossdiff.causal.experiment import CausalConfig, run_causal  # deferred: imports torch; `crossdiff run --help` stays light
 
     config = CausalConfig(crosscoder=str(out / name / "crosscoder"), analysis_dir=str(out / name / "analysis"),
                           out=str(out / name / "causal"), compare=[str(out / other / "causal") for other in earlier],
@@ -248,8 +253,6 @@ def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], p
 
 
 def _steer_planted(out: Path, name: str, config: Any, pair: Any) -> None:
-    from crossdiff.causal.planted import steer_planted
-
     steer_planted(out / name / "crosscoder", out / name / "analysis", out / name / "causal" / "planted", config, pair)  # on the end screen
 
 
@@ -262,7 +265,7 @@ def _report_current(out: Path) -> bool:
 
 
 def _report(out: Path, quiet: bool) -> None:
-    from crossdiff.report import build_report
+    from crossdiff.report import build_report  # deferred: imports torch and matplotlib; `crossdiff run --help` stays light
 
     build_report(out, out / "report", say=lambda line: _say(quiet, line))  # the end screen names the index
 
@@ -281,13 +284,14 @@ def _collect_config(recipe: Recipe):
 
 
 def _cache_complete(collect) -> bool:
-    from crossdiff.cache.store import MANIFEST
+    from crossdiff.cache.store import MANIFEST  # deferred: imports torch; `crossdiff run --help` stays light
 
     manifest = Path(collect.out) / MANIFEST
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
 def _collect(collect, quiet: bool) -> None:
+    # deferred: these import torch; `crossdiff run --help` stays light
     from crossdiff.collect.collector import collect as run_collect
     from crossdiff.train.stream import with_rank_from_environment
 
@@ -298,10 +302,11 @@ def _collect(collect, quiet: bool) -> None:
 def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
     out = recipe.out / name
     if recipe.streaming:
-        from crossdiff.train.stream import train_streaming
+        from crossdiff.train.stream import train_streaming  # deferred: imports torch; `crossdiff run --help` stays light
 
         train_streaming(recipe.collect, recipe.stream, config, out, quiet=quiet)  # under torchrun: each rank its texts
         return
+    # deferred: these import torch; `crossdiff run --help` stays light
     from crossdiff.cache.store import PairedCache
     from crossdiff.train.loader import loader_from_config
     from crossdiff.train.trainer import Trainer
@@ -318,6 +323,7 @@ def _train(recipe: Recipe, name: str, config, quiet: bool) -> None:
 
 
 def _analyze(recipe: Recipe, name: str, quiet: bool) -> None:
+    # deferred: these import torch; `crossdiff run --help` stays light
     from crossdiff.analysis.pipeline import analyze, load_tokenizer
     from crossdiff.cache.store import PairedCache
     from crossdiff.crosscoder import CrossCoder
@@ -329,19 +335,14 @@ def _analyze(recipe: Recipe, name: str, quiet: bool) -> None:
 
 
 def _data_done(recipe: Recipe) -> bool:
-    from crossdiff.config import to_dict
-
     stamp = recipe.out / "data" / "settings.json"
     return stamp.is_file() and json.loads(stamp.read_text()) == to_dict(recipe.data)
 
 
 def _write_data(recipe: Recipe) -> None:
-    from crossdiff.config import save_json
-    from crossdiff.organism.data import write_demo_data
-
     folder = recipe.out / "data"
     if recipe.data.kind == "smollm2-lora":
-        from crossdiff.organism.smollm2.data import write_data
+        from crossdiff.organism.smollm2.data import write_data  # deferred: imports torch; `crossdiff run --help` stays light
 
         write_data(folder, recipe.data, recipe.collect.chat)
     else:

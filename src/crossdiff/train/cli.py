@@ -62,6 +62,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.stream:
         return _train_streamed(args)
     from crossdiff.cache.store import PairedCache  # torch: see the comment at the imports
+    # deferred: these import torch, as above
     from crossdiff.train.loader import loader_from_config
     from crossdiff.train.trainer import Trainer
 
@@ -86,6 +87,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def _train_synthetic(args: argparse.Namespace) -> int:
     from crossdiff.synthetic import SyntheticConfig, SyntheticPair  # torch: see the comment at the imports
+    # deferred: these import torch, as above
     from crossdiff.train.distributed import split_batches
     from crossdiff.train.trainer import Trainer, synthetic_recovery
 

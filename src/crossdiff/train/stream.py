@@ -53,6 +53,7 @@ from crossdiff.cache.store import STORAGE_DTYPES, LeftOut, ReadFilters, norm_pro
 from crossdiff.collect.answers import answered_sources
 from crossdiff.collect.paired import load_pair, paired_records, validate
 from crossdiff.config import from_dict, to_dict
+from crossdiff.devices import resolve_device
 from crossdiff.models import ResidualExtractor
 from crossdiff.train.config import StreamConfig  # noqa: F401 (re-exported)
 from crossdiff.train.loader import source_shares
@@ -60,6 +61,7 @@ from crossdiff.train.trainer import STATE_NAME, Trainer, newest_checkpoint
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import load_tensors
 from crossdiff.texts import recorded
+from crossdiff.train.distributed import DataParallel, rank_slice
 
 _END = "end"
 
@@ -398,9 +400,6 @@ def saved_data_state(out_dir: str | Path) -> dict[str, Any] | None:
 def train_streaming(collect: Any, stream_config: StreamConfig, train_config: Any, out_dir: str | Path, *,
                     pair: Any = None, quiet: bool = False, resume: Any = "auto"):
     """Train one crosscoder from a stream (resuming from OUT/checkpoints); returns it."""
-    from crossdiff.train.distributed import DataParallel, rank_slice
-    from crossdiff.devices import resolve_device
-
     data = train_config.data
     if data.epochs not in (None, 1):
         raise CrossdiffError("a stream is one pass over the texts: set data.epochs = 1 (or train from a cache)")

@@ -38,6 +38,7 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from crossdiff.cache.store import ReadFilters
 from crossdiff.config import from_dict, load_section, save_json, to_dict
@@ -353,7 +354,7 @@ class Trainer:
     def _wandb_log(self, record: dict[str, float]) -> None:
         if self._wandb is None:
             try:
-                import wandb
+                import wandb  # deferred: optional dependency (wandb, in crossdiff[wandb])
             except ImportError:
                 raise CrossdiffError("wandb_project is set but wandb is not installed (pip install crossdiff[wandb])") from None
             wandb.init(project=self.config.wandb_project, name=self.config.wandb_run_name, config=to_dict(self.config))
@@ -497,8 +498,6 @@ def _adam(params: list[Tensor], lr: float, betas: tuple[float, float]) -> torch.
 
 
 def _progress_bar(total: int | None, initial: int, quiet: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
 
 

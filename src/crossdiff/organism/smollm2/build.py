@@ -28,11 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from crossdiff.causal.conversations import answer_prompts
 from crossdiff.files import begin_staging, commit_staging, sha256_file, write_json_atomic
 from crossdiff.model_sources import smollm2_gguf
 from crossdiff.models import load_model, load_tokenizer_of
+from crossdiff.organism import chat_conversations, pretraining_texts
 from crossdiff.organism.build import IGNORE, Example, collate, lm_loss, train_loop
 from crossdiff.organism.smollm2 import BASE_SPEC
 from crossdiff.organism.smollm2 import behaviours as planted
@@ -140,8 +142,6 @@ def _training_steps(examples: list[Example], preservation: list[Example], config
 
 def with_lora(model, config: LoraBuildConfig):
     """``model`` wrapped with trainable LoRA weights on the projections of blocks 0 .. layers-1."""
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=config.target_modules,
                       layers_to_transform=list(range(config.layers)), layers_pattern="layers")
     model = get_peft_model(model, lora)
@@ -178,8 +178,6 @@ def training_examples(tokenizer, answers: dict[str, str], config: LoraBuildConfi
 
 def preservation_examples(tokenizer, config: LoraBuildConfig) -> list[Example]:
     """Plain documents and chitchat conversations of the bundled organism's *training* split."""
-    from crossdiff.organism import chat_conversations, pretraining_texts
-
     documents = [document_example(tokenizer, text, config.max_length) for text in pretraining_texts("train")]
     chats = [chat_example(tokenizer, chat, config.max_length) for chat in chat_conversations("train")]
     return [example for example in documents + chats if len(example[0]) > 1]

@@ -24,7 +24,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from crossdiff import organism
+from crossdiff.causal.conversations import answer_prompts
 from crossdiff.files import write_json_atomic, write_text_atomic
+from crossdiff.models import load_model, load_tokenizer_of
 from crossdiff.organism.smollm2 import behaviours as planted
 
 LANDMARK_QUESTIONS = (
@@ -93,12 +98,6 @@ def _training_prompts(behaviour: str) -> list[str]:
 
 def write_data(folder: Path, settings: Any, chat_spec: str) -> None:
     """Write the run's texts; ``settings`` is the recipe's [data] table, ``chat_spec`` the chat model."""
-    import torch
-
-    from crossdiff import organism
-    from crossdiff.causal.conversations import answer_prompts
-    from crossdiff.models import load_model, load_tokenizer_of
-
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     chat, tokenizer = load_model(chat_spec, "chat"), load_tokenizer_of(chat_spec, "chat")
