@@ -19,7 +19,7 @@ from crossdiff.analysis.examples import _ANSI_LEVELS, _ANSI_RESET
 from crossdiff.cli import main
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.analysis.inspect import Analysis
-from crossdiff.terminal import printable, quoted
+from crossdiff.terminal import latent_ids, printable, quoted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,6 +86,12 @@ def test_printable_escapes_what_a_terminal_would_obey():
     assert printable("\x1b[2J\x07\u2028\u202e\udcff") == "\\x1b[2J\\x07\\u2028\\u202e\\udcff"
     assert printable("plain words, accents é and 日本") == "plain words, accents é and 日本"
     assert quoted(" fox\n") == "' fox\\n'"
+
+
+def test_latent_ids_name_the_first_and_count_the_rest():
+    assert latent_ids([3, 17, 42], 5) == "3, 17, 42"
+    assert latent_ids(list(range(200)), 3) == "0, 1, 2 (+197)"
+    assert latent_ids([], 3) == ""
 
 
 def test_inspect_prints_the_datas_escapes_escaped(hostile_run, capsys):

@@ -10,6 +10,9 @@ demo and steer) goes through :func:`printable` or :func:`quoted`: each character
 Python does not count as printable (``str.isprintable``: control and format characters,
 line and paragraph separators, surrogates, unassigned code points) is written as its
 Python escape (``\\x1b``, ``\\u202e``, ``\\udcff``), as ``repr`` would write it.
+
+Beside them, :func:`latent_ids`: the one short form of a list of latent ids that the end
+screens, the steering summaries and the report print.
 """
 
 from __future__ import annotations
@@ -38,3 +41,9 @@ def _escape(ch: str) -> str:
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def latent_ids(latents: list[int], shown: int = 5) -> str:
+    """The first ``shown`` latent ids and how many more: "3, 17, 42 (+197)"."""
+    text = ", ".join(map(str, latents[:shown]))
+    return text + (f" (+{len(latents) - shown})" if len(latents) > shown else "")

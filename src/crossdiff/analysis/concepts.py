@@ -49,7 +49,7 @@ from crossdiff.analysis.read import FINDINGS, read_findings  # noqa: F401 (read_
 from crossdiff.causal.conversations import tokenize_conversation
 from crossdiff.files import write_json_atomic
 from crossdiff.models import ResidualExtractor, context_length, pad_batch
-from crossdiff.terminal import printable
+from crossdiff.terminal import latent_ids, printable
 
 REJECTED = ("complete shrinkage", "latent decoupling", "shrinkage+decoupling")
 
@@ -232,7 +232,7 @@ def format_findings(findings: dict[str, Any], name: str = "", *, concepts: int =
         lead = next(e for e in findings["latents"] if e["latent"] == concept["lead"])
         group = f"  group {printable(concept['group'])}" if concept["group"] else ""
         kind = "the chat template: " if concept.get("kind") == "chat template" else ""
-        lines.append(f"  concept {concept['concept']}: {kind}latents {_ids(concept['latents'])}  (lead {lead['latent']}, rank "
+        lines.append(f"  concept {concept['concept']}: {kind}latents {latent_ids(concept['latents'], 6)}  (lead {lead['latent']}, rank "
                      f"{lead['rank']}, dnorm {lead['dnorm']:.2f}, {lead['verdict']}){group}")
         lines.append(f"      context {printable(concept['context'])[:90]}")
         if concept["promotes_chat"]:
@@ -248,11 +248,6 @@ def _contexts(examples: Path | None):
         return lambda latent: None
 
     return top_context(Path(examples))
-
-
-def _ids(latents: list[int], shown: int = 6) -> str:
-    text = ", ".join(map(str, latents[:shown]))
-    return text + (f" (+{len(latents) - shown})" if len(latents) > shown else "")
 
 
 def _majority(values: list[Any]) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from crossdiff.analysis.read import CAUSAL_FILES, SUMMARY, AnalysisOutput, read_behaviour, run_outputs
-from crossdiff.terminal import printable
+from crossdiff.terminal import latent_ids, printable
 
 SPARSITY = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
 DECISIONS = ("complete shrinkage", "latent decoupling", "shrinkage+decoupling")  # Latent Scaling rejects the latent
@@ -171,7 +171,7 @@ def concept_lines(output: AnalysisOutput, findings: dict[str, Any], shown: int) 
             (f"[{printable(concept['group'])}]" if concept.get("group") else "(no prompt group)")
         verdicts = ", ".join(f"{v} {n}" for v, n in concept["verdicts"].items())
         promotes = " ".join(repr(t) for t in concept.get("promotes_chat", [])[:3])
-        lines.append(f"  {concept['concept']:2d} {what}: latents {_ids(concept['latents'])} (lead {lead['latent']}, "
+        lines.append(f"  {concept['concept']:2d} {what}: latents {latent_ids(concept['latents'])} (lead {lead['latent']}, "
                      f"dnorm {lead['dnorm']:.2f}; verdicts: {verdicts})")
         lines.append(f"       {_cut(concept.get('context') or '(no example)', WIDTH)}"
                      + (f"  promotes {_cut(promotes, 40)}" if promotes else ""))
@@ -250,7 +250,7 @@ def planted_lines(planted: dict[str, Any]) -> list[str]:
         factor = max(r["steered"], key=lambda f: r["steered"][f])
         controls = max(r.get("controls", {}).get(factor, []), default=0)
         ceiling = "" if r.get("ceiling") is None else f", chat residual {r['ceiling']}/{r['prompts']}"
-        lines.append(f"  steer {printable(r['behaviour'])}: latents {_ids(r['latents'])} at x{factor} make {r['steered'][factor]}/"
+        lines.append(f"  steer {printable(r['behaviour'])}: latents {latent_ids(r['latents'])} at x{factor} make {r['steered'][factor]}/"
                      f"{r['prompts']} base answers show it (controls {controls}, unsteered {r['unsteered']}{ceiling})")
     return lines
 
@@ -282,11 +282,6 @@ def _lead_latent(output: AnalysisOutput) -> int:
     found = output.summary().get("findings") or {}
     rows = found.get("top_by_rank_sum") or found.get("top_by_dnorm") or []  # as top_latent_lines shows them
     return int(rows[0]["latent"]) if rows else 0
-
-
-def _ids(latents: list[int], shown: int = 5) -> str:
-    text = ", ".join(map(str, latents[:shown]))
-    return text + (f" (+{len(latents) - shown})" if len(latents) > shown else "")
 
 
 def _cut(text: Any, width: int) -> str:

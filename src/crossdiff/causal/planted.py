@@ -40,10 +40,12 @@ from typing import Any
 from crossdiff.causal.config import STEER_HOW
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic
+from crossdiff.terminal import latent_ids
 from crossdiff.organism.truth import Behaviour, Truth, load_truth
 
 
 PICKS = ("anticipation", "attribution", "answer-start")
+SHOWN = 8  # latents named per behaviour in the printed summary (summary.json keeps them all)
 
 
 @dataclass
@@ -255,6 +257,7 @@ def format_planted(summary: dict[str, Any]) -> str:
             f"x{f}: {r['steered'][f]}/{r['prompts']} vs controls max {max(r['controls'].get(f, []), default=0)}/{r['prompts']}"
             for f in r["steered"])
         ceiling = "" if r.get("ceiling") is None else f"; chat residual in the base {r['ceiling']}/{r['prompts']}"
-        lines.append(f"  {r['behaviour']:18s} latents {','.join(map(str, r['latents']))} (dnorm "
-                     f"{', '.join(f'{d:.2f}' for d in r['dnorm'])}); unsteered {r['unsteered']}/{r['prompts']}{ceiling}; {per_factor}")
+        dnorms = r["dnorm"][:SHOWN]
+        lines.append(f"  {r['behaviour']:18s} latents {latent_ids(r['latents'], SHOWN)} (dnorm "
+                     f"{', '.join(f'{d:.2f}' for d in dnorms)}{', ...' if len(r['dnorm']) > SHOWN else ''}); unsteered {r['unsteered']}/{r['prompts']}{ceiling}; {per_factor}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from crossdiff.analysis.norms import TAGS
 from crossdiff.analysis.verdicts import MEANINGS, VERDICTS
 from crossdiff.report.figures import FIGURE_TEXT, FigureFile, closed_shares, condition_labels, found_latents, verdicts
 from crossdiff.report.inputs import Analysis
+from crossdiff.terminal import latent_ids
 
 
 def render_index(entries: list[tuple[str, Analysis, list[FigureFile]]], out: Path,
@@ -141,7 +142,7 @@ def _planted_table(planted: dict[str, Any] | None) -> str:
     for r in planted["behaviours"]:
         n = r.get("prompts", 0)
         cells = "".join(f"<td>{r['steered'].get(f, 0)}/{n} / {max(r['controls'].get(f, []), default=0)}/{n}</td>" for f in factors)
-        latents = ", ".join(str(j) for j in r.get("latents", []))
+        latents = latent_ids(r.get("latents", []), 10)
         ceiling = "–" if r.get("ceiling") is None else f"{r['ceiling']}/{n}"
         body.append(f"<tr><td>{_e(r.get('behaviour'))}</td><td>{_e(latents)}</td><td>{r.get('unsteered', 0)}/{n}</td>"
                     f"<td>{ceiling}</td>{cells}</tr>")
