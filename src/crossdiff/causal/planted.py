@@ -40,8 +40,8 @@ from typing import Any
 from crossdiff.causal.config import STEER_HOW
 from crossdiff.errors import CrossdiffError
 from crossdiff.files import write_json_atomic
-from crossdiff.terminal import latent_ids
 from crossdiff.organism.truth import Behaviour, Truth, load_truth
+from crossdiff.terminal import latent_ids
 
 
 PICKS = ("anticipation", "attribution", "answer-start")
