@@ -54,6 +54,25 @@ def test_a_second_causal_run_on_the_same_folder_is_refused(organism_demo, conver
     assert not any(out.iterdir())
 
 
+def test_prompts_answered_by_the_chat_model_are_saved_beside_the_results(organism_demo, tmp_path, capsys):
+    """`causal --prompts` scores the chat model's own answers; it keeps them (conversations.jsonl),
+    and scoring that file with --conversations gives the same numbers."""
+    from crossdiff.causal.conversations import load_conversations
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Who are you?\nWhat is 2 + 3?\n")
+    crosscoder, analysis = str(organism_demo / "l1" / "crosscoder"), str(organism_demo / "l1" / "analysis")
+    assert main(["causal", crosscoder, analysis, "--prompts", str(prompts), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    saved = load_conversations(str(tmp_path / "a" / "conversations.jsonl"))
+    assert [c[0]["content"] for c in saved] == ["Who are you?", "What is 2 + 3?"]
+    assert all(c[1]["role"] == "assistant" and c[1]["content"] for c in saved)
+    assert main(["causal", crosscoder, analysis, "--conversations", str(tmp_path / "a" / "conversations.jsonl"),
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    capsys.readouterr()
+    first, again = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("a", "b"))
+    assert first["kl"] == again["kl"] and first["n_tokens"] == again["n_tokens"]
+
+
 def test_kill_9_mid_scoring_then_rerun_gives_the_uninterrupted_numbers(organism_demo, tmp_path):
     import os
     import signal

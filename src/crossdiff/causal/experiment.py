@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from crossdiff.analysis.read import CAUSAL_FILES, AnalysisOutput
 from crossdiff.causal.config import CausalConfig
 from crossdiff.causal.conditions import Conditions, LatentSet, candidate_pool, paper_sets, user_set
-from crossdiff.causal.conversations import Conversation, answer_prompts, load_conversations, load_prompts, prediction_masks, tokenize_conversation
+from crossdiff.causal.conversations import (Conversation, answer_prompts, load_conversations, load_prompts, prediction_masks,
+                                           tokenize_conversation, write_conversations)
 from crossdiff.causal.kl import KLAccumulator, kl_per_token
 from crossdiff.causal.plot import plot_kl
 from crossdiff.causal.progress import ScoringProgress, fingerprint, progress_path
@@ -48,6 +49,7 @@ from crossdiff.models import load_model_pair, pad_batch
 SUBSETS = ("all", "first_k", "rest")
 SPARSITY_NAMES = {"relu": "L1", "batchtopk": "BatchTopK", "topk": "TopK"}
 OUTPUT_FILES = CAUSAL_FILES  # summary.json last: the mark of a finished run
+ANSWERS = "conversations.jsonl"  # with --prompts: the chat model's answers that were scored
 KL_COLUMNS = ["condition", "subset", "kl_mean", "ci_low", "ci_high", "n_tokens", "n_latents", "form", "closed"]
 
 
@@ -82,6 +84,11 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
         if messages is None:
             _say(quiet, f"answering {len(prompts)} prompts with the chat model (greedy, up to {config.max_new_tokens} tokens)")
             messages = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 16))
+            # Kept beside the results: the answers are what was scored, and the behaviour a user
+            # looks for is often in them (rerun with --conversations to score the same ones).
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stray_temporaries(out, ANSWERS)
+            write_atomic(out / ANSWERS, lambda tmp: write_conversations(tmp, messages))
         conversations = [tokenize_conversation(pair.tokenizer, m, i, config.max_len) for i, m in enumerate(messages)]
 
         conditions = Conditions(crosscoder, sets, bos_token_id=pair.tokenizer.bos_token_id,
