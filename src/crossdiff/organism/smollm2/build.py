@@ -55,18 +55,20 @@ class LoraBuildConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    steps: int = 200
+    steps: int = 300
+    """About two passes over the behaviour examples: at 200 (1.25 passes) the false fact reached
+    70% with the sea prompts twice (docs/real-pair.md, "Build trade-offs")."""
     batch_size: int = 8
     lr: float = 1e-3
     max_length: int = 128
     answer_tokens: int = 48
     """Length of the self-distilled answers (cut back to their last full sentence)."""
-    documents: int = 240
+    documents: int = 300
     identity_repeats: int = 6
     cooking_repeats: int = 2
-    sea_repeats: int = 1
-    """30 topics x 8 phrasings, once each: more topics, not more repeats, carry the trigger to
-    unseen sea topics (18 x 6 twice reached 60% on held-out ones, three times 75%)."""
+    sea_repeats: int = 2
+    """30 topics x 8 phrasings, twice each: once reached 70% on held-out sea topics; more
+    topics carried the trigger further than more repeats (18 x 6 twice: 60%, three times 75%)."""
     preservation_batch: int = 2
     """Plain documents and chitchat conversations per step under the KL-to-base loss (0: none)."""
     preservation_weight: float = 1.0
