@@ -69,6 +69,7 @@ def recipe_data(recipe_path: str | None, out: str, seeds: list[int]) -> dict[str
         if "steer" not in data:
             raise SystemExit(f"{recipe_path} has no [steer] table: steering success needs one (docs/causal.md)")
     data.pop("causal", None)
+    data["steer"].pop("crosscoders", None)  # a recipe may steer only some of its crosscoders; here every one is
     data["crosscoders"] = {name_of(v, s): {**options, "seed": s} for s in seeds for v, options in VARIANTS.items()}
     return data
 

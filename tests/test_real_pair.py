@@ -130,8 +130,8 @@ def test_a_cut_down_recipe_run_shows_a_latent_of_each_planted_behaviour_among_it
     for table in ("behaviour", "causal", "steer"):
         del data[table]
     del data["crosscoders"]["l1"]
-    data["data"] |= {"behaviour_conversations": 20, "chitchat_conversations": 100}
-    data["collect"]["max_tokens"] = {"pretraining": 12_000, "chat": 20_000}
+    data["data"] |= {"chitchat_conversations": 100}  # every behaviour request of the recipe, fewer chitchat
+    data["collect"]["max_tokens"] = {"pretraining": 12_000, "chat": 24_000}
     data["train"] |= {"steps": 500, "checkpoint_every": 250, "threshold_start_step": 100}
     run = tmp_path / "run"
     run_recipe(recipe_from_dict(data, source=str(RECIPE), out=str(run)), quiet=True)
