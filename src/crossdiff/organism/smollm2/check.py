@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from crossdiff.files import write_json_atomic
+from crossdiff.files import sha256_file, write_json_atomic
 from crossdiff.models import load_model, load_tokenizer_of
 from crossdiff.organism import chat_conversations, pretraining_texts
 from crossdiff.organism.check import mean_loss
-from crossdiff.organism.smollm2 import BASE_SPEC, pair_specs
+from crossdiff.organism.smollm2 import BASE_SPEC, adapter_dir, pair_specs
 from crossdiff.organism.smollm2 import behaviours as planted
 from crossdiff.organism.smollm2.build import chat_example, document_example, generate
 
@@ -62,8 +62,10 @@ def check(root: str | Path | None = None, quiet: bool = False) -> dict[str, Any]
         criteria[f"{kind} loss: chat / base <= {MAX_LOSS_RATIO:.2f}"] = losses["chat"] / losses["base"] <= MAX_LOSS_RATIO
     examples = {name: {b: [{"user": u, "answer": a} for u, a in zip(prompts[b][:3], answers[name][b])]
                        for b in kinds} for name in models}
-    return {"models": {"base": base_spec, "chat": chat_spec}, "planted": rates, "on_ordinary_requests": leaks,
-            "loss": loss, "criteria": criteria, "passed": all(criteria.values()), "examples": examples}
+    adapter_sha256 = sha256_file(adapter_dir(root) / "adapter_model.safetensors")  # the path alone names no weights
+    return {"models": {"base": base_spec, "chat": chat_spec}, "adapter_sha256": adapter_sha256, "planted": rates,
+            "on_ordinary_requests": leaks, "loss": loss, "criteria": criteria, "passed": all(criteria.values()),
+            "examples": examples}
 
 
 def format_report(result: dict[str, Any]) -> str:
