@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.files import remove_stray_temporaries, write_atomic
 from crossdiff.models import context_length
 from crossdiff.texts import TextSourceConfig, iter_column, normalize_messages, tokenize_chat_turns
 
@@ -188,4 +189,10 @@ def user_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def write_conversations(path: Path, conversations: list[list[dict[str, str]]]) -> None:
-    path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+    """``path`` as JSON lines of ``{"messages": [...]}``, written whole or not at all (a killed
+    attempt's temporary is cleared first), so a file that exists holds every conversation."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stray_temporaries(path.parent, path.name)
+    text = "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -86,9 +86,7 @@ def run_causal(config: CausalConfig, *, pair: Any = None, quiet: bool = False) -
             messages = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 16))
             # Kept beside the results: the answers are what was scored, and the behaviour a user
             # looks for is often in them (rerun with --conversations to score the same ones).
-            out.mkdir(parents=True, exist_ok=True)
-            remove_stray_temporaries(out, ANSWERS)
-            write_atomic(out / ANSWERS, lambda tmp: write_conversations(tmp, messages))
+            write_conversations(out / ANSWERS, messages)
         conversations = [tokenize_conversation(pair.tokenizer, m, i, config.max_len) for i, m in enumerate(messages)]
 
         conditions = Conditions(crosscoder, sets, bos_token_id=pair.tokenizer.bos_token_id,

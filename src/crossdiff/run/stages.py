@@ -45,7 +45,6 @@ from typing import Any
 from crossdiff.causal.planted import steer_planted
 from crossdiff.config import save_json, to_dict
 from crossdiff.errors import CrossdiffError
-from crossdiff.files import remove_stray_temporaries, write_atomic
 from crossdiff.organism.data import write_demo_data
 from crossdiff.recipe import Recipe, load_recipe
 from crossdiff.run import estimate as est
@@ -238,9 +237,7 @@ def _answer_prompts(options: dict[str, Any], path: Path, pair: Any) -> None:
     prompts = load_prompts(options["prompts"], column=options.get("prompt_column", "prompt"), limit=options.get("limit"))
     answered = answer_prompts(pair.chat, pair.tokenizer, prompts, max_new_tokens=options.get("max_new_tokens", 64),
                               batch_size=max(options.get("batch_size", 8), 16))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stray_temporaries(path.parent, path.name)  # a killed attempt's
-    write_atomic(path, lambda tmp: write_conversations(tmp, answered))  # the stage is done once every answer is on disk
+    write_conversations(path, answered)  # atomic: the stage is done once every answer is on disk
 
 
 def _causal(out: Path, name: str, earlier: list[str], options: dict[str, Any], pair: Any) -> None:
